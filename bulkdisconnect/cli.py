@@ -1,0 +1,215 @@
+"""The command line: parse, build the config, call; no logic of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import click
+
+from bulkdisconnect import __version__
+from bulkdisconnect.errors import BulkDisconnectError, ExitCode, UsageError
+
+T = TypeVar("T")
+
+
+def _run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; our errors become a one-line message and their exit code."""
+    from bulkdisconnect.logs import redact_text
+
+    try:
+        return anyio.run(fn)
+    except BulkDisconnectError as exc:
+        click.echo(f"bulkdisconnect: error: {redact_text(str(exc))}", err=True)
+        sys.exit(int(exc.exit_code))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bulkdisconnect")
+def main() -> None:
+    """Disconnect Stripe Financial Connections accounts in bulk, resumably, within a rate limit."""
+
+
+@main.command()
+@click.argument("job_file", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--input", "input_", metavar="PATH", help=".txt, .csv, .jsonl (optionally .gz); - for stdin."
+)
+@click.option(
+    "--column", metavar="NAME", help="CSV column / JSONL field holding the ID [account_id]."
+)
+@click.option(
+    "--job", metavar="NAME", help="The key a rerun resumes under [job file or input name]."
+)
+@click.option("--state", metavar="PATH", help="The result store [state/<job>.sqlite].")
+@click.option(
+    "--api-base", metavar="URL", help="[env STRIPE_API_BASE, else https://api.stripe.com]"
+)
+@click.option(
+    "--api-key-file", metavar="PATH", help="Read the key from a file [env STRIPE_API_KEY]."
+)
+@click.option("--stripe-account", metavar="ID", help="Send Stripe-Account (Connect platforms).")
+@click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version.")
+@click.option("--rate", type=float, help="Max requests per second [20].")
+@click.option("--concurrency", type=int, help="Max requests in flight [from --rate].")
+@click.option("--max-attempts", type=int, help="Attempts per account, first included [5].")
+@click.option("--dry-run", is_flag=True, default=None, help="Plan only: no API call.")
+@click.option(
+    "--retry-failed", is_flag=True, default=None, help="Also retry accounts recorded failed."
+)
+@click.option("--timeout", type=float, help="Total seconds per request [30].")
+@click.option("--connect-timeout", type=float, help="Seconds to connect [10].")
+@click.option(
+    "--grace", type=float, help="Seconds in-flight requests get after a stop signal [10]."
+)
+@click.option("--retry-delay", type=float, help="First backoff delay in seconds [0.5].")
+@click.option("--retry-max-delay", type=float, help="Longest backoff delay in seconds [20].")
+@click.option(
+    "--breaker-min-sample", type=int, help="Answers seen before the breaker may trip [100]."
+)
+@click.option(
+    "--breaker-threshold", type=float, help="Share of bad answers that trips it; 1 disables [0.5]."
+)
+@click.option(
+    "--lock-stale-after",
+    type=float,
+    help="Seconds without heartbeat before a lock is taken over [30].",
+)
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
+@click.option("--progress/--no-progress", default=True, help="Show progress (bar or log lines).")
+def run(
+    job_file: Path | None,
+    input_: str | None,
+    log_format: str,
+    progress: bool,
+    **flags: Any,
+) -> None:
+    """Disconnect every account of the input; resumes the job if it ran before."""
+    from bulkdisconnect import logs
+    from bulkdisconnect.config import build_run_config
+    from bulkdisconnect.job import RunHooks, run_job
+    from bulkdisconnect.sources import open_source
+
+    logs.configure(json=None if log_format == "auto" else log_format == "json")
+
+    async def go() -> ExitCode:
+        config = build_run_config({**flags, "input": input_}, job_file, os.environ)
+        assert config.input is not None
+        source = open_source(config.input, config.column, stdin=sys.stdin.buffer)
+        return await run_job(config, source, RunHooks(out=sys.stdout, progress=progress))
+
+    sys.exit(int(_run_async(go)))
+
+
+def _state_for(job: str, state: str | None) -> Path:
+    from bulkdisconnect.config import JOB_NAME, default_state
+
+    if not JOB_NAME.fullmatch(job):
+        raise UsageError(f"--job must be letters, digits, '.', '_' or '-', got {job!r}")
+    path = Path(state.removeprefix("sqlite:///")) if state else default_state(job)
+    if not path.is_file():
+        raise UsageError(f"no state store at {path}: has job {job!r} ever run? (see --state)")
+    return path
+
+
+@main.command()
+@click.option("--job", required=True, metavar="NAME")
+@click.option("--state", metavar="PATH", help="[state/<job>.sqlite]")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="[stdout]")
+def report(job: str, state: str | None, fmt: str, output: Path | None) -> None:
+    """One row per account: outcome, attempts, HTTP status, error, request ID, times."""
+    from bulkdisconnect.report import write_report
+    from bulkdisconnect.store import open_store
+
+    async def go() -> None:
+        store = await open_store(_state_for(job, state))
+        try:
+            if not await store.has_job(job):
+                raise UsageError(f"job {job!r} is not in {_state_for(job, state)}")
+            if output is None:
+                await write_report(store, job, sys.stdout, fmt)
+                return
+            tmp = output.with_name(output.name + ".partial")
+            with tmp.open("w", encoding="utf-8", newline="") as out:
+                rows = await write_report(store, job, out, fmt)
+            tmp.replace(output)
+            click.echo(f"wrote {rows} rows to {output}", err=True)
+        finally:
+            await store.aclose()
+
+    _run_async(go)
+
+
+@main.command()
+@click.option("--job", required=True, metavar="NAME")
+@click.option("--state", metavar="PATH", help="[state/<job>.sqlite]")
+def status(job: str, state: str | None) -> None:
+    """Counts per outcome, the last run, and whether a run holds the job now."""
+    from bulkdisconnect.report import write_status
+    from bulkdisconnect.store import open_store
+
+    async def go() -> None:
+        store = await open_store(_state_for(job, state))
+        try:
+            if not await store.has_job(job):
+                raise UsageError(f"job {job!r} is not in {_state_for(job, state)}")
+            await write_status(store, job, sys.stdout)
+        finally:
+            await store.aclose()
+
+    _run_async(go)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=12111, show_default=True, help="0 picks a free port.")
+@click.option("--latency-ms", type=float, default=0.0, show_default=True)
+@click.option("--jitter-ms", type=float, default=0.0, show_default=True)
+@click.option("--p500", type=float, default=0.0, show_default=True, help="Share of 500 answers.")
+@click.option("--p429", type=float, default=0.0, show_default=True, help="Share of 429 answers.")
+@click.option("--p-lock-timeout", type=float, default=0.0, show_default=True)
+@click.option(
+    "--p-drop", type=float, default=0.0, show_default=True, help="Share of dropped connections."
+)
+@click.option(
+    "--p-hang", type=float, default=0.0, show_default=True, help="Share of requests never answered."
+)
+@click.option("--rate-limit", type=float, default=None, help="Server-side limit, requests/s.")
+@click.option(
+    "--accounts", type=click.Path(exists=True, dir_okay=False), help="Only these IDs exist."
+)
+@click.option(
+    "--missing", type=click.Path(exists=True, dir_okay=False), help="These IDs do not exist."
+)
+@click.option("--livemode-accounts", is_flag=True, help="Accounts live in live mode.")
+@click.option("--revoke-after", type=int, default=None, help="Revoke the key after N calls.")
+@click.option("--seed", type=int, default=None)
+def sandbox(
+    host: str,
+    port: int,
+    accounts: str | None,
+    missing: str | None,
+    **knobs: Any,
+) -> None:
+    """A local stand-in for Stripe's disconnect endpoint, with fault knobs."""
+    from bulkdisconnect.sandbox import SandboxConfig, load_account_ids, serve
+
+    config = SandboxConfig(
+        accounts=load_account_ids(accounts) if accounts else None,
+        missing=load_account_ids(missing) if missing else frozenset(),
+        api_key=os.environ.get("SANDBOX_API_KEY") or None,
+        **knobs,
+    )
+
+    def ready(url: str) -> None:
+        click.echo(f"sandbox listening on {url}", err=False)
+        sys.stdout.flush()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(lambda: serve(config, host=host, port=port, ready=ready))

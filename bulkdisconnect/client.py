@@ -1,0 +1,115 @@
+"""The only module that knows Stripe's wire format: one disconnect call in, one `Answer` out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from bulkdisconnect import __version__
+from bulkdisconnect.model import is_valid_account_id
+
+# The API version this tool was written and tested against; --stripe-version overrides it.
+STRIPE_VERSION = "2026-10-28.endive"
+FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one HTTP attempt produced; `status` is 0 when no HTTP answer arrived."""
+
+    status: int
+    account_status: str | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    request_id: str | None = None
+    should_retry: bool | None = None  # Stripe-Should-Retry, when present
+    rate_limited_reason: str | None = None  # Stripe-Rate-Limited-Reason, when present
+    transport_error: str | None = None  # exception name for a failed exchange or bad body
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientSettings:
+    """How to reach Stripe: base URL, credentials, headers, timeouts and pool size."""
+
+    api_base: str
+    api_key: str
+    stripe_account: str | None = None
+    stripe_version: str = STRIPE_VERSION
+    connect_timeout: float = 10.0
+    total_timeout: float = 30.0
+    pool_size: int = 20
+
+
+class StripeClient:
+    """Calls the disconnect endpoint over an injected aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: ClientSettings) -> None:
+        self._session = session
+        self._base = settings.api_base.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.total_timeout, sock_connect=settings.connect_timeout
+        )
+        self._headers = {
+            "Authorization": f"Bearer {settings.api_key}",
+            "Content-Type": FORM,
+            "Stripe-Version": settings.stripe_version,
+            "User-Agent": f"bulkdisconnect/{__version__} aiohttp/{aiohttp.__version__}",
+        }
+        if settings.stripe_account:
+            self._headers["Stripe-Account"] = settings.stripe_account
+
+    async def disconnect(self, account_id: str, idempotency_key: str) -> Answer:
+        """POST /v1/financial_connections/accounts/{id}/disconnect; never raises for I/O."""
+        # Defence in depth: the planner already refuses such values, but nothing that is not
+        # a plain account ID may ever be put into a URL path.
+        if not is_valid_account_id(account_id):
+            raise ValueError(f"refusing to call the API with an invalid account ID {account_id!r}")
+        url = f"{self._base}/v1/financial_connections/accounts/{account_id}/disconnect"
+        headers = {**self._headers, "Idempotency-Key": idempotency_key}
+        try:
+            async with self._session.post(
+                url, headers=headers, data=b"", timeout=self._timeout
+            ) as response:
+                body = await response.read()
+                return _answer(response.status, response.headers, body)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return Answer(status=0, transport_error=type(exc).__name__)
+
+
+def _answer(status: int, headers: Any, body: bytes) -> Answer:
+    should_retry = headers.get("Stripe-Should-Retry")
+    common: dict[str, Any] = {
+        "request_id": headers.get("Request-Id"),
+        "should_retry": None if should_retry is None else should_retry == "true",
+        "rate_limited_reason": headers.get("Stripe-Rate-Limited-Reason"),
+    }
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return Answer(status=status, transport_error="UnreadableBody", **common)
+    if not isinstance(payload, dict):
+        return Answer(status=status, transport_error="UnreadableBody", **common)
+    error = payload.get("error")
+    if isinstance(error, dict):
+        return Answer(
+            status=status,
+            error_type=_text(error.get("type")),
+            error_code=_text(error.get("code")),
+            error_message=_text(error.get("message")),
+            **common,
+        )
+    return Answer(status=status, account_status=_text(payload.get("status")), **common)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def make_session(settings: ClientSettings) -> aiohttp.ClientSession:
+    """One session per run, its connection pool sized to the concurrency."""
+    connector = aiohttp.TCPConnector(limit=settings.pool_size, limit_per_host=settings.pool_size)
+    return aiohttp.ClientSession(connector=connector, raise_for_status=False)

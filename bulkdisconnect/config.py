@@ -1,0 +1,282 @@
+"""Run configuration: job file, environment and flags merged once, validated once.
+
+Precedence is flag > job file > environment > default. Each value remembers where it came from,
+so an error can say "rate in jobs/purge.toml must be > 0" or "--rate must be > 0".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bulkdisconnect.client import STRIPE_VERSION
+from bulkdisconnect.errors import UsageError
+
+DEFAULT_API_BASE = "https://api.stripe.com"
+JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+API_KEY = re.compile(r"(sk|rk)_(test|live)_[A-Za-z0-9]+")
+STRIPE_ACCOUNT = re.compile(r"acct_[A-Za-z0-9]+")
+
+
+class Secret:
+    """A value that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that must send it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one `run` needs, validated, in final units."""
+
+    job: str
+    input: str | None
+    column: str | None
+    state: Path
+    api_base: str
+    api_key: Secret | None
+    stripe_account: str | None
+    stripe_version: str
+    rate: float
+    concurrency: int
+    max_attempts: int
+    dry_run: bool
+    retry_failed: bool
+    timeout: float
+    connect_timeout: float
+    grace: float
+    retry_delay: float
+    retry_max_delay: float
+    breaker_min_sample: int
+    breaker_threshold: float
+    lock_stale_after: float
+
+    @property
+    def is_live(self) -> bool:
+        """Whether the key is a live-mode key."""
+        return self.api_key is not None and "_live_" in self.api_key.reveal()
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    value: Any
+    origin: str  # "--rate", "rate in jobs/x.toml", "STRIPE_API_BASE"
+
+    def fail(self, problem: str) -> UsageError:
+        return UsageError(f"{self.origin} {problem}")
+
+
+def _number(v: _Value) -> float:
+    if isinstance(v.value, bool) or not isinstance(v.value, int | float | str):
+        raise v.fail(f"must be a number, got {v.value!r}")
+    try:
+        number = float(v.value)
+    except ValueError:
+        raise v.fail(f"must be a number, got {v.value!r}") from None
+    if not math.isfinite(number):
+        raise v.fail(f"must be a finite number, got {v.value!r}")
+    return number
+
+
+def _positive(v: _Value) -> float:
+    number = _number(v)
+    if number <= 0:
+        raise v.fail(f"must be > 0, got {v.value!r}")
+    return number
+
+
+def _non_negative(v: _Value) -> float:
+    number = _number(v)
+    if number < 0:
+        raise v.fail(f"must be >= 0, got {v.value!r}")
+    return number
+
+
+def _positive_int(v: _Value) -> int:
+    number = _positive(v)
+    if number != int(number):
+        raise v.fail(f"must be a whole number, got {v.value!r}")
+    return int(number)
+
+
+def _fraction(v: _Value) -> float:
+    number = _number(v)
+    if not 0 < number <= 1:
+        raise v.fail(f"must be in (0, 1], got {v.value!r}")
+    return number
+
+
+def _bool(v: _Value) -> bool:
+    if not isinstance(v.value, bool):
+        raise v.fail(f"must be true or false, got {v.value!r}")
+    return v.value
+
+
+def _text(v: _Value) -> str:
+    if not isinstance(v.value, str) or not v.value.strip():
+        raise v.fail(f"must be a non-empty string, got {v.value!r}")
+    return v.value.strip()
+
+
+def _job_name(v: _Value) -> str:
+    name = _text(v)
+    if not JOB_NAME.fullmatch(name):
+        raise v.fail(f"must be letters, digits, '.', '_' or '-' (at most 100), got {name!r}")
+    return name
+
+
+def _stripe_account(v: _Value) -> str:
+    account = _text(v)
+    if not STRIPE_ACCOUNT.fullmatch(account):
+        raise v.fail(f"must be a Stripe account ID (acct_...), got {account!r}")
+    return account
+
+
+def _api_base(v: _Value) -> str:
+    url = _text(v).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise v.fail(f"must be an http(s) URL, got {url!r}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise v.fail(f"must use https (plain http is allowed only to a loopback host), got {url!r}")
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# name -> (parser, default). Also the set of keys a job file may hold (plus `api_key_file`).
+FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
+    "input": (_text, None),
+    "column": (_text, None),
+    "job": (_job_name, None),
+    "state": (_text, None),
+    "api_base": (_api_base, DEFAULT_API_BASE),
+    "stripe_account": (_stripe_account, None),
+    "stripe_version": (_text, STRIPE_VERSION),
+    "rate": (_positive, 20.0),
+    "concurrency": (_positive_int, None),
+    "max_attempts": (_positive_int, 5),
+    "dry_run": (_bool, False),
+    "retry_failed": (_bool, False),
+    "timeout": (_positive, 30.0),
+    "connect_timeout": (_positive, 10.0),
+    "grace": (_non_negative, 10.0),
+    "retry_delay": (_non_negative, 0.5),
+    "retry_max_delay": (_non_negative, 20.0),
+    "breaker_min_sample": (_positive_int, 100),
+    "breaker_threshold": (_fraction, 0.5),
+    "lock_stale_after": (_positive, 30.0),
+}
+JOB_FILE_ONLY = {"api_key_file": _text}
+
+
+def read_job_file(path: Path) -> dict[str, _Value]:
+    """Parse a TOML job file into values tagged with their origin; unknown keys are errors."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"job file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read job file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"job file {path} is not valid TOML: {exc}") from None
+    values = {}
+    for key, value in data.items():
+        if key == "api_key":
+            raise UsageError(
+                f"api_key in {path}: keys are never read from job files; "
+                "use STRIPE_API_KEY or api_key_file"
+            )
+        if key not in FIELDS and key not in JOB_FILE_ONLY:
+            raise UsageError(f"unknown key {key!r} in {path}")
+        values[key] = _Value(value, f"{key} in {path}")
+    return values
+
+
+def build_run_config(
+    flags: Mapping[str, Any], job_file: Path | None, env: Mapping[str, str]
+) -> RunConfig:
+    """Merge defaults < environment < job file < flags, and validate every value once."""
+    raw: dict[str, _Value] = {}
+    if "STRIPE_API_BASE" in env:
+        raw["api_base"] = _Value(env["STRIPE_API_BASE"], "STRIPE_API_BASE")
+    if job_file is not None:
+        raw.update(read_job_file(job_file))
+    for name, value in flags.items():
+        if value is not None:
+            raw[name] = _Value(value, f"--{name.replace('_', '-')}")
+
+    parsed: dict[str, Any] = {}
+    for name, (parse, default) in FIELDS.items():
+        parsed[name] = parse(raw[name]) if name in raw else default
+
+    job = parsed["job"] or _default_job_name(job_file, parsed["input"])
+    if parsed["input"] is None:
+        raise UsageError("no input: give --input PATH (or `input` in the job file)")
+    if parsed["concurrency"] is None:
+        # Enough for --rate at up to ~1.5 s of latency, the larger of Stripe's usual answers.
+        parsed["concurrency"] = max(4, min(256, math.ceil(parsed["rate"] * 1.5)))
+    api_key = None if parsed["dry_run"] else _api_key(raw.get("api_key_file"), env)
+    state = Path(parsed.pop("state")) if parsed["state"] else default_state(job)
+    return RunConfig(**{**parsed, "job": job, "state": state, "api_key": api_key})
+
+
+def default_state(job: str) -> Path:
+    """Where a job's store lives unless --state says otherwise."""
+    return Path("state") / f"{job}.sqlite"
+
+
+def _default_job_name(job_file: Path | None, input_path: str | None) -> str:
+    if job_file is not None:
+        stem = job_file.stem
+    elif input_path is not None and input_path != "-":
+        name = Path(input_path).name.removesuffix(".gz")
+        stem = name.rsplit(".", 1)[0] if "." in name else name
+    else:
+        raise UsageError("--job is required when the input is stdin")
+    return _job_name(_Value(stem, f"the job name derived from {job_file or input_path!r}"))
+
+
+def _api_key(key_file: _Value | None, env: Mapping[str, str]) -> Secret:
+    if key_file is not None:
+        path = Path(_text(key_file))
+        try:
+            key, origin = path.read_text(encoding="utf-8").strip(), f"the key in {path}"
+        except OSError as exc:
+            raise key_file.fail(f"cannot be read: {exc.strerror}") from None
+    elif env.get("STRIPE_API_KEY"):
+        key, origin = env["STRIPE_API_KEY"].strip(), "STRIPE_API_KEY"
+    else:
+        raise UsageError("no API key: set STRIPE_API_KEY or give --api-key-file PATH")
+    if not API_KEY.fullmatch(key):
+        # Never echo the value: it may be a real key with a typo.
+        raise UsageError(
+            f"{origin} does not look like a Stripe secret or restricted key "
+            "(sk_test_..., sk_live_..., rk_test_..., rk_live_...)"
+        )
+    return Secret(key)

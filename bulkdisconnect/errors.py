@@ -1,0 +1,68 @@
+"""The exception tree and the exit-code table.
+
+    BulkDisconnectError            every error the CLI turns into an exit code
+    ├── UsageError                 bad flag, job file or input: nothing was called (exit 2)
+    │   └── InputError             the input cannot be read or a row is malformed
+    ├── LockHeldError              another live run holds this job's lock (exit 4)
+    └── RunRefusedError            the API refused the run as a whole (exit 5)
+        ├── AuthenticationError    401 / 403 / expired key: fix the key
+        ├── WrongModeError         the key's mode (test/live) is not the accounts' mode
+        └── BreakerTrippedError    most answers were failures or resource_missing
+
+Interruption by a signal is not an exception: the runner returns ExitCode.INTERRUPTED.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """What a scheduler sees; one code per thing it can act on."""
+
+    OK = 0  # every valid account ended disconnected or not_found
+    SOME_FAILED = 1  # finished, but some accounts are failed or invalid_id
+    USAGE = 2  # fix the flags, job file or input; nothing was called
+    INTERRUPTED = 3  # SIGINT/SIGTERM; a rerun resumes
+    LOCKED = 4  # another run holds this job's lock
+    REFUSED = 5  # the API refused the run as a whole; fix the key/config and rerun
+
+
+class BulkDisconnectError(Exception):
+    """Base of every error with an exit code."""
+
+    exit_code: ExitCode = ExitCode.USAGE
+
+
+class UsageError(BulkDisconnectError):
+    """A bad flag, job file or environment value; nothing was called."""
+
+    exit_code = ExitCode.USAGE
+
+
+class InputError(UsageError):
+    """The input cannot be read, or a row of it is malformed."""
+
+
+class LockHeldError(BulkDisconnectError):
+    """Another live run holds this job's lock."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class RunRefusedError(BulkDisconnectError):
+    """The API refused the run as a whole; no account was marked failed for it."""
+
+    exit_code = ExitCode.REFUSED
+
+
+class AuthenticationError(RunRefusedError):
+    """The API key is missing, bad, revoked, expired or lacks permission."""
+
+
+class WrongModeError(RunRefusedError):
+    """The key's mode (test/live) does not match the accounts' mode."""
+
+
+class BreakerTrippedError(RunRefusedError):
+    """Most answers were failures or resource_missing after the minimum sample."""

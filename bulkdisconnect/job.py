@@ -1,0 +1,306 @@
+"""One run of a job: lock, plan the input into the store, work it, summarise, pick the exit code."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TextIO
+
+import anyio
+import structlog
+
+from bulkdisconnect.breaker import BreakerSettings, FailureBreaker
+from bulkdisconnect.client import ClientSettings, StripeClient, make_session
+from bulkdisconnect.config import RunConfig
+from bulkdisconnect.errors import (
+    BreakerTrippedError,
+    BulkDisconnectError,
+    ExitCode,
+    LockHeldError,
+)
+from bulkdisconnect.limiter import RateLimiter
+from bulkdisconnect.logs import redact_text
+from bulkdisconnect.model import GOOD_OUTCOMES, Outcome, RunStats
+from bulkdisconnect.pool import Pool, PoolSettings
+from bulkdisconnect.progress import show_progress
+from bulkdisconnect.report import format_plan, format_summary
+from bulkdisconnect.retry import RetryPolicy
+from bulkdisconnect.sources import Source
+from bulkdisconnect.store import PlanCounts, Store, open_store
+from bulkdisconnect.writer import ResultWriter
+
+log = structlog.get_logger("bulkdisconnect")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunHooks:
+    """Where a run prints, and how it shows progress (tests turn the display off)."""
+
+    out: TextIO
+    progress: bool = True
+
+
+async def run_job(config: RunConfig, source: Source, hooks: RunHooks) -> ExitCode:
+    """Run the job once and return its exit code; raises BulkDisconnectError for 2, 4 and 5."""
+    store = await open_store(config.state)
+    try:
+        if config.dry_run:
+            counts = await store.plan(
+                config.job, source.chunks(), retry_failed=config.retry_failed, dry_run=True
+            )
+            hooks.out.write(format_plan(config.job, counts, dry_run=True))
+            return ExitCode.OK
+        owner = uuid.uuid4().hex
+        await store.acquire_lock(config.job, owner, stale_after=config.lock_stale_after)
+        try:
+            return await _locked_run(config, source, hooks, store, owner)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.release_lock(config.job, owner)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()
+
+
+async def _locked_run(
+    config: RunConfig, source: Source, hooks: RunHooks, store: Store, owner: str
+) -> ExitCode:
+    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{owner[:8]}"
+    await store.start_run(config.job, run_id)
+    exit_code = ExitCode.INTERRUPTED
+    message = "interrupted"
+    try:
+        async with _heartbeat(store, config, owner), _signals() as stopping:
+            exit_code, message = await _plan_and_work(
+                config=config,
+                source=source,
+                hooks=hooks,
+                store=store,
+                run_id=run_id,
+                stopping=stopping,
+            )
+    except BaseExceptionGroup as group:
+        error = _single_error(group)
+        if isinstance(error, BulkDisconnectError):
+            exit_code, message = error.exit_code, str(error)
+        raise error from None
+    except BulkDisconnectError as error:
+        exit_code, message = error.exit_code, str(error)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.finish_run(run_id, int(exit_code), redact_text(message))
+    return exit_code
+
+
+async def _plan_and_work(
+    *,
+    config: RunConfig,
+    source: Source,
+    hooks: RunHooks,
+    store: Store,
+    run_id: str,
+    stopping: anyio.Event,
+) -> tuple[ExitCode, str]:
+    started = time.monotonic()
+    counts = await _plan(store, config, source, stopping)
+    if counts is None:
+        return ExitCode.INTERRUPTED, "interrupted while planning; nothing was called"
+    hooks.out.write(format_plan(config.job, counts, dry_run=False))
+    stats = RunStats(planned=counts.to_call)
+    log.info(
+        "bulkdisconnect.run.start",
+        job=config.job,
+        run_id=run_id,
+        to_call=counts.to_call,
+        rate=config.rate,
+        concurrency=config.concurrency,
+    )
+    if counts.to_call:
+        await _work(
+            config=config, store=store, run_id=run_id, stats=stats, stopping=stopping, hooks=hooks
+        )
+    job_counts = await store.counts(config.job)
+    exit_code = _exit_code(job_counts, interrupted=stopping.is_set())
+    elapsed = time.monotonic() - started
+    summary = format_summary(config, stats, job_counts, elapsed, exit_code)
+    hooks.out.write(summary)
+    log.info(
+        "bulkdisconnect.run.end",
+        job=config.job,
+        run_id=run_id,
+        exit_code=int(exit_code),
+        requests=stats.requests,
+        retries=stats.retries,
+        elapsed=round(elapsed, 3),
+        **{o.value: n for o, n in stats.outcomes.items()},
+    )
+    return exit_code, summary
+
+
+async def _plan(
+    store: Store, config: RunConfig, source: Source, stopping: anyio.Event
+) -> PlanCounts | None:
+    """Plan the input into the store; None if a signal arrived first (nothing merged)."""
+    async with anyio.create_task_group() as tg:
+        result: list[PlanCounts] = []
+
+        async def plan() -> None:
+            result.append(
+                await store.plan(
+                    config.job, source.chunks(), retry_failed=config.retry_failed, dry_run=False
+                )
+            )
+            tg.cancel_scope.cancel()
+
+        async def cancel_on_stop() -> None:
+            await stopping.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(plan)
+        tg.start_soon(cancel_on_stop)
+    return result[0] if result else None
+
+
+async def _work(
+    *,
+    config: RunConfig,
+    store: Store,
+    run_id: str,
+    stats: RunStats,
+    stopping: anyio.Event,
+    hooks: RunHooks,
+) -> None:
+    """Call the API for every pending account; flush every outcome however this ends."""
+    assert config.api_key is not None
+    settings = ClientSettings(
+        api_base=config.api_base,
+        api_key=config.api_key.reveal(),
+        stripe_account=config.stripe_account,
+        stripe_version=config.stripe_version,
+        connect_timeout=config.connect_timeout,
+        total_timeout=config.timeout,
+        pool_size=config.concurrency,
+    )
+    writer = ResultWriter(store, config.job, run_id)
+    async with make_session(settings) as session:
+        pool = Pool(
+            job=config.job,
+            run_id=run_id,
+            store=store,
+            client=StripeClient(session, settings),
+            limiter=RateLimiter(config.rate),
+            breaker=FailureBreaker(
+                BreakerSettings(
+                    min_sample=config.breaker_min_sample, threshold=config.breaker_threshold
+                )
+            ),
+            writer=writer,
+            settings=PoolSettings(
+                concurrency=config.concurrency,
+                retry_failed=config.retry_failed,
+                policy=RetryPolicy(
+                    max_attempts=config.max_attempts,
+                    initial_delay=config.retry_delay,
+                    max_delay=config.retry_max_delay,
+                ),
+            ),
+            stats=stats,
+            stopping=stopping,
+        )
+        error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer.run)
+                if hooks.progress:
+                    tg.start_soon(show_progress, stats)
+                with anyio.CancelScope() as pool_scope:
+                    tg.start_soon(_cancel_after_grace, stopping, pool_scope, config.grace)
+                    await pool.run()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            error = _single_error(group)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await writer.flush()
+    if isinstance(error, BreakerTrippedError):
+        # The answers that tripped the breaker are not final: a rerun calls them again.
+        released = await store.release_outcomes(
+            config.job, run_id, [Outcome.FAILED.value, Outcome.NOT_FOUND.value]
+        )
+        log.error("bulkdisconnect.breaker", released=released, reason=str(error))
+    if error is not None:
+        raise error
+
+
+async def _cancel_after_grace(
+    stopping: anyio.Event, scope: anyio.CancelScope, grace: float
+) -> None:
+    """After a stop signal, give in-flight requests `grace` seconds, then cancel them."""
+    await stopping.wait()
+    await anyio.sleep(grace)
+    scope.cancel()
+
+
+def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one meaningful error of a task group: ours if any, else the group itself."""
+    ours = group.subgroup(lambda e: isinstance(e, BulkDisconnectError))
+    if ours is not None:
+        leaf = ours.exceptions[0]
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        return leaf
+    return group
+
+
+def _exit_code(counts: dict[str | None, int], *, interrupted: bool) -> ExitCode:
+    if interrupted or counts.get(None, 0):
+        return ExitCode.INTERRUPTED
+    bad = sum(n for outcome, n in counts.items() if outcome not in GOOD_OUTCOMES)
+    return ExitCode.SOME_FAILED if bad else ExitCode.OK
+
+
+@asynccontextmanager
+async def _heartbeat(store: Store, config: RunConfig, owner: str) -> AsyncIterator[None]:
+    """Keep the job's lock alive; if another run took it over, stop this one (exit 4)."""
+    lost: list[bool] = []
+
+    async def beat(scope: anyio.CancelScope) -> None:
+        while True:
+            await anyio.sleep(config.lock_stale_after / 6)
+            if not await store.heartbeat(config.job, owner):
+                lost.append(True)
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as body:
+            tg.start_soon(beat, body)
+            yield
+        tg.cancel_scope.cancel()
+    if lost:
+        raise LockHeldError(f"job {config.job!r}: another run took over the lock; stopped")
+
+
+@asynccontextmanager
+async def _signals() -> AsyncIterator[anyio.Event]:
+    """An event set by the first SIGINT/SIGTERM; a second one stops at once."""
+    stopping = anyio.Event()
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if stopping.is_set():
+                    scope.cancel()
+                    return
+                log.warning("bulkdisconnect.stopping", signal=signal.Signals(signum).name)
+                stopping.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        yield stopping
+        tg.cancel_scope.cancel()

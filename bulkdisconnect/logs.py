@@ -1,0 +1,66 @@
+"""The structlog pipeline: context, redaction before rendering, JSON off a terminal."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+# Stripe secret, restricted and publishable keys, webhook secrets, and bearer credentials.
+SECRET = re.compile(r"\b(?:(?:sk|rk|pk)_(?:test|live)_|whsec_)[A-Za-z0-9]+|(?<=Bearer )\S+")
+REDACTED = "[redacted]"
+
+
+def redact_text(text: str) -> str:
+    """Replace anything that looks like a key in a string."""
+    return SECRET.sub(REDACTED, text)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact(v) for v in value)
+    return value
+
+
+def redact_secrets(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: redact key-like strings in every value, before any renderer."""
+    return {key: _redact(value) for key, value in event_dict.items()}
+
+
+def configure(
+    *, json: bool | None = None, stream: TextIO | None = None, level: str = "info"
+) -> None:
+    """Set up logging once for the CLI: console on a terminal, JSON lines otherwise."""
+    stream = stream or sys.stderr
+    if json is None:
+        json = not stream.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )

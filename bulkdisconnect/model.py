@@ -1,0 +1,66 @@
+"""Account IDs, outcomes and per-account results: the vocabulary every stage shares."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+ACCOUNT_ID_PATTERN = re.compile(r"fca_[A-Za-z0-9]+")
+# Stripe IDs are well under this; a longer value is junk and is stored truncated.
+MAX_ACCOUNT_ID_LENGTH = 255
+
+
+class Outcome(enum.StrEnum):
+    """The one recorded outcome of an account in a job."""
+
+    DISCONNECTED = "disconnected"
+    NOT_FOUND = "not_found"
+    INVALID_ID = "invalid_id"
+    FAILED = "failed"
+
+
+GOOD_OUTCOMES = frozenset({Outcome.DISCONNECTED, Outcome.NOT_FOUND})
+
+
+def is_valid_account_id(value: str) -> bool:
+    """Whether a trimmed value is a Financial Connections account ID safe to put in a URL."""
+    return len(value) <= MAX_ACCOUNT_ID_LENGTH and ACCOUNT_ID_PATTERN.fullmatch(value) is not None
+
+
+def idempotency_key(job: str, account_id: str) -> str:
+    """The Idempotency-Key for (job, account): the same on every retry and every rerun."""
+    digest = hashlib.sha256(f"{job}\n{account_id}".encode()).hexdigest()[:32]
+    return f"bulkdisconnect-{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """What one account's work ended with, as the store records it."""
+
+    account_id: str
+    outcome: Outcome
+    attempts: int
+    http_status: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    request_id: str | None = None
+    first_attempt_at: float | None = None
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Live counters of one run, shared by the pool, the progress display and the summary."""
+
+    planned: int = 0
+    outcomes: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0  # 429 answers
+    in_flight: int = 0
+
+    @property
+    def done(self) -> int:
+        """Accounts that reached a final outcome in this run."""
+        return sum(self.outcomes.values())

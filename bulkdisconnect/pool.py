@@ -1,0 +1,179 @@
+"""The worker pool: claims pending accounts from the store, calls the API, hands results on.
+
+    store --claim pages--> feeder --bounded stream--> workers --results--> writer --> store
+
+Each account's attempts pass through the concurrency cap and then the rate limiter, retries
+included, so a retry storm cannot push the request rate above --rate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectSendStream
+
+from bulkdisconnect.breaker import FailureBreaker
+from bulkdisconnect.client import Answer, StripeClient
+from bulkdisconnect.errors import AuthenticationError, BreakerTrippedError, WrongModeError
+from bulkdisconnect.limiter import RateLimiter
+from bulkdisconnect.model import ItemResult, Outcome, RunStats, idempotency_key
+from bulkdisconnect.retry import WRONG_MODE, Action, RetryPolicy, classify
+from bulkdisconnect.store import Store
+from bulkdisconnect.writer import ResultWriter
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSettings:
+    """The pool's shape: requests in flight, claim page size, retry policy."""
+
+    concurrency: int
+    policy: RetryPolicy
+    retry_failed: bool = False
+    page_size: int = 500
+
+
+class Pool:
+    """Works every pending account of a job once, until done, stopped or refused."""
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        run_id: str,
+        store: Store,
+        client: StripeClient,
+        limiter: RateLimiter,
+        breaker: FailureBreaker,
+        writer: ResultWriter,
+        settings: PoolSettings,
+        stats: RunStats,
+        stopping: anyio.Event,
+    ) -> None:
+        self._job = job
+        self._run_id = run_id
+        self._store = store
+        self._client = client
+        self._limiter = limiter
+        self._breaker = breaker
+        self._writer = writer
+        self._settings = settings
+        self._stats = stats
+        self._stopping = stopping
+        self._in_flight = anyio.CapacityLimiter(settings.concurrency)
+
+    async def run(self) -> None:
+        """Feed and work until no account is pending or `stopping` is set."""
+        # Twice as many workers as requests in flight, so accounts waiting out a backoff do
+        # not leave the request slots idle.
+        workers = 2 * self._settings.concurrency
+        send, receive = anyio.create_memory_object_stream[str](workers)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._feed, send)
+            for _ in range(workers):
+                tg.start_soon(self._work, receive.clone())
+            receive.close()
+
+    async def _feed(self, send: MemoryObjectSendStream[str]) -> None:
+        after = 0
+        async with send:
+            while not self._stopping.is_set():
+                page = await self._store.claim_pending(
+                    self._job,
+                    self._run_id,
+                    after=after,
+                    limit=self._settings.page_size,
+                    retry_failed=self._settings.retry_failed,
+                )
+                if not page:
+                    return
+                after = page[-1][0]
+                try:
+                    for _, account_id in page:
+                        await send.send(account_id)
+                except anyio.BrokenResourceError:  # every worker stopped: the run is stopping
+                    return
+
+    async def _work(self, receive: ObjectReceiveStream[str]) -> None:
+        async with receive:
+            async for account_id in receive:
+                if self._stopping.is_set():
+                    return
+                result = await self._disconnect(account_id)
+                if result is None:  # stopped while waiting to retry: stays pending
+                    return
+                await self._writer.add(result)
+                self._stats.outcomes[result.outcome] += 1
+                if self._breaker.observe(result.outcome):
+                    raise BreakerTrippedError(
+                        f"failure breaker tripped: {self._breaker.diagnosis()}; "
+                        "nothing was kept from this run's failures, a rerun after the fix "
+                        "calls them again"
+                    )
+
+    async def _disconnect(self, account_id: str) -> ItemResult | None:
+        """All attempts for one account; None if the run stopped before it got an outcome."""
+        key = idempotency_key(self._job, account_id)
+        policy = self._settings.policy
+        stats = self._stats
+        first_attempt_at = time.time()
+        attempts = 0
+        while True:
+            async with self._in_flight, self._limiter:
+                stats.requests += 1
+                answer = await self._client.disconnect(account_id, key)
+            attempts += 1
+            decision = classify(answer)
+            if decision.action is Action.FATAL:
+                raise _refusal(answer)
+            if decision.action is Action.FINAL:
+                assert decision.outcome is not None
+                return ItemResult(
+                    account_id=account_id,
+                    outcome=decision.outcome,
+                    attempts=attempts,
+                    http_status=answer.status,
+                    error_code=decision.error_code or _error_code(answer, decision.outcome),
+                    error_message=decision.error_message or answer.error_message,
+                    request_id=answer.request_id,
+                    first_attempt_at=first_attempt_at,
+                )
+            if answer.status == 429:
+                stats.rate_limited += 1
+            if attempts >= policy.max_attempts:
+                return ItemResult(
+                    account_id=account_id,
+                    outcome=Outcome.FAILED,
+                    attempts=attempts,
+                    http_status=answer.status or None,
+                    error_code=_error_code(answer, Outcome.FAILED),
+                    error_message=f"gave up after {attempts} attempts; last: "
+                    f"{answer.error_message or answer.transport_error or answer.status}",
+                    request_id=answer.request_id,
+                    first_attempt_at=first_attempt_at,
+                )
+            stats.retries += 1
+            with anyio.move_on_after(policy.delay(attempts)):
+                await self._stopping.wait()
+            if self._stopping.is_set():
+                return None
+
+
+def _error_code(answer: Answer, outcome: Outcome) -> str | None:
+    if outcome is Outcome.DISCONNECTED:
+        return None
+    return answer.error_code or answer.transport_error or f"http_{answer.status}"
+
+
+def _refusal(answer: Answer) -> AuthenticationError | WrongModeError:
+    """The run-fatal error for an answer; Stripe's own message says what is wrong."""
+    message = answer.error_message or f"HTTP {answer.status}"
+    if answer.status == 404 and WRONG_MODE.search(message):
+        return WrongModeError(f"the API key's mode does not match the accounts': {message}")
+    return AuthenticationError(
+        f"the API refused the key (HTTP {answer.status}"
+        f"{', ' + answer.error_code if answer.error_code else ''}): {message}; "
+        "fix STRIPE_API_KEY / --api-key-file and rerun"
+    )

@@ -1,0 +1,112 @@
+"""What people read: the plan, the end-of-run summary, `status`, and the per-account report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import astuple, fields
+from typing import TYPE_CHECKING, TextIO
+
+from bulkdisconnect.errors import ExitCode
+from bulkdisconnect.model import Outcome, RunStats
+from bulkdisconnect.store import PlanCounts, ReportRow, Store
+
+if TYPE_CHECKING:
+    from bulkdisconnect.config import RunConfig
+
+REPORT_COLUMNS = [
+    "account_id",
+    "outcome",
+    "attempts",
+    "http_status",
+    "error_code",
+    "request_id",
+    "updated_at",
+    "error_message",
+    "first_attempt_at",
+]
+FORMATS = ("jsonl", "csv")
+
+
+def format_plan(job: str, counts: PlanCounts, *, dry_run: bool) -> str:
+    """One line saying what the input holds and what will be called."""
+    head = "plan (dry run, nothing called)" if dry_run else "plan"
+    return (
+        f"{head} for job {job}: read {counts.read}, invalid {counts.invalid}, "
+        f"duplicates {counts.duplicates}, already done {counts.already_done}, "
+        f"to call {counts.to_call}\n"
+    )
+
+
+def format_summary(
+    config: RunConfig,
+    stats: RunStats,
+    job_counts: dict[str | None, int],
+    elapsed: float,
+    exit_code: ExitCode,
+) -> str:
+    """The end-of-run summary: this run's outcomes, rate, retries, the job's totals."""
+    this_run = ", ".join(f"{o.value} {n}" for o, n in stats.outcomes.items())
+    rate = stats.requests / elapsed if elapsed > 0 else 0.0
+    lines = [
+        f"run of job {config.job} ended with exit code {int(exit_code)} ({exit_code.name})",
+        f"  this run: {this_run}",
+        (
+            f"  requests {stats.requests} in {elapsed:.1f}s ({rate:.1f}/s, cap {config.rate:g}/s),"
+            f" retries {stats.retries}, 429s {stats.rate_limited}"
+        ),
+        f"  job totals: {format_counts(job_counts)}",
+        f"  report: bulkdisconnect report --job {config.job} --state {config.state}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_counts(counts: dict[str | None, int]) -> str:
+    """Counts per outcome, pending last."""
+    parts = [f"{o.value} {counts.get(o.value, 0)}" for o in Outcome]
+    parts.append(f"pending {counts.get(None, 0)}")
+    return ", ".join(parts)
+
+
+async def write_status(store: Store, job: str, out: TextIO) -> None:
+    """Counts per outcome, the last run and whether a run holds the lock now."""
+    counts = await store.counts(job)
+    out.write(f"job {job}: {sum(counts.values())} accounts\n  {format_counts(counts)}\n")
+    run = await store.last_run(job)
+    if run is not None:
+        ended = (
+            f"ended {_when(run.finished_at)} with exit code {run.exit_code}"
+            if run.finished_at is not None
+            else "did not finish (still running, or killed)"
+        )
+        out.write(f"  last run {run.run_id}: started {_when(run.started_at)}, {ended}\n")
+    lock = await store.lock_info(job)
+    if lock is None:
+        out.write("  not running\n")
+    else:
+        age = time.time() - lock.heartbeat_at
+        out.write(f"  locked by pid {lock.pid} on {lock.host}, heartbeat {age:.0f}s ago\n")
+
+
+async def write_report(store: Store, job: str, out: TextIO, fmt: str) -> int:
+    """Stream one row per account in CSV or JSONL; returns the number of rows."""
+    names = [f.name for f in fields(ReportRow)]
+    order = [names.index(c) for c in REPORT_COLUMNS]
+    writer = csv.writer(out) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(REPORT_COLUMNS)
+    count = 0
+    async for row in store.rows(job):
+        values = astuple(row)
+        ordered = [values[i] for i in order]
+        if writer is not None:
+            writer.writerow(ordered)
+        else:
+            out.write(json.dumps(dict(zip(REPORT_COLUMNS, ordered, strict=True))) + "\n")
+        count += 1
+    return count
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(timestamp))

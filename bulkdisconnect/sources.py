@@ -1,0 +1,292 @@
+"""Sources: stream raw account-ID values from .txt, .csv and .jsonl files (maybe gzipped) or stdin.
+
+A source only reads: it trims values and reports malformed rows, but leaves validating and
+deduplicating IDs to the store's planning. Each chunk is read in a worker thread, so a large
+file never blocks the event loop, and memory stays flat however long the input is.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import functools
+import gzip
+import itertools
+import json
+import sys
+import typing
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path, PurePath
+from typing import Protocol
+
+import anyio.to_thread
+
+from bulkdisconnect.errors import InputError
+from bulkdisconnect.model import ACCOUNT_ID_PATTERN
+
+DEFAULT_FIELD = "account_id"
+# Bounds the memory one line can take; an ID row is ~30 bytes, so only junk comes near it.
+MAX_LINE_BYTES = 1 << 20
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+class Source(Protocol):
+    """A stream of raw account-ID values (trimmed strings), read in chunks."""
+
+    description: str
+
+    def chunks(self, size: int = 1000) -> AsyncIterator[list[str]]:
+        """Yield lists of 1 to `size` values; raise InputError naming a malformed line."""
+        ...
+
+
+class _LineReader(Protocol):
+    def readline(self, size: int = -1, /) -> bytes: ...
+    def close(self) -> None: ...
+
+
+# Turns raw lines (BOM removed) into trimmed values; `str` is the description for messages.
+Parser = Callable[[Iterator[bytes], str], Iterator[str]]
+
+
+class StreamSource:
+    """A binary stream parsed by one format; `owned` streams are opened afresh and closed."""
+
+    def __init__(
+        self, description: str, parse: Parser, open_: Callable[[], _LineReader], *, owned: bool
+    ) -> None:
+        self.description = description
+        self.parse = parse
+        self.open = open_
+        self.owned = owned
+
+    async def chunks(self, size: int = 1000) -> AsyncIterator[list[str]]:
+        """Yield lists of up to `size` values; an owned file is closed however iteration ends."""
+        if size < 1:
+            raise ValueError(f"chunk size must be at least 1, got {size}")
+        # Shielded so a cancellation cannot land between the open and the `try` that closes.
+        with anyio.CancelScope(shield=True):
+            f = await anyio.to_thread.run_sync(self.open)
+        try:
+            values = self.parse(_lines(f, self.description), self.description)
+            # Reading stdin can block forever (a terminal, an idle pipe): let a cancel abandon it.
+            abandon = not self.owned
+            while chunk := await anyio.to_thread.run_sync(
+                _take, values, size, abandon_on_cancel=abandon
+            ):
+                yield chunk
+        finally:
+            if self.owned:
+                f.close()
+
+
+def open_source(
+    path: str, column: str | None = None, *, stdin: typing.BinaryIO | None = None
+) -> Source:
+    """Open `path` (`-` for stdin), checking all that can be checked before reading values."""
+    if path == "-":
+        if column is not None:
+            raise InputError("--column does not apply to stdin, which is read as one ID a line")
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        return StreamSource("stdin", _txt_values, lambda: stream, owned=False)
+    name = PurePath(path).name.lower()
+    compressed = name.endswith(".gz")
+    make_parser = FORMATS.get(PurePath(name.removesuffix(".gz")).suffix)
+    if make_parser is None:
+        supported = ", ".join(FORMATS)
+        raise InputError(
+            f"{path}: unknown input format; use one of the suffixes {supported}"
+            " (each optionally followed by .gz), or - for stdin"
+        )
+    if not Path(path).exists():
+        raise InputError(f"input file not found: {path}")
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a directory; give an input file")
+    _open_file(path, compressed).close()  # unreadable or not gzip: fail before any work
+    parse = make_parser(path, column, compressed)
+    return StreamSource(path, parse, functools.partial(_open_file, path, compressed), owned=True)
+
+
+def _txt_format(path: str, column: str | None, compressed: bool) -> Parser:
+    if column is not None:
+        raise InputError(f"{path}: --column applies only to .csv and .jsonl inputs")
+    return _txt_values
+
+
+def _jsonl_format(path: str, column: str | None, compressed: bool) -> Parser:
+    return functools.partial(_jsonl_values, field=column or DEFAULT_FIELD)
+
+
+def _csv_format(path: str, column: str | None, compressed: bool) -> Parser:
+    """Read the header row now and resolve which cell holds the ID."""
+    with contextlib.closing(_open_file(path, compressed)) as f:
+        header = _first_row(csv.reader(_decoded(_lines(f, path), path), strict=True))
+    if header is None:  # an empty file: nothing to read, nothing to resolve
+        return functools.partial(_csv_values, index=0, label="value", skip_header=False)
+    header = [cell.strip() for cell in header]
+    columns = ", ".join(cell[:40] for cell in header[:20]) + (", ..." if len(header) > 20 else "")
+    if column is not None:
+        if column not in header:
+            raise InputError(f"{path}: no column {column!r} (columns: {columns})")
+        name = column
+    elif DEFAULT_FIELD in header:
+        name = DEFAULT_FIELD
+    elif len(header) == 1:
+        if ACCOUNT_ID_PATTERN.fullmatch(header[0]):  # no header row: the first row is data
+            return functools.partial(_csv_values, index=0, label="value", skip_header=False)
+        name = header[0]
+    else:
+        raise InputError(
+            f"{path}: no column named {DEFAULT_FIELD!r} (columns: {columns});"
+            " pick the one holding account IDs with --column NAME"
+        )
+    return functools.partial(
+        _csv_values, index=header.index(name), label=_clip(name), skip_header=True
+    )
+
+
+FORMATS: dict[str, Callable[[str, str | None, bool], Parser]] = {
+    ".txt": _txt_format,
+    ".csv": _csv_format,
+    ".jsonl": _jsonl_format,
+    ".ndjson": _jsonl_format,
+}
+
+
+def _txt_values(lines: Iterator[bytes], description: str) -> Iterator[str]:
+    """One value a line; blank lines and `#` comments skipped."""
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(lines, 1):  # noqa: B007 - read in the except clause
+            line = raw.decode().strip()
+            if line and not line.startswith("#"):
+                yield line
+    except UnicodeDecodeError as exc:
+        raise _bad_utf8(description, lineno, exc) from None
+
+
+def _csv_values(
+    lines: Iterator[bytes], description: str, *, index: int, label: str, skip_header: bool
+) -> Iterator[str]:
+    """The cell at `index` of each row; rows with every cell blank are skipped."""
+    reader = csv.reader(_decoded(lines, description), strict=True)
+    try:
+        if skip_header:
+            _first_row(reader)
+        for row in reader:
+            value = row[index].strip() if index < len(row) else ""
+            if value:
+                yield value
+            elif any(cell.strip() for cell in row):
+                where = f"{description} line {reader.line_num}"
+                if index < len(row):
+                    raise InputError(f"{where}: empty {label}")
+                raise InputError(f"{where}: {len(row)} cell(s), but {label} is cell {index + 1}")
+    except csv.Error as exc:
+        raise InputError(f"{description} line {reader.line_num}: bad CSV ({exc})") from None
+
+
+def _jsonl_values(lines: Iterator[bytes], description: str, *, field: str) -> Iterator[str]:
+    """The string `field` of each line's JSON object; blank lines skipped."""
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError as exc:
+            raise _bad_utf8(description, lineno, exc) from None
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            if not text.strip():
+                continue
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+            raise InputError(
+                f"{description} line {lineno}: not valid JSON ({reason}): {_clip(text.strip())}"
+            ) from None
+        value = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            where = f"{description} line {lineno}"
+            if not isinstance(obj, dict):
+                raise InputError(f"{where}: expected a JSON object, got {_json_type(obj)}")
+            if field not in obj:
+                raise InputError(f"{where}: no {field!r} field")
+            raise InputError(f"{where}: {field!r} is {_json_type(value)}, expected a string")
+        value = value.strip()
+        if not value:
+            raise InputError(f"{description} line {lineno}: empty {field!r}")
+        yield value
+
+
+def _open_file(path: str, compressed: bool) -> _LineReader:
+    """Open for binary reading; a .gz file has its header checked now."""
+    try:
+        if not compressed:
+            return Path(path).open("rb")
+        f = gzip.open(path)  # noqa: SIM115 - returned open; the caller closes it
+        try:
+            f.peek(1)
+        except BaseException:
+            f.close()
+            raise
+        return f  # noqa: TRY300 - `else` would split the gzip case for no gain
+    except FileNotFoundError:
+        raise InputError(f"input file not found: {path}") from None
+    except _GZIP_ERRORS:
+        raise InputError(f"{path}: not a valid gzip file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _lines(f: _LineReader, description: str) -> Iterator[bytes]:
+    """Raw lines with a UTF-8 BOM dropped from the first; InputError on a read error."""
+    read = functools.partial(f.readline, MAX_LINE_BYTES + 1)
+    try:
+        first = read()
+        if not first:
+            return
+        lines = itertools.chain((first.removeprefix(codecs.BOM_UTF8),), iter(read, b""))
+        for lineno, raw in enumerate(lines, 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise InputError(f"{description} line {lineno}: longer than {MAX_LINE_BYTES} bytes")
+            yield raw
+    except _GZIP_ERRORS:  # only a gzip reader raises these
+        raise InputError(f"{description}: not a valid gzip file") from None
+    except OSError as exc:
+        raise InputError(f"{description}: cannot read ({exc.strerror or exc})") from None
+
+
+def _decoded(lines: Iterator[bytes], description: str) -> Iterator[str]:
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(lines, 1):  # noqa: B007 - read in the except clause
+            yield raw.decode()
+    except UnicodeDecodeError as exc:
+        raise _bad_utf8(description, lineno, exc) from None
+
+
+def _first_row(reader: Iterator[list[str]]) -> list[str] | None:
+    """The first row with a non-blank cell, or None at the end of the input."""
+    return next((row for row in reader if any(cell.strip() for cell in row)), None)
+
+
+def _take(values: Iterator[str], size: int) -> list[str]:
+    return list(itertools.islice(values, size))
+
+
+def _bad_utf8(description: str, lineno: int, exc: UnicodeDecodeError) -> InputError:
+    byte = exc.object[exc.start : exc.start + 1].hex()
+    return InputError(
+        f"{description} line {lineno}: not valid UTF-8 (byte 0x{byte} at offset {exc.start});"
+        " save the file as UTF-8"
+    )
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """At most `limit` characters of `text`, repr'd, so a huge line never lands in a message."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    return "null" if value is None else names.get(type(value), "a number")

@@ -1,0 +1,411 @@
+"""SQLite store: WAL mode, one connection driven from a worker thread, batched writes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+from bulkdisconnect.errors import LockHeldError, UsageError
+from bulkdisconnect.model import MAX_ACCOUNT_ID_LENGTH, ItemResult, Outcome, is_valid_account_id
+from bulkdisconnect.store import LockInfo, PlanCounts, ReportRow, RunInfo
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    job TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    outcome TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    http_status INTEGER,
+    error_code TEXT,
+    error_message TEXT,
+    request_id TEXT,
+    first_attempt_at REAL,
+    updated_at REAL,
+    run_id TEXT,
+    UNIQUE (job, account_id)
+);
+CREATE TABLE IF NOT EXISTS locks (
+    job TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    acquired_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    lease REAL NOT NULL  -- seconds without a heartbeat after which the lock is stale
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    exit_code INTEGER,
+    summary TEXT
+);
+"""
+
+INVALID_MESSAGE = "not a Financial Connections account ID (fca_ followed by letters and digits)"
+
+RECORD = """
+UPDATE accounts SET outcome = ?, attempts = attempts + ?, http_status = ?, error_code = ?,
+    error_message = ?, request_id = ?, first_attempt_at = COALESCE(first_attempt_at, ?),
+    updated_at = ?, run_id = ?
+WHERE job = ? AND account_id = ?
+"""
+
+
+class SQLiteStore:
+    """The SQLite implementation of `Store`; every call runs on one connection in a thread."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self._path = path
+        self._lock = anyio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteStore:
+        """Open (creating if needed) the store file and its schema."""
+        return cls(await anyio.to_thread.run_sync(_connect, path), path)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._lock:
+            return await anyio.to_thread.run_sync(fn, self._db)
+
+    async def aclose(self) -> None:
+        """Close the connection (checkpointing the WAL)."""
+        await self._call(lambda db: db.close())
+
+    # -- lock ---------------------------------------------------------------------------------
+
+    async def acquire_lock(self, job: str, owner: str, *, stale_after: float) -> None:
+        """Take the job's lock, or take over one whose holder missed its own lease.
+
+        `stale_after` is this run's lease: it heartbeats well within it, and another run may
+        take the lock over once no heartbeat came for that long.
+        """
+
+        def acquire(db: sqlite3.Connection) -> LockInfo | None:
+            now = time.time()
+            with _immediate(db):
+                row = db.execute(
+                    "SELECT owner, pid, host, heartbeat_at, lease FROM locks WHERE job = ?",
+                    (job,),
+                ).fetchone()
+                if row is not None and now - row[3] < row[4]:
+                    return LockInfo(*row[:4])
+                db.execute(
+                    "INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job, owner, os.getpid(), socket.gethostname(), now, now, stale_after),
+                )
+                return None
+
+        holder = await self._call(acquire)
+        if holder is not None:
+            raise LockHeldError(
+                f"job {job!r} is locked by a run on {holder.host} (pid {holder.pid}), "
+                f"alive {time.time() - holder.heartbeat_at:.0f}s ago; wait for it to finish"
+            )
+
+    async def heartbeat(self, job: str, owner: str) -> bool:
+        """Show the lock holder is alive; False if the lock was taken over."""
+
+        def beat(db: sqlite3.Connection) -> bool:
+            with _immediate(db):
+                cursor = db.execute(
+                    "UPDATE locks SET heartbeat_at = ? WHERE job = ? AND owner = ?",
+                    (time.time(), job, owner),
+                )
+            return cursor.rowcount == 1
+
+        return await self._call(beat)
+
+    async def release_lock(self, job: str, owner: str) -> None:
+        """Drop the lock if this owner still holds it."""
+
+        def release(db: sqlite3.Connection) -> None:
+            with _immediate(db):
+                db.execute("DELETE FROM locks WHERE job = ? AND owner = ?", (job, owner))
+
+        await self._call(release)
+
+    async def lock_info(self, job: str) -> LockInfo | None:
+        """The job's lock holder, if any (fresh or stale)."""
+
+        def read(db: sqlite3.Connection) -> LockInfo | None:
+            row = db.execute(
+                "SELECT owner, pid, host, heartbeat_at FROM locks WHERE job = ?", (job,)
+            ).fetchone()
+            return None if row is None else LockInfo(*row)
+
+        return await self._call(read)
+
+    # -- planning and work --------------------------------------------------------------------
+
+    async def plan(
+        self,
+        job: str,
+        chunks: AsyncIterator[Sequence[str]],
+        *,
+        retry_failed: bool,
+        dry_run: bool,
+    ) -> PlanCounts:
+        """Stage the input in a temporary table, then merge it into the job in one transaction.
+
+        Staging keeps the job untouched until the whole input has been read, so a malformed
+        row aborts the plan with nothing written; the temporary table lives on disk, so memory
+        stays flat however large the input.
+        """
+        await self._call(_create_staging)
+        read = 0
+        try:
+            async for chunk in chunks:
+                read += len(chunk)
+                await self._call(partial(_stage, chunk=chunk))
+            return await self._call(
+                lambda db: _merge(db, job, read, retry_failed=retry_failed, dry_run=dry_run)
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._call(lambda db: db.execute("DROP TABLE IF EXISTS temp.staged"))
+
+    async def claim_pending(
+        self, job: str, run_id: str, *, after: int, limit: int, retry_failed: bool
+    ) -> list[tuple[int, str]]:
+        """Mark the next page of accounts still to call (after rowid `after`) as this run's."""
+
+        def claim(db: sqlite3.Connection) -> list[tuple[int, str]]:
+            rows: list[tuple[int, str]] = db.execute(
+                "SELECT rowid, account_id FROM accounts WHERE job = ? AND rowid > ? "
+                "AND (outcome IS NULL OR (? AND outcome = 'failed')) ORDER BY rowid LIMIT ?",
+                (job, after, retry_failed, limit),
+            ).fetchall()
+            if rows:
+                with _immediate(db):
+                    db.executemany(
+                        "UPDATE accounts SET run_id = ? WHERE rowid = ?",
+                        [(run_id, rowid) for rowid, _ in rows],
+                    )
+            return rows
+
+        return await self._call(claim)
+
+    async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
+        """Record a batch of outcomes in one transaction."""
+        now = time.time()
+        params = [
+            (
+                r.outcome.value,
+                r.attempts,
+                r.http_status,
+                r.error_code,
+                r.error_message,
+                r.request_id,
+                r.first_attempt_at,
+                now,
+                run_id,
+                job,
+                r.account_id,
+            )
+            for r in results
+        ]
+
+        def write(db: sqlite3.Connection) -> None:
+            with _immediate(db):
+                db.executemany(RECORD, params)
+
+        await self._call(write)
+
+    async def release_outcomes(self, job: str, run_id: str, outcomes: Sequence[str]) -> int:
+        """Turn this run's outcomes of the given kinds back into pending; returns how many."""
+
+        def release(db: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(outcomes))
+            with _immediate(db):
+                cursor = db.execute(
+                    f"UPDATE accounts SET outcome = NULL WHERE job = ? AND run_id = ? "  # noqa: S608 - placeholders only
+                    f"AND outcome IN ({marks})",
+                    (job, run_id, *outcomes),
+                )
+            return cursor.rowcount
+
+        return await self._call(release)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def counts(self, job: str) -> dict[str | None, int]:
+        """Accounts per outcome (None: still to call)."""
+
+        def count(db: sqlite3.Connection) -> dict[str | None, int]:
+            rows = db.execute(
+                "SELECT outcome, COUNT(*) FROM accounts WHERE job = ? GROUP BY outcome", (job,)
+            )
+            return dict(rows.fetchall())
+
+        return await self._call(count)
+
+    async def rows(self, job: str) -> AsyncIterator[ReportRow]:
+        """Every account of the job in input order, streamed in pages."""
+        after = 0
+        while True:
+            page = await self._call(partial(_report_page, job=job, after=after))
+            for _, row in page:
+                yield row
+            if len(page) < REPORT_PAGE:
+                return
+            after = page[-1][0]
+
+    async def has_job(self, job: str) -> bool:
+        """Whether the store holds anything of this job."""
+
+        def check(db: sqlite3.Connection) -> bool:
+            found = db.execute(
+                "SELECT 1 FROM runs WHERE job = ? UNION ALL "
+                "SELECT 1 FROM accounts WHERE job = ? LIMIT 1",
+                (job, job),
+            ).fetchone()
+            return found is not None
+
+        return await self._call(check)
+
+    async def start_run(self, job: str, run_id: str) -> None:
+        """Record that a run of the job started."""
+
+        def start(db: sqlite3.Connection) -> None:
+            with _immediate(db):
+                db.execute(
+                    "INSERT INTO runs (run_id, job, started_at) VALUES (?, ?, ?)",
+                    (run_id, job, time.time()),
+                )
+
+        await self._call(start)
+
+    async def finish_run(self, run_id: str, exit_code: int, summary: str) -> None:
+        """Record how a run ended."""
+
+        def finish(db: sqlite3.Connection) -> None:
+            with _immediate(db):
+                db.execute(
+                    "UPDATE runs SET finished_at = ?, exit_code = ?, summary = ? WHERE run_id = ?",
+                    (time.time(), exit_code, summary, run_id),
+                )
+
+        await self._call(finish)
+
+    async def last_run(self, job: str) -> RunInfo | None:
+        """The job's most recent run."""
+
+        def read(db: sqlite3.Connection) -> RunInfo | None:
+            row = db.execute(
+                "SELECT run_id, started_at, finished_at, exit_code, summary FROM runs "
+                "WHERE job = ? ORDER BY started_at DESC LIMIT 1",
+                (job,),
+            ).fetchone()
+            return None if row is None else RunInfo(*row)
+
+        return await self._call(read)
+
+
+REPORT_PAGE = 5000
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode survives a killed process; a power loss may drop the last
+        # batches, which a rerun redoes with the same idempotency keys.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA temp_store = FILE")
+        db.executescript(SCHEMA)
+    except (sqlite3.Error, OSError) as exc:
+        raise UsageError(f"cannot open the state store {path}: {exc}") from exc
+    return db
+
+
+@contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction taken with BEGIN IMMEDIATE, committed or rolled back on exit."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _create_staging(db: sqlite3.Connection) -> None:
+    db.execute("DROP TABLE IF EXISTS temp.staged")
+    # A rowid table: INSERT OR IGNORE keeps each value's first-seen position in the input.
+    db.execute("CREATE TEMP TABLE staged (account_id TEXT NOT NULL UNIQUE, valid INTEGER NOT NULL)")
+
+
+def _stage(db: sqlite3.Connection, *, chunk: Sequence[str]) -> None:
+    rows = [(v[:MAX_ACCOUNT_ID_LENGTH], is_valid_account_id(v)) for v in chunk]
+    db.execute("BEGIN")
+    db.executemany("INSERT OR IGNORE INTO temp.staged VALUES (?, ?)", rows)
+    db.execute("COMMIT")
+
+
+def _merge(
+    db: sqlite3.Connection, job: str, read: int, *, retry_failed: bool, dry_run: bool
+) -> PlanCounts:
+    (unique,) = db.execute("SELECT COUNT(*) FROM temp.staged").fetchone()
+    (invalid,) = db.execute("SELECT COUNT(*) FROM temp.staged WHERE NOT valid").fetchone()
+    (done,) = db.execute(
+        "SELECT COUNT(*) FROM temp.staged s JOIN accounts a "
+        "ON a.job = ? AND a.account_id = s.account_id "
+        "WHERE s.valid AND a.outcome IS NOT NULL AND NOT (? AND a.outcome = 'failed')",
+        (job, retry_failed),
+    ).fetchone()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        now = time.time()
+        db.execute(
+            "INSERT OR IGNORE INTO accounts (job, account_id, outcome, error_code, "
+            "error_message, updated_at) "
+            "SELECT ?, s.account_id, CASE WHEN s.valid THEN NULL ELSE ? END, "
+            "CASE WHEN s.valid THEN NULL ELSE ? END, CASE WHEN s.valid THEN NULL ELSE ? END, "
+            "CASE WHEN s.valid THEN NULL ELSE ? END "
+            "FROM temp.staged s ORDER BY s.rowid",
+            (job, Outcome.INVALID_ID.value, Outcome.INVALID_ID.value, INVALID_MESSAGE, now),
+        )
+        (to_call,) = db.execute(
+            "SELECT COUNT(*) FROM accounts WHERE job = ? "
+            "AND (outcome IS NULL OR (? AND outcome = 'failed'))",
+            (job, retry_failed),
+        ).fetchone()
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("ROLLBACK" if dry_run else "COMMIT")
+    return PlanCounts(
+        read=read,
+        invalid=invalid,
+        duplicates=read - unique,
+        already_done=done,
+        to_call=to_call,
+    )
+
+
+def _report_page(db: sqlite3.Connection, *, job: str, after: int) -> list[tuple[int, ReportRow]]:
+    rows = db.execute(
+        "SELECT rowid, account_id, outcome, attempts, http_status, error_code, error_message, "
+        "request_id, first_attempt_at, updated_at FROM accounts "
+        "WHERE job = ? AND rowid > ? ORDER BY rowid LIMIT ?",
+        (job, after, REPORT_PAGE),
+    ).fetchall()
+    return [(row[0], ReportRow(*row[1:])) for row in rows]

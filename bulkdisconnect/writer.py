@@ -1,0 +1,58 @@
+"""The result writer: the single task that records outcomes, in batches, never one by one."""
+
+from __future__ import annotations
+
+import anyio
+
+from bulkdisconnect.model import ItemResult
+from bulkdisconnect.store import Store
+
+
+class ResultWriter:
+    """Buffers results and writes them in one transaction per batch or per interval."""
+
+    def __init__(
+        self,
+        store: Store,
+        job: str,
+        run_id: str,
+        *,
+        batch_size: int = 500,
+        interval: float = 0.5,
+    ) -> None:
+        self._store = store
+        self._job = job
+        self._run_id = run_id
+        self._batch_size = batch_size
+        self._interval = interval
+        self._buffer: list[ItemResult] = []
+        self._full = anyio.Event()
+        self._room = anyio.Event()
+        self._room.set()
+
+    async def add(self, result: ItemResult) -> None:
+        """Queue one result; waits only when the store has fallen far behind."""
+        self._buffer.append(result)
+        if len(self._buffer) >= self._batch_size:
+            self._full.set()
+            if len(self._buffer) >= 4 * self._batch_size:
+                self._room = anyio.Event()
+                await self._room.wait()
+
+    async def run(self) -> None:
+        """Flush whenever a batch fills or the interval passes; runs until cancelled."""
+        while True:
+            with anyio.move_on_after(self._interval):
+                await self._full.wait()
+            self._full = anyio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything buffered so far."""
+        while self._buffer:
+            batch = self._buffer[: self._batch_size * 4]
+            # Shielded so a batch is either written and dropped from the buffer, or kept.
+            with anyio.CancelScope(shield=True):
+                await self._store.record(self._job, self._run_id, batch)
+                del self._buffer[: len(batch)]
+        self._room.set()

@@ -1,0 +1,174 @@
+"""The CLI as a real subprocess: kill -9, SIGTERM, the job lock, and where the key may not go."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from bulkdisconnect.model import idempotency_key
+from bulkdisconnect.sandbox import SandboxThread
+from tests.conftest import API_KEY, FAST, Workspace
+
+pytestmark = pytest.mark.slow
+
+
+def recorded(state: Path) -> int:
+    """How many accounts hold an outcome in the store right now (0 if not created yet)."""
+    if not state.exists():
+        return 0
+    try:
+        with sqlite3.connect(state, timeout=5) as db:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM accounts WHERE outcome IS NOT NULL"
+            ).fetchone()
+    except sqlite3.OperationalError:  # schema not there yet
+        return 0
+    return int(count)
+
+
+def wait_for(predicate: object, timeout: float = 20.0) -> None:
+    """Poll until predicate() is true, or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    pytest.fail("timed out waiting")
+
+
+def test_kill_9_mid_run_then_rerun_records_every_account_once(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """After kill -9, a rerun finishes the job; accounts redone use the same key."""
+    ids = ws.ids(400)
+    ws.write("ids.txt", ids)
+    sandbox.sandbox.configure(latency_ms=20)
+    proc = ws.spawn(
+        "run", "--input", "ids.txt", "--rate", "200", "--concurrency", "8",
+        "--lock-stale-after", "1", *FAST,
+    )
+    wait_for(lambda: recorded(ws.state("ids")) >= 60)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    assert recorded(ws.state("ids")) < 400
+    assert ws.run("run", "--input", "ids.txt", *FAST).exit_code == 4  # its lease still runs
+    time.sleep(1.2)
+
+    result = ws.run("run", "--input", "ids.txt", "--rate", "1000", *FAST)
+    assert result.exit_code == 0, result.stderr
+    rows = ws.rows("ids")
+    assert sorted(r["account_id"] for r in rows) == sorted(ids)
+    assert {r["outcome"] for r in rows} == {"disconnected"}
+    keys: defaultdict[str, list[str | None]] = defaultdict(list)
+    for entry in sandbox.sandbox.journal_snapshot():
+        assert entry.account_id is not None
+        keys[entry.account_id].append(entry.idempotency_key)
+    assert set(keys) == set(ids)
+    twice = [i for i, k in keys.items() if len(k) > 1]
+    assert all(len(keys[i]) == 2 and set(keys[i]) == {idempotency_key("ids", i)} for i in twice)
+    # Only what was in flight or not yet flushed is redone: at most 8 in flight + 0.5 s at 200/s.
+    assert len(twice) <= 120
+
+
+def test_sigterm_drains_in_flight_exits_3_and_a_rerun_completes(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """SIGTERM stops intake, lets in-flight requests finish, flushes, exits 3 within the grace."""
+    ids = ws.ids(300)
+    ws.write("ids.txt", ids)
+    sandbox.sandbox.configure(latency_ms=300)
+    proc = ws.spawn(
+        "run", "--input", "ids.txt", "--rate", "100", "--concurrency", "10", "--grace", "3", *FAST
+    )
+    wait_for(lambda: recorded(ws.state("ids")) >= 20)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 3, stderr
+    assert time.monotonic() - signalled < 3 + 2
+    assert API_KEY not in stderr
+    answered = {
+        e.account_id for e in sandbox.sandbox.journal_snapshot() if e.status == 200
+    }
+    outcomes = ws.outcomes("ids")
+    # Every answer the server gave before the stop was recorded: nothing in flight was lost.
+    assert {a for a in answered if outcomes.get(a) != "disconnected"} == set()
+    assert None in outcomes.values()
+
+    result = ws.run("run", "--input", "ids.txt", "--rate", "1000", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert ws.outcomes("ids") == dict.fromkeys(ids, "disconnected")
+
+
+def test_second_concurrent_run_exits_4(ws: Workspace, sandbox: SandboxThread) -> None:
+    """While one run holds the job, another run of it exits 4 and calls nothing."""
+    ids = ws.ids(50)
+    ws.write("ids.txt", ids)
+    sandbox.sandbox.configure(latency_ms=100)
+    first = ws.spawn("run", "--input", "ids.txt", "--rate", "5", "--grace", "0", *FAST)
+    try:
+        wait_for(lambda: recorded(ws.state("ids")) >= 1)
+        before = len(sandbox.sandbox.journal_snapshot())
+        second = ws.run("run", "--input", "ids.txt", "--rate", "1000", *FAST)
+        assert second.exit_code == 4
+        assert "locked" in second.stderr
+        status = ws.run("status", "--job", "ids")
+        assert "locked by pid" in status.stdout
+        after = sandbox.sandbox.journal_snapshot()
+        assert len(after) - before <= 3  # only the first run's own, rate-limited calls
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=15)
+    assert first.returncode == 3
+
+
+def test_a_stale_lock_is_taken_over(ws: Workspace, sandbox: SandboxThread) -> None:
+    """A lock whose heartbeat stopped (a killed run) is taken over; a fresh one is not."""
+    ids = ws.ids(5)
+    ws.write("ids.txt", ids)
+    assert ws.run("run", "--input", "ids.txt", "--dry-run", env={}).exit_code == 0
+    ws.state("ids").parent.mkdir(exist_ok=True)
+    assert ws.run("run", "--input", "ids.txt", *FAST).exit_code == 0  # creates the store
+    with sqlite3.connect(ws.state("ids")) as db:
+        db.execute(
+            "INSERT INTO locks VALUES ('ids', 'dead', 1, 'gone', ?, ?, 30)",
+            (time.time() - 3600, time.time() - 3600),
+        )
+        db.execute("UPDATE accounts SET outcome = NULL")
+    taken = ws.run("run", "--input", "ids.txt", *FAST)
+    assert taken.exit_code == 0, taken.stderr
+    with sqlite3.connect(ws.state("ids")) as db:
+        db.execute(
+            "INSERT INTO locks VALUES ('ids', 'alive', 1, 'there', ?, ?, 30)",
+            (time.time(), time.time()),
+        )
+    assert ws.run("run", "--input", "ids.txt", *FAST).exit_code == 4
+
+
+def test_the_key_appears_nowhere(ws: Workspace, sandbox: SandboxThread) -> None:
+    """The API key is in no output, log line, state file or report, even on errors."""
+    ids = ws.ids(30)
+    sandbox.sandbox.configure(missing=frozenset(ids[:2]), p500=0.2, seed=9, revoke_after=25)
+    ws.write("ids.txt", [*ids, "fca_../x"])
+    proc = ws.spawn("run", "--input", "ids.txt", "--rate", "1000", "--max-attempts", "2",
+                    "--retry-delay", "0", "--log-format", "json")
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 5
+    assert stderr.strip()  # it did log
+    sandbox.sandbox.configure(revoke_after=None)
+    sandbox.sandbox.reset()
+    finish = ws.spawn("run", "--input", "ids.txt", "--rate", "1000", "--log-format", "json")
+    out2, err2 = finish.communicate(timeout=30)
+    report = ws.run("report", "--job", "ids", "--format", "csv")
+    status = ws.run("status", "--job", "ids")
+    texts = [stdout, stderr, out2, err2, report.stdout, status.stdout]
+    stored = b"".join(p.read_bytes() for p in ws.state("ids").parent.iterdir())
+    assert all(API_KEY not in t for t in texts)
+    assert API_KEY.encode() not in stored
+    assert API_KEY[8:].encode() not in stored
