@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import anyio
+import structlog
 from anyio.abc import ObjectReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -23,6 +24,8 @@ from bulkdisconnect.model import ItemResult, Outcome, RunStats, idempotency_key
 from bulkdisconnect.retry import WRONG_MODE, Action, RetryPolicy, classify
 from bulkdisconnect.store import Store
 from bulkdisconnect.writer import ResultWriter
+
+log = structlog.get_logger("bulkdisconnect")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +133,8 @@ class Pool:
                 raise _refusal(answer)
             if decision.action is Action.FINAL:
                 assert decision.outcome is not None
+                if decision.outcome is Outcome.FAILED:
+                    _log_failure(account_id, answer, attempts)
                 return ItemResult(
                     account_id=account_id,
                     outcome=decision.outcome,
@@ -143,6 +148,7 @@ class Pool:
             if answer.status == 429:
                 stats.rate_limited += 1
             if attempts >= policy.max_attempts:
+                _log_failure(account_id, answer, attempts)
                 return ItemResult(
                     account_id=account_id,
                     outcome=Outcome.FAILED,
@@ -155,16 +161,40 @@ class Pool:
                     first_attempt_at=first_attempt_at,
                 )
             stats.retries += 1
-            with anyio.move_on_after(policy.delay(attempts)):
+            delay = policy.delay(attempts)
+            log.debug(
+                "bulkdisconnect.retry",
+                account_id=account_id,
+                attempt=attempts,
+                status=answer.status,
+                code=answer.error_code or answer.transport_error,
+                delay=round(delay, 3),
+            )
+            with anyio.move_on_after(delay):
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return None
 
 
+def _log_failure(account_id: str, answer: Answer, attempts: int) -> None:
+    log.warning(
+        "bulkdisconnect.failed",
+        account_id=account_id,
+        attempts=attempts,
+        status=answer.status,
+        code=answer.error_code or answer.transport_error,
+        message=answer.error_message,
+        request_id=answer.request_id,
+    )
+
+
 def _error_code(answer: Answer, outcome: Outcome) -> str | None:
     if outcome is Outcome.DISCONNECTED:
         return None
-    return answer.error_code or answer.transport_error or f"http_{answer.status}"
+    # Stripe's code when it gave one, else its error type (a 500 carries only `api_error`).
+    return (
+        answer.error_code or answer.transport_error or answer.error_type or f"http_{answer.status}"
+    )
 
 
 def _refusal(answer: Answer) -> AuthenticationError | WrongModeError:

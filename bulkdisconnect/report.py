@@ -6,6 +6,7 @@ import csv
 import json
 import time
 from dataclasses import astuple, fields
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TextIO
 
 from bulkdisconnect.errors import ExitCode
@@ -97,15 +98,25 @@ async def write_report(store: Store, job: str, out: TextIO, fmt: str) -> int:
     if writer is not None:
         writer.writerow(REPORT_COLUMNS)
     count = 0
+    times = [REPORT_COLUMNS.index(c) for c in ("updated_at", "first_attempt_at")]
     async for row in store.rows(job):
         values = astuple(row)
         ordered = [values[i] for i in order]
+        for i in times:
+            ordered[i] = _iso(ordered[i])
         if writer is not None:
             writer.writerow(ordered)
         else:
             out.write(json.dumps(dict(zip(REPORT_COLUMNS, ordered, strict=True))) + "\n")
         count += 1
     return count
+
+
+def _iso(timestamp: float | None) -> str | None:
+    """An audit timestamp: ISO 8601 UTC with milliseconds."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
 def _when(timestamp: float) -> str:

@@ -49,8 +49,16 @@ def test_kill_9_mid_run_then_rerun_records_every_account_once(
     ws.write("ids.txt", ids)
     sandbox.sandbox.configure(latency_ms=20)
     proc = ws.spawn(
-        "run", "--input", "ids.txt", "--rate", "200", "--concurrency", "8",
-        "--lock-stale-after", "1", *FAST,
+        "run",
+        "--input",
+        "ids.txt",
+        "--rate",
+        "200",
+        "--concurrency",
+        "8",
+        "--lock-stale-after",
+        "1",
+        *FAST,
     )
     wait_for(lambda: recorded(ws.state("ids")) >= 60)
     proc.send_signal(signal.SIGKILL)
@@ -93,9 +101,7 @@ def test_sigterm_drains_in_flight_exits_3_and_a_rerun_completes(
     assert proc.returncode == 3, stderr
     assert time.monotonic() - signalled < 3 + 2
     assert API_KEY not in stderr
-    answered = {
-        e.account_id for e in sandbox.sandbox.journal_snapshot() if e.status == 200
-    }
+    answered = {e.account_id for e in sandbox.sandbox.journal_snapshot() if e.status == 200}
     outcomes = ws.outcomes("ids")
     # Every answer the server gave before the stop was recorded: nothing in flight was lost.
     assert {a for a in answered if outcomes.get(a) != "disconnected"} == set()
@@ -156,8 +162,19 @@ def test_the_key_appears_nowhere(ws: Workspace, sandbox: SandboxThread) -> None:
     ids = ws.ids(30)
     sandbox.sandbox.configure(missing=frozenset(ids[:2]), p500=0.2, seed=9, revoke_after=25)
     ws.write("ids.txt", [*ids, "fca_../x"])
-    proc = ws.spawn("run", "--input", "ids.txt", "--rate", "1000", "--max-attempts", "2",
-                    "--retry-delay", "0", "--log-format", "json")
+    proc = ws.spawn(
+        "run",
+        "--input",
+        "ids.txt",
+        "--rate",
+        "1000",
+        "--max-attempts",
+        "2",
+        "--retry-delay",
+        "0",
+        "--log-format",
+        "json",
+    )
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 5
     assert stderr.strip()  # it did log
