@@ -89,7 +89,7 @@ def _number(v: _Value) -> float:
         raise v.fail(f"must be a number, got {v.value!r}")
     try:
         number = float(v.value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise v.fail(f"must be a number, got {v.value!r}") from None
     if not math.isfinite(number):
         raise v.fail(f"must be a finite number, got {v.value!r}")
@@ -235,9 +235,9 @@ def build_run_config(
     for name, (parse, default) in FIELDS.items():
         parsed[name] = parse(raw[name]) if name in raw else default
 
-    job = parsed["job"] or _default_job_name(job_file, parsed["input"])
     if parsed["input"] is None:
         raise UsageError("no input: give --input PATH (or `input` in the job file)")
+    job = parsed["job"] or _default_job_name(job_file, parsed["input"])
     if parsed["concurrency"] is None:
         # Enough for --rate at up to ~1.5 s of latency, the larger of Stripe's usual answers.
         parsed["concurrency"] = max(4, min(256, math.ceil(parsed["rate"] * 1.5)))

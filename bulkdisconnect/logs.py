@@ -21,13 +21,16 @@ def redact_text(text: str) -> str:
 
 
 def _redact(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):
         return {k: _redact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if type(value) in (list, tuple):  # exact types: a namedtuple cannot be rebuilt this way
         return type(value)(_redact(v) for v in value)
-    return value
+    # Anything else (an exception, a set, a namedtuple) is rendered through its repr: redact that.
+    return redact_text(repr(value))
 
 
 def redact_secrets(

@@ -49,7 +49,8 @@ class RetryPolicy:
 
     def delay(self, failed_attempts: int) -> float:
         """Seconds to wait after the `failed_attempts`-th failed attempt."""
-        base = min(self.initial_delay * 2.0 ** (failed_attempts - 1), self.max_delay)
+        exponent = min(failed_attempts - 1, 62)  # 2.0 ** 1024 overflows; the cap binds long before
+        base = min(self.initial_delay * 2.0**exponent, self.max_delay)
         return base * _JITTER.uniform(0.5, 1.0)
 
 

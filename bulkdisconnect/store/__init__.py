@@ -18,7 +18,7 @@ class PlanCounts:
     """What planning an input into a job found."""
 
     read: int  # values read from the source
-    invalid: int  # new values that failed validation (recorded invalid_id)
+    invalid: int  # unique values of this input that failed validation (recorded invalid_id)
     duplicates: int  # values seen earlier in the same input
     already_done: int  # unique valid values the job already holds a final outcome for
     to_call: int  # accounts of the job still to be called after planning

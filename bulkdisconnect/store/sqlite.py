@@ -355,9 +355,8 @@ def _create_staging(db: sqlite3.Connection) -> None:
 
 def _stage(db: sqlite3.Connection, *, chunk: Sequence[str]) -> None:
     rows = [(v[:MAX_ACCOUNT_ID_LENGTH], is_valid_account_id(v)) for v in chunk]
-    db.execute("BEGIN")
-    db.executemany("INSERT OR IGNORE INTO temp.staged VALUES (?, ?)", rows)
-    db.execute("COMMIT")
+    with _immediate(db):
+        db.executemany("INSERT OR IGNORE INTO temp.staged VALUES (?, ?)", rows)
 
 
 def _merge(

@@ -1,0 +1,257 @@
+"""The retry classifier over Stripe's answers, and the backoff policy."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bulkdisconnect.client import Answer, _answer
+from bulkdisconnect.model import Outcome
+from bulkdisconnect.retry import NO_WAIT, Action, RetryPolicy, classify
+
+WRONG_MODE_MESSAGE = (
+    "No such financialconnections.account: 'fca_1'; a similar object exists in live mode, "
+    "but a test mode key was used to make this request."
+)
+
+
+def account(status: str) -> bytes:
+    """A Stripe-shaped Financial Connections account body."""
+    return json.dumps(
+        {
+            "id": "fca_1MqXyZ2eZvKYlo2C",
+            "object": "financial_connections.account",
+            "category": "cash",
+            "livemode": False,
+            "status": status,
+            "institution_name": "StripeBank",
+        }
+    ).encode()
+
+
+def error(kind: str, message: str, code: str | None = None, **extra: Any) -> bytes:
+    """A Stripe-shaped error body."""
+    body: dict[str, Any] = {"type": kind, "message": message, **extra}
+    if code is not None:
+        body["code"] = code
+    return json.dumps({"error": body}).encode()
+
+
+def wire(status: int, body: bytes, **headers: str) -> Answer:
+    """An Answer parsed by the client from a status, headers and body."""
+    return _answer(status, {"Request-Id": "req_123", **headers}, body)
+
+
+# -- classify over Answer values built directly -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "action", "outcome"),
+    [
+        (Answer(200, account_status="disconnected"), Action.FINAL, Outcome.DISCONNECTED),
+        (Answer(200, account_status="active"), Action.FINAL, Outcome.FAILED),
+        (Answer(200, account_status=None), Action.FINAL, Outcome.FAILED),
+        (Answer(200, transport_error="UnreadableBody"), Action.RETRY, None),
+        (Answer(404, error_code="resource_missing"), Action.FINAL, Outcome.NOT_FOUND),
+        (
+            Answer(404, error_code="resource_missing", error_message=WRONG_MODE_MESSAGE),
+            Action.FATAL,
+            None,
+        ),
+        (Answer(401, error_type="invalid_request_error"), Action.FATAL, None),
+        (Answer(403, error_type="invalid_request_error"), Action.FATAL, None),
+        (Answer(409, error_type="idempotency_error"), Action.RETRY, None),
+        (Answer(429, error_code="rate_limit"), Action.RETRY, None),
+        (Answer(500, error_type="api_error"), Action.RETRY, None),
+        (Answer(503), Action.RETRY, None),
+        (Answer(0, transport_error="ServerDisconnectedError"), Action.RETRY, None),
+        (Answer(0, transport_error="TimeoutError"), Action.RETRY, None),
+        (Answer(500, should_retry=False), Action.FINAL, Outcome.FAILED),
+        (Answer(400, should_retry=True), Action.RETRY, None),
+        (Answer(400, error_type="invalid_request_error"), Action.FINAL, Outcome.FAILED),
+        (Answer(400, error_code="api_key_expired"), Action.FATAL, None),
+        (Answer(401, error_code="api_key_expired", should_retry=True), Action.FATAL, None),
+    ],
+)
+def test_classify_answers(answer: Answer, action: Action, outcome: Outcome | None) -> None:
+    """Each kind of answer maps to its documented action and outcome."""
+    decision = classify(answer)
+    assert decision.action is action
+    assert decision.outcome == outcome
+
+
+def test_active_account_is_failed_with_a_reason() -> None:
+    """A 200 whose account is not disconnected fails with unexpected_account_status."""
+    decision = classify(Answer(200, account_status="active"))
+    assert decision.error_code == "unexpected_account_status"
+    assert decision.error_message is not None
+    assert "'active'" in decision.error_message
+
+
+# -- classify over answers parsed from Stripe-shaped wire data --------------------------------
+
+
+def test_wire_disconnected() -> None:
+    """A 200 with a disconnected account body is a final disconnect carrying the request ID."""
+    answer = wire(200, account("disconnected"))
+    assert answer.request_id == "req_123"
+    assert classify(answer).outcome is Outcome.DISCONNECTED
+
+
+def test_wire_still_active() -> None:
+    """A 200 with an active account body is final failed with unexpected_account_status."""
+    decision = classify(wire(200, account("active")))
+    assert (decision.action, decision.outcome) == (Action.FINAL, Outcome.FAILED)
+    assert decision.error_code == "unexpected_account_status"
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>502 Bad Gateway</html>", b"[1, 2]", b'"x"'])
+def test_wire_unreadable_200_is_retried(body: bytes) -> None:
+    """A 200 whose body is not a JSON object is not trusted as a result: it is retried."""
+    answer = wire(200, body)
+    assert answer.transport_error == "UnreadableBody"
+    assert classify(answer).action is Action.RETRY
+
+
+def test_wire_not_found() -> None:
+    """A 404 resource_missing is a final not_found."""
+    body = error(
+        "invalid_request_error",
+        "No such financialconnections.account: 'fca_1'",
+        "resource_missing",
+        param="account",
+    )
+    answer = wire(404, body)
+    assert answer.error_code == "resource_missing"
+    assert classify(answer).outcome is Outcome.NOT_FOUND
+
+
+def test_wire_wrong_mode_is_fatal() -> None:
+    """A 404 saying a similar object exists in the other mode stops the run."""
+    answer = wire(404, error("invalid_request_error", WRONG_MODE_MESSAGE, "resource_missing"))
+    assert classify(answer).action is Action.FATAL
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, error("invalid_request_error", "Invalid API Key provided: sk_test_****1234")),
+        (401, error("invalid_request_error", "Expired API Key provided", "api_key_expired")),
+        (
+            403,
+            error(
+                "invalid_request_error",
+                "The provided key does not have the required permissions",
+                "secret_key_required",
+            ),
+        ),
+    ],
+)
+def test_wire_auth_failures_are_fatal(status: int, body: bytes) -> None:
+    """401 and 403 answers stop the run: every further call would fail the same way."""
+    assert classify(wire(status, body)).action is Action.FATAL
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers"),
+    [
+        (409, error("idempotency_error", "Keys for idempotent requests can only be used..."), {}),
+        (
+            429,
+            error("invalid_request_error", "Too many requests", "rate_limit"),
+            {"Stripe-Rate-Limited-Reason": "global-rate"},
+        ),
+        (429, error("invalid_request_error", "lock timeout", "lock_timeout"), {}),
+        (500, error("api_error", "Something went wrong on Stripe's end."), {}),
+        (503, b"<html>Service Unavailable</html>", {}),
+    ],
+)
+def test_wire_transient_failures_are_retried(
+    status: int, body: bytes, headers: dict[str, str]
+) -> None:
+    """Conflicts, rate limits and server errors are retried."""
+    assert classify(wire(status, body, **headers)).action is Action.RETRY
+
+
+def test_wire_rate_limited_reason_is_kept() -> None:
+    """The Stripe-Rate-Limited-Reason header is carried on the answer."""
+    answer = wire(
+        429,
+        error("invalid_request_error", "Too many", "rate_limit"),
+        **{"Stripe-Rate-Limited-Reason": "endpoint-rate"},
+    )
+    assert answer.rate_limited_reason == "endpoint-rate"
+
+
+def test_wire_should_retry_false_overrides_500() -> None:
+    """Stripe-Should-Retry: false on a 500 makes it a final failure."""
+    body = error("api_error", "Something went wrong")
+    answer = wire(500, body, **{"Stripe-Should-Retry": "false"})
+    assert answer.should_retry is False
+    decision = classify(answer)
+    assert (decision.action, decision.outcome) == (Action.FINAL, Outcome.FAILED)
+
+
+def test_wire_should_retry_true_overrides_400() -> None:
+    """Stripe-Should-Retry: true on a 400 makes it retried."""
+    body = error("invalid_request_error", "Try again", "processing_error")
+    answer = wire(400, body, **{"Stripe-Should-Retry": "true"})
+    assert answer.should_retry is True
+    assert classify(answer).action is Action.RETRY
+
+
+def test_wire_plain_400_is_final_failure() -> None:
+    """A 400 invalid_request_error is a final failure carrying Stripe's code and message."""
+    body = error("invalid_request_error", "This account cannot be disconnected", "account_invalid")
+    answer = wire(400, body)
+    assert (answer.error_type, answer.error_code) == ("invalid_request_error", "account_invalid")
+    assert answer.error_message == "This account cannot be disconnected"
+    decision = classify(answer)
+    assert (decision.action, decision.outcome) == (Action.FINAL, Outcome.FAILED)
+
+
+def test_wire_expired_key_code_is_fatal_whatever_the_status() -> None:
+    """An api_key_expired code stops the run even on a status that would otherwise be final."""
+    body = error("invalid_request_error", "Expired API Key provided", "api_key_expired")
+    assert classify(wire(400, body)).action is Action.FATAL
+
+
+# -- backoff policy ---------------------------------------------------------------------------
+
+
+def test_delay_grows_exponentially() -> None:
+    """Before the cap, each failed attempt doubles the delay's range."""
+    policy = RetryPolicy(initial_delay=1.0, max_delay=1000.0)
+    for attempt in range(1, 8):
+        base = 2.0 ** (attempt - 1)
+        delays = [policy.delay(attempt) for _ in range(50)]
+        assert all(base * 0.5 <= d <= base for d in delays)
+
+
+@pytest.mark.parametrize("attempt", [7, 10, 60, 1100])
+def test_delay_is_capped(attempt: int) -> None:
+    """However many attempts failed, the delay never exceeds max_delay."""
+    policy = RetryPolicy(initial_delay=0.5, max_delay=20.0)
+    assert 10.0 <= policy.delay(attempt) <= 20.0
+
+
+@given(
+    st.integers(min_value=1, max_value=40),
+    st.floats(min_value=0.001, max_value=10.0),
+    st.floats(min_value=0.0, max_value=100.0),
+)
+def test_jitter_stays_in_half_to_full_base(attempt: int, initial: float, cap: float) -> None:
+    """The jittered delay is always within [0.5, 1] x the capped exponential base."""
+    policy = RetryPolicy(initial_delay=initial, max_delay=cap)
+    base = min(initial * 2.0 ** (attempt - 1), cap)
+    assert base * 0.5 <= policy.delay(attempt) <= base
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 5, 30])
+def test_no_wait_policy_waits_zero(attempt: int) -> None:
+    """The zero-wait policy used by tests never sleeps."""
+    assert NO_WAIT.delay(attempt) == 0.0

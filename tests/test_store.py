@@ -1,0 +1,563 @@
+"""The SQLite store: planning, claiming, recording, reading, the job lock and run history."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bulkdisconnect.errors import InputError, LockHeldError
+from bulkdisconnect.model import ItemResult, Outcome, is_valid_account_id
+from bulkdisconnect.store import PlanCounts, ReportRow, Store, open_store
+
+JOB = "purge"
+HOSTILE = ["fca_../../v1/customers", "fca_1?x=1", "fca_a/b", "fca_a%2F", "fca_\u00e4", "FCA_1", ""]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Run async tests on asyncio only."""
+    return "asyncio"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A fresh SQLite store in the test's folder."""
+    opened = await open_store(tmp_path / "s.sqlite")
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+async def chunks(*parts: Sequence[str]) -> AsyncIterator[Sequence[str]]:
+    """Feed values to `plan` in the given chunks."""
+    for part in parts:
+        yield part
+
+
+async def plan(
+    store: Store, *parts: Sequence[str], job: str = JOB, retry_failed: bool = False
+) -> PlanCounts:
+    """Plan chunks into the job for real."""
+    return await store.plan(job, chunks(*parts), retry_failed=retry_failed, dry_run=False)
+
+
+async def all_rows(store: Store, job: str = JOB) -> list[ReportRow]:
+    """Every report row of the job."""
+    return [row async for row in store.rows(job)]
+
+
+async def claim_all(
+    store: Store, run_id: str, *, job: str = JOB, retry_failed: bool = False
+) -> list[str]:
+    """Claim every pending account of the job for a run, in pages."""
+    claimed: list[str] = []
+    after = 0
+    while page := await store.claim_pending(
+        job, run_id, after=after, limit=3, retry_failed=retry_failed
+    ):
+        claimed.extend(account for _, account in page)
+        after = page[-1][0]
+    return claimed
+
+
+def ids(count: int, prefix: str = "a") -> list[str]:
+    """`count` distinct valid account IDs in a stable order."""
+    return [f"fca_{prefix}{n:06d}" for n in range(count)]
+
+
+def result(account: str, outcome: Outcome, attempts: int = 1, **extra: Any) -> ItemResult:
+    """An ItemResult with defaults for the fields a test does not care about."""
+    return ItemResult(account_id=account, outcome=outcome, attempts=attempts, **extra)
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_plan_counts_a_chunked_input(store: Store) -> None:
+    """Planning counts read, invalid, duplicate and to-call values across chunk boundaries."""
+    counts = await plan(
+        store,
+        ["fca_a1", "fca_a2", "fca_../../v1/customers"],
+        ["fca_a1", "fca_1?x=1", "fca_a3"],
+        ["fca_a/b", "fca_../../v1/customers", "fca_a2", "FCA_1"],
+        [],
+        ["fca_a4"],
+    )
+    assert counts == PlanCounts(read=11, invalid=4, duplicates=3, already_done=0, to_call=4)
+    assert await store.counts(JOB) == {None: 4, "invalid_id": 4}
+
+
+@pytest.mark.anyio
+async def test_replan_counts_already_done(store: Store) -> None:
+    """A second plan counts values the job already finished as already_done, not to_call."""
+    await plan(store, ["fca_a1", "fca_a2", "fca_a3", "bad"])
+    await store.claim_pending(JOB, "r1", after=0, limit=10, retry_failed=False)
+    await store.record(
+        JOB,
+        "r1",
+        [result("fca_a1", Outcome.DISCONNECTED), result("fca_a2", Outcome.NOT_FOUND)],
+    )
+    counts = await plan(store, ["fca_a1", "fca_a2", "fca_a3", "fca_a4", "fca_a1", "bad"])
+    assert counts == PlanCounts(read=6, invalid=1, duplicates=1, already_done=2, to_call=2)
+    assert [r.account_id for r in await all_rows(store)] == [
+        "fca_a1",
+        "fca_a2",
+        "fca_a3",
+        "bad",
+        "fca_a4",
+    ]
+
+
+@pytest.mark.anyio
+async def test_invalid_values_are_recorded_and_never_claimed(store: Store) -> None:
+    """Hostile values are stored as invalid_id with a reason and are never handed out to call."""
+    await plan(store, ["fca_ok1", *HOSTILE, "fca_ok2"])
+    claimed = await claim_all(store, "r1")
+    assert claimed == ["fca_ok1", "fca_ok2"]
+    assert await claim_all(store, "r2", retry_failed=True) == ["fca_ok1", "fca_ok2"]
+    invalid = [r for r in await all_rows(store) if r.outcome == "invalid_id"]
+    assert sorted(r.account_id for r in invalid) == sorted(HOSTILE)
+    assert all(r.error_code == "invalid_id" and r.error_message for r in invalid)
+    assert all(r.attempts == 0 for r in invalid)
+
+
+@pytest.mark.anyio
+async def test_over_long_values_are_stored_truncated(store: Store) -> None:
+    """A value over 255 characters is recorded invalid, truncated to 255."""
+    long_value = "fca_" + "a" * 400
+    counts = await plan(store, [long_value])
+    assert counts.invalid == 1
+    (row,) = await all_rows(store)
+    assert row.outcome == "invalid_id"
+    assert row.account_id == long_value[:255]
+
+
+@pytest.mark.anyio
+async def test_dry_run_plan_leaves_store_unchanged(store: Store) -> None:
+    """A dry-run plan reports its counts but writes nothing."""
+    await plan(store, ["fca_a1"])
+    before = await all_rows(store)
+    counts = await store.plan(
+        JOB, chunks(["fca_a1", "fca_a2", "bad", "fca_a2"]), retry_failed=False, dry_run=True
+    )
+    assert counts == PlanCounts(read=4, invalid=1, duplicates=1, already_done=0, to_call=2)
+    assert await all_rows(store) == before
+    fresh = await store.plan("other", chunks(["fca_b1", "x"]), retry_failed=False, dry_run=True)
+    assert fresh == PlanCounts(read=2, invalid=1, duplicates=0, already_done=0, to_call=1)
+    assert not await store.has_job("other")
+    assert await store.counts("other") == {}
+
+
+@pytest.mark.anyio
+async def test_failing_input_leaves_no_rows(store: Store) -> None:
+    """A chunk iterator that raises midway aborts the plan with nothing written."""
+
+    async def broken() -> AsyncIterator[Sequence[str]]:
+        yield ["fca_a1", "fca_a2"]
+        yield ["fca_a3", "bad"]
+        raise InputError("line 3 of ids.csv: unterminated quote")
+
+    with pytest.raises(InputError, match="line 3"):
+        await store.plan(JOB, broken(), retry_failed=False, dry_run=False)
+    assert await store.counts(JOB) == {}
+    assert not await store.has_job(JOB)
+    # The store is still usable, and the aborted input left nothing staged behind.
+    assert await plan(store, ["fca_b1"]) == PlanCounts(
+        read=1, invalid=0, duplicates=0, already_done=0, to_call=1
+    )
+    assert [r.account_id for r in await all_rows(store)] == ["fca_b1"]
+
+
+@pytest.mark.anyio
+async def test_value_sqlite_cannot_store_leaves_store_usable(store: Store) -> None:
+    """A value SQLite cannot encode (a lone surrogate) fails the plan; the store stays usable."""
+    with pytest.raises(UnicodeEncodeError):
+        await plan(store, ["fca_a1", "fca_\udcff"])
+    assert await store.counts(JOB) == {}
+    counts = await plan(store, ["fca_b1"])
+    assert counts.to_call == 1
+    assert [r.account_id for r in await all_rows(store)] == ["fca_b1"]
+
+
+@pytest.mark.anyio
+async def test_jobs_are_separate(store: Store) -> None:
+    """The same account in two jobs is two rows with their own outcomes."""
+    await plan(store, ["fca_a1"], job="one")
+    await plan(store, ["fca_a1"], job="two")
+    await store.record("one", "r1", [result("fca_a1", Outcome.DISCONNECTED)])
+    assert await store.counts("one") == {"disconnected": 1}
+    assert await store.counts("two") == {None: 1}
+
+
+# -- claiming and recording -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_claim_pending_pages_in_input_order(store: Store) -> None:
+    """claim_pending returns pages in input order, each starting after the given rowid."""
+    accounts = ids(10)
+    await plan(store, accounts[:4], ["bad"], accounts[4:])
+    first = await store.claim_pending(JOB, "r1", after=0, limit=4, retry_failed=False)
+    assert [a for _, a in first] == accounts[:4]
+    second = await store.claim_pending(JOB, "r1", after=first[-1][0], limit=4, retry_failed=False)
+    assert [a for _, a in second] == accounts[4:8]
+    assert second[0][0] > first[-1][0]
+    third = await store.claim_pending(JOB, "r1", after=second[-1][0], limit=4, retry_failed=False)
+    assert [a for _, a in third] == accounts[8:]
+    assert (
+        await store.claim_pending(JOB, "r1", after=third[-1][0], limit=4, retry_failed=False) == []
+    )
+    # `after` is a position, not a count: from the middle on, only later accounts come back.
+    middle = await store.claim_pending(JOB, "r1", after=second[1][0], limit=100, retry_failed=False)
+    assert [a for _, a in middle] == accounts[6:]
+
+
+@pytest.mark.anyio
+async def test_claim_skips_accounts_with_outcomes(store: Store) -> None:
+    """Accounts with a recorded outcome are not claimed again."""
+    accounts = ids(4)
+    await plan(store, accounts)
+    await store.record(JOB, "r1", [result(accounts[1], Outcome.DISCONNECTED)])
+    assert await claim_all(store, "r2") == [accounts[0], *accounts[2:]]
+
+
+@pytest.mark.anyio
+async def test_record_accumulates_attempts_and_keeps_first_attempt(store: Store) -> None:
+    """record() sets the outcome, adds attempts, and keeps the first first_attempt_at."""
+    await plan(store, ["fca_a1", "fca_a2"])
+    await store.record(
+        JOB,
+        "r1",
+        [
+            result(
+                "fca_a1",
+                Outcome.FAILED,
+                attempts=3,
+                http_status=500,
+                error_code="api_error",
+                error_message="boom",
+                request_id="req_1",
+                first_attempt_at=100.0,
+            )
+        ],
+    )
+    (row, _) = await all_rows(store)
+    assert (row.outcome, row.attempts, row.http_status, row.first_attempt_at) == (
+        "failed",
+        3,
+        500,
+        100.0,
+    )
+    assert (row.error_code, row.error_message, row.request_id) == ("api_error", "boom", "req_1")
+    assert row.updated_at is not None
+    await store.record(
+        JOB,
+        "r2",
+        [
+            result(
+                "fca_a1", Outcome.DISCONNECTED, attempts=2, http_status=200, first_attempt_at=200.0
+            )
+        ],
+    )
+    (row, untouched) = await all_rows(store)
+    assert (row.outcome, row.attempts, row.http_status, row.first_attempt_at) == (
+        "disconnected",
+        5,
+        200,
+        100.0,
+    )
+    assert row.error_code is None
+    assert (untouched.outcome, untouched.attempts, untouched.first_attempt_at) == (None, 0, None)
+
+
+@pytest.mark.anyio
+async def test_record_batch_is_one_write(store: Store) -> None:
+    """A batch of results is recorded together."""
+    accounts = ids(50)
+    await plan(store, accounts)
+    await store.record(JOB, "r1", [result(a, Outcome.NOT_FOUND, http_status=404) for a in accounts])
+    assert await store.counts(JOB) == {"not_found": 50}
+
+
+@pytest.mark.anyio
+async def test_release_outcomes_only_touches_this_run(store: Store) -> None:
+    """release_outcomes returns this run's failed/not_found to pending; other runs are untouched."""
+    a, b, c, d, e = ids(5)
+    await plan(store, [a, b, c, d, e])
+    first = await store.claim_pending(JOB, "r1", after=0, limit=3, retry_failed=False)
+    await store.record(
+        JOB,
+        "r1",
+        [
+            result(a, Outcome.FAILED),
+            result(b, Outcome.NOT_FOUND),
+            result(c, Outcome.DISCONNECTED),
+        ],
+    )
+    await store.claim_pending(JOB, "r2", after=first[-1][0], limit=3, retry_failed=False)
+    await store.record(JOB, "r2", [result(d, Outcome.FAILED), result(e, Outcome.NOT_FOUND)])
+
+    released = await store.release_outcomes(JOB, "r1", ["failed", "not_found"])
+    assert released == 2
+    outcomes = {r.account_id: r.outcome for r in await all_rows(store)}
+    assert outcomes == {a: None, b: None, c: "disconnected", d: "failed", e: "not_found"}
+    assert await claim_all(store, "r3") == [a, b]
+    assert await store.release_outcomes(JOB, "r1", ["failed", "not_found"]) == 0
+
+
+@pytest.mark.anyio
+async def test_retry_failed_makes_failed_claimable(store: Store) -> None:
+    """With retry_failed, failed accounts count as to_call and are claimed again; others not."""
+    a, b, c = ids(3)
+    await plan(store, [a, b, c])
+    await store.record(JOB, "r1", [result(a, Outcome.FAILED), result(b, Outcome.DISCONNECTED)])
+    assert await claim_all(store, "r2") == [c]
+    assert await claim_all(store, "r2", retry_failed=True) == [a, c]
+
+    plain = await plan(store, [a, b, c])
+    assert (plain.already_done, plain.to_call) == (2, 1)
+    retrying = await plan(store, [a, b, c], retry_failed=True)
+    assert (retrying.already_done, retrying.to_call) == (1, 2)
+
+
+@pytest.mark.anyio
+async def test_counts_by_outcome(store: Store) -> None:
+    """counts() gives the number of accounts per outcome, None for still to call."""
+    accounts = ids(6)
+    await plan(store, [*accounts, "bad1", "bad2"])
+    await store.record(
+        JOB,
+        "r1",
+        [
+            result(accounts[0], Outcome.DISCONNECTED),
+            result(accounts[1], Outcome.DISCONNECTED),
+            result(accounts[2], Outcome.NOT_FOUND),
+            result(accounts[3], Outcome.FAILED),
+        ],
+    )
+    assert await store.counts(JOB) == {
+        None: 2,
+        "disconnected": 2,
+        "not_found": 1,
+        "failed": 1,
+        "invalid_id": 2,
+    }
+    assert await store.counts("unknown") == {}
+
+
+@pytest.mark.anyio
+async def test_rows_stream_every_account_in_input_order(store: Store) -> None:
+    """rows() yields every account of the job in input order, across page boundaries."""
+    accounts = ids(5003)
+    await plan(store, *(accounts[i : i + 1000] for i in range(0, len(accounts), 1000)))
+    await plan(store, ["fca_other"], job="other")
+    rows = await all_rows(store)
+    assert [r.account_id for r in rows] == accounts
+    assert all(r.outcome is None and r.attempts == 0 for r in rows)
+
+
+# -- lock -------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_lock_is_exclusive_while_fresh(store: Store, tmp_path: Path) -> None:
+    """A second owner, even through another connection, is refused while the lock is fresh."""
+    await store.acquire_lock(JOB, "owner-a", stale_after=30)
+    other = await open_store(tmp_path / "s.sqlite")
+    try:
+        with pytest.raises(LockHeldError, match=JOB):
+            await other.acquire_lock(JOB, "owner-b", stale_after=30)
+        with pytest.raises(LockHeldError):
+            await store.acquire_lock(JOB, "owner-b", stale_after=30)
+        info = await other.lock_info(JOB)
+        assert info is not None
+        assert info.owner == "owner-a"
+        # Another job's lock is independent.
+        await other.acquire_lock("other-job", "owner-b", stale_after=30)
+    finally:
+        await other.aclose()
+
+
+@pytest.mark.anyio
+async def test_stale_lock_is_taken_over(store: Store) -> None:
+    """Once the holder's heartbeat is older than stale_after, another owner takes the lock."""
+    await store.acquire_lock(JOB, "owner-a", stale_after=0.05)
+    assert await store.heartbeat(JOB, "owner-a")
+    await anyio.sleep(0.1)
+    await store.acquire_lock(JOB, "owner-b", stale_after=0.05)
+    info = await store.lock_info(JOB)
+    assert info is not None
+    assert info.owner == "owner-b"
+    assert not await store.heartbeat(JOB, "owner-a")
+    assert await store.heartbeat(JOB, "owner-b")
+
+
+@pytest.mark.anyio
+async def test_heartbeat_keeps_lock_fresh(store: Store) -> None:
+    """A heartbeat makes an old lock fresh again, so it is not taken over."""
+    await store.acquire_lock(JOB, "owner-a", stale_after=30)
+    await anyio.sleep(0.5)
+    # Acquired 0.5 s ago: stale for a 0.25 s threshold, unless the heartbeat refreshed it.
+    assert await store.heartbeat(JOB, "owner-a")
+    with pytest.raises(LockHeldError):
+        await store.acquire_lock(JOB, "owner-b", stale_after=0.25)
+    info = await store.lock_info(JOB)
+    assert info is not None
+    assert info.owner == "owner-a"
+
+
+@pytest.mark.anyio
+async def test_release_only_by_owner(store: Store) -> None:
+    """Only the lock's owner can release it; afterwards anyone may take it."""
+    await store.acquire_lock(JOB, "owner-a", stale_after=30)
+    await store.release_lock(JOB, "owner-b")
+    info = await store.lock_info(JOB)
+    assert info is not None
+    assert info.owner == "owner-a"
+    await store.release_lock(JOB, "owner-a")
+    assert await store.lock_info(JOB) is None
+    await store.acquire_lock(JOB, "owner-b", stale_after=30)
+    assert not await store.heartbeat(JOB, "owner-a")
+
+
+# -- runs and jobs ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_run_history(store: Store) -> None:
+    """start_run/finish_run are reflected by last_run, which returns the latest run of the job."""
+    assert await store.last_run(JOB) is None
+    await store.start_run(JOB, "r1")
+    started = await store.last_run(JOB)
+    assert started is not None
+    assert (started.run_id, started.finished_at, started.exit_code) == ("r1", None, None)
+    await store.finish_run("r1", 1, "1 failed")
+    finished = await store.last_run(JOB)
+    assert finished is not None
+    assert (finished.run_id, finished.exit_code, finished.summary) == ("r1", 1, "1 failed")
+    assert finished.finished_at is not None
+    assert finished.finished_at >= finished.started_at
+    await anyio.sleep(0.01)
+    await store.start_run(JOB, "r2")
+    await store.start_run("other", "r3")
+    latest = await store.last_run(JOB)
+    assert latest is not None
+    assert latest.run_id == "r2"
+
+
+@pytest.mark.anyio
+async def test_has_job(store: Store) -> None:
+    """has_job is true once a job has a run or any account, false otherwise."""
+    assert not await store.has_job(JOB)
+    await store.start_run("ran", "r1")
+    assert await store.has_job("ran")
+    await plan(store, ["bad"], job="planned")
+    assert await store.has_job("planned")
+    assert not await store.has_job(JOB)
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_file_is_in_wal_mode(store: Store, tmp_path: Path) -> None:
+    """The store file uses WAL, so readers do not block the writer."""
+    await plan(store, ["fca_a1"])
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+    db.close()
+    assert mode == "wal"
+
+
+@pytest.mark.anyio
+async def test_sqlite_url_is_accepted(tmp_path: Path) -> None:
+    """open_store accepts a sqlite:/// URL and creates missing folders."""
+    path = tmp_path / "deep" / "er" / "s.sqlite"
+    opened = await open_store(f"sqlite:///{path}")
+    try:
+        await plan(opened, ["fca_a1"])
+    finally:
+        await opened.aclose()
+    assert path.exists()
+
+
+@pytest.mark.anyio
+async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    """Plans, outcomes, locks and runs are durable across closing and reopening the file."""
+    path = tmp_path / "s.sqlite"
+    first = await open_store(path)
+    await plan(first, ["fca_a1", "fca_a2", "bad"])
+    await first.record(JOB, "r1", [result("fca_a1", Outcome.DISCONNECTED, attempts=2)])
+    await first.acquire_lock(JOB, "owner-a", stale_after=30)
+    await first.start_run(JOB, "r1")
+    await first.finish_run("r1", 0, "ok")
+    before = await all_rows(first)
+    await first.aclose()
+
+    second = await open_store(path)
+    try:
+        assert await all_rows(second) == before
+        assert await second.counts(JOB) == {"disconnected": 1, None: 1, "invalid_id": 1}
+        info = await second.lock_info(JOB)
+        assert info is not None
+        assert info.owner == "owner-a"
+        run = await second.last_run(JOB)
+        assert run is not None
+        assert (run.run_id, run.exit_code, run.summary) == ("r1", 0, "ok")
+        assert await claim_all(second, "r2") == ["fca_a2"]
+    finally:
+        await second.aclose()
+
+
+# -- property: planning matches a simple model -------------------------------------------------
+
+VALUES = st.one_of(
+    st.sampled_from(["fca_a1", "fca_a2", "fca_B3", *HOSTILE]),
+    st.from_regex(r"fca_[A-Za-z0-9]{1,4}", fullmatch=True),
+    st.text(max_size=8),
+)
+
+
+def expected_order(values: Iterable[str]) -> list[str]:
+    """Unique values in first-seen order."""
+    return list(dict.fromkeys(values))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(VALUES, max_size=12), max_size=4))
+def test_plan_round_trips_any_input(
+    tmp_path_factory: pytest.TempPathFactory, parts: list[list[str]]
+) -> None:
+    """For any chunked input, counts, stored rows and claimable accounts match a plain model."""
+    flat = [v for part in parts for v in part]
+    unique = expected_order(flat)
+    valid = [v for v in unique if is_valid_account_id(v)]
+    path = tmp_path_factory.mktemp("prop") / f"{uuid.uuid4().hex}.sqlite"
+
+    async def check() -> None:
+        opened = await open_store(path)
+        try:
+            counts = await plan(opened, *parts)
+            assert counts == PlanCounts(
+                read=len(flat),
+                invalid=len(unique) - len(valid),
+                duplicates=len(flat) - len(unique),
+                already_done=0,
+                to_call=len(valid),
+            )
+            assert [r.account_id for r in await all_rows(opened)] == unique
+            assert await claim_all(opened, "r1") == valid
+        finally:
+            await opened.aclose()
+
+    anyio.run(check, backend="asyncio")
