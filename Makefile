@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+LINTED := bulkdisconnect tests $(wildcard benchmarks)
 
 .PHONY: install lint test demo bench clean
 
@@ -15,8 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check bulkdisconnect tests benchmarks
-	$(BIN)/ruff format --check bulkdisconnect tests benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
 test: lint
