@@ -6,7 +6,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -40,17 +40,26 @@ def redact_secrets(
     return {key: _redact(value) for key, value in event_dict.items()}
 
 
+class _CurrentStderr:
+    """A file-like object that writes to whatever sys.stderr is at the moment."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(
     *, json: bool | None = None, stream: TextIO | None = None, level: str = "info"
 ) -> None:
     """Set up logging once for the CLI: console on a terminal, JSON lines otherwise."""
-    stream = stream or sys.stderr
     if json is None:
-        json = not stream.isatty()
+        json = not (stream or sys.stderr).isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        else structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
     )
     structlog.configure(
         processors=[
@@ -64,6 +73,8 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # Without an explicit stream, look sys.stderr up at each write, so a live progress bar
+        # (which redirects it) keeps log lines above the bar instead of tearing through it.
+        logger_factory=structlog.PrintLoggerFactory(stream or cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )

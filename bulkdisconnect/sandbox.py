@@ -109,6 +109,7 @@ class JournalEntry:
     replayed: bool
     fault: str | None  # drop, hang, p500, p429, lock_timeout, rate_limit or revoked
     request_id: str | None = None
+    done_at: float = 0.0  # time.monotonic() when the answer was sent (or the request given up)
 
 
 class _Answer(NamedTuple):
@@ -307,6 +308,7 @@ class Sandbox:
             replayed=note.replayed,
             fault=note.fault,
             request_id=note.request_id,
+            done_at=time.monotonic(),
         )
         with self._lock:
             self._journal.append(entry)
@@ -633,6 +635,19 @@ def max_in_window(times: Sequence[float], window: float = 1.0) -> int:
             start += 1
         best = max(best, end - start + 1)
     return best
+
+
+def max_concurrent(journal: Iterable[JournalEntry]) -> int:
+    """The most requests the server was working on at one moment."""
+    events = sorted(
+        [(e.at, 1) for e in journal] + [(e.done_at, -1) for e in journal],
+        key=lambda event: (event[0], event[1]),  # an end before a start at the same instant
+    )
+    busy = peak = 0
+    for _, step in events:
+        busy += step
+        peak = max(peak, busy)
+    return peak
 
 
 def account_calls(journal: Iterable[JournalEntry]) -> Counter[str]:

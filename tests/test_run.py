@@ -7,7 +7,7 @@ import json
 from collections import Counter, defaultdict
 
 from bulkdisconnect.model import idempotency_key
-from bulkdisconnect.sandbox import SandboxThread, max_in_window
+from bulkdisconnect.sandbox import SandboxThread, max_concurrent, max_in_window
 from tests.conftest import API_KEY, FAST, Workspace
 
 DISCONNECT = "/v1/financial_connections/accounts/{}/disconnect"
@@ -277,6 +277,18 @@ def test_rate_cap_holds_as_the_server_measures_it(ws: Workspace, sandbox: Sandbo
     assert len(times) == 45
     assert max_in_window(times, 1.0) <= 15
     assert times[-1] - times[0] >= 44 / 15 * 0.95  # and it did not run slower than needed either
+
+
+def test_concurrency_caps_requests_in_flight(ws: Workspace, sandbox: SandboxThread) -> None:
+    """No more than --concurrency requests are ever open at the server at once."""
+    ids = ws.ids(24)
+    sandbox.sandbox.configure(latency_ms=80)
+    ws.write("ids.txt", ids)
+    result = ws.run("run", "--input", "ids.txt", "--rate", "1000", "--concurrency", "3", *FAST)
+    assert result.exit_code == 0, result.stderr
+    journal = sandbox.sandbox.journal_snapshot()
+    assert len(journal) == 24
+    assert max_concurrent(journal) == 3
 
 
 def test_timeouts_and_hangs_are_retried(ws: Workspace, sandbox: SandboxThread) -> None:
