@@ -56,7 +56,7 @@ class RunConfig:
     stripe_account: str | None
     stripe_version: str
     rate: float
-    concurrency: int
+    concurrency: int | None  # None: adapts to the observed latency
     max_attempts: int
     dry_run: bool
     retry_failed: bool
@@ -238,9 +238,6 @@ def build_run_config(
     if parsed["input"] is None:
         raise UsageError("no input: give --input PATH (or `input` in the job file)")
     job = parsed["job"] or _default_job_name(job_file, parsed["input"])
-    if parsed["concurrency"] is None:
-        # Enough for --rate at up to ~1.5 s of latency, the larger of Stripe's usual answers.
-        parsed["concurrency"] = max(4, min(256, math.ceil(parsed["rate"] * 1.5)))
     api_key = None if parsed["dry_run"] else _api_key(raw.get("api_key_file"), env)
     state = Path(parsed.pop("state")) if parsed["state"] else default_state(job)
     return RunConfig(**{**parsed, "job": job, "state": state, "api_key": api_key})

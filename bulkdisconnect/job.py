@@ -22,10 +22,9 @@ from bulkdisconnect.errors import (
     ExitCode,
     LockHeldError,
 )
-from bulkdisconnect.limiter import RateLimiter
 from bulkdisconnect.logs import redact_text
 from bulkdisconnect.model import GOOD_OUTCOMES, Outcome, RunStats
-from bulkdisconnect.pool import Pool, PoolSettings
+from bulkdisconnect.pool import MAX_CONCURRENCY, Pool, PoolSettings
 from bulkdisconnect.progress import show_progress
 from bulkdisconnect.report import format_plan, format_summary
 from bulkdisconnect.retry import RetryPolicy
@@ -118,7 +117,7 @@ async def _plan_and_work(
         run_id=run_id,
         to_call=counts.to_call,
         rate=config.rate,
-        concurrency=config.concurrency,
+        concurrency=config.concurrency or "adaptive",
     )
     if counts.to_call:
         await _work(
@@ -184,7 +183,7 @@ async def _work(
         stripe_version=config.stripe_version,
         connect_timeout=config.connect_timeout,
         total_timeout=config.timeout,
-        pool_size=config.concurrency,
+        pool_size=config.concurrency or MAX_CONCURRENCY,
     )
     writer = ResultWriter(store, config.job, run_id)
     async with make_session(settings) as session:
@@ -193,7 +192,6 @@ async def _work(
             run_id=run_id,
             store=store,
             client=StripeClient(session, settings),
-            limiter=RateLimiter(config.rate),
             breaker=FailureBreaker(
                 BreakerSettings(
                     min_sample=config.breaker_min_sample, threshold=config.breaker_threshold
@@ -201,6 +199,7 @@ async def _work(
             ),
             writer=writer,
             settings=PoolSettings(
+                rate=config.rate,
                 concurrency=config.concurrency,
                 retry_failed=config.retry_failed,
                 policy=RetryPolicy(

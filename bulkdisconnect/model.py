@@ -58,7 +58,8 @@ class RunStats:
     requests: int = 0
     retries: int = 0
     rate_limited: int = 0  # 429 answers
-    in_flight: int = 0
+    current_rate: float = 0.0  # the adaptive target, at most --rate
+    concurrency: int = 0  # the current in-flight cap
 
     @property
     def done(self) -> int:

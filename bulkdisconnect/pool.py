@@ -19,7 +19,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from bulkdisconnect.breaker import FailureBreaker
 from bulkdisconnect.client import Answer, StripeClient
 from bulkdisconnect.errors import AuthenticationError, BreakerTrippedError, WrongModeError
-from bulkdisconnect.limiter import RateLimiter
+from bulkdisconnect.limiter import AdaptivePacer, ConcurrencyTuner, RateLimiter
 from bulkdisconnect.model import ItemResult, Outcome, RunStats, idempotency_key
 from bulkdisconnect.retry import WRONG_MODE, Action, RetryPolicy, classify
 from bulkdisconnect.store import Store
@@ -28,11 +28,17 @@ from bulkdisconnect.writer import ResultWriter
 log = structlog.get_logger("bulkdisconnect")
 
 
+# Bounds of the in-flight cap when it adapts (no --concurrency).
+MIN_CONCURRENCY = 4
+MAX_CONCURRENCY = 256
+
+
 @dataclass(frozen=True, kw_only=True)
 class PoolSettings:
-    """The pool's shape: requests in flight, claim page size, retry policy."""
+    """The pool's shape: rate cap, requests in flight, claim page size, retry policy."""
 
-    concurrency: int
+    rate: float
+    concurrency: int | None  # None: adapt to the observed latency (Little's law)
     policy: RetryPolicy
     retry_failed: bool = False
     page_size: int = 500
@@ -48,7 +54,6 @@ class Pool:
         run_id: str,
         store: Store,
         client: StripeClient,
-        limiter: RateLimiter,
         breaker: FailureBreaker,
         writer: ResultWriter,
         settings: PoolSettings,
@@ -59,25 +64,43 @@ class Pool:
         self._run_id = run_id
         self._store = store
         self._client = client
-        self._limiter = limiter
+        self._limiter = RateLimiter(settings.rate)
+        self._pacer = AdaptivePacer(settings.rate)
         self._breaker = breaker
         self._writer = writer
         self._settings = settings
         self._stats = stats
         self._stopping = stopping
-        self._in_flight = anyio.CapacityLimiter(settings.concurrency)
+        fixed = settings.concurrency
+        self._in_flight = anyio.CapacityLimiter(fixed or MIN_CONCURRENCY)
+        self._tuner = (
+            None
+            if fixed
+            else ConcurrencyTuner(self._in_flight, low=MIN_CONCURRENCY, high=MAX_CONCURRENCY)
+        )
+        stats.current_rate = settings.rate
+        stats.concurrency = int(self._in_flight.total_tokens)
 
     async def run(self) -> None:
         """Feed and work until no account is pending or `stopping` is set."""
-        # Twice as many workers as requests in flight, so accounts waiting out a backoff do
-        # not leave the request slots idle.
-        workers = 2 * self._settings.concurrency
+        # Twice as many workers as requests may be in flight, so accounts waiting out a
+        # backoff do not leave the request slots idle.
+        workers = 2 * (self._settings.concurrency or MAX_CONCURRENCY)
         send, receive = anyio.create_memory_object_stream[str](workers)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._feed, send)
-            for _ in range(workers):
-                tg.start_soon(self._work, receive.clone())
-            receive.close()
+        async with anyio.create_task_group() as outer:
+            if self._tuner is not None:
+                outer.start_soon(self._tune, self._tuner)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._feed, send)
+                for _ in range(workers):
+                    tg.start_soon(self._work, receive.clone())
+                receive.close()
+            outer.cancel_scope.cancel()
+
+    async def _tune(self, tuner: ConcurrencyTuner) -> None:
+        while True:
+            self._stats.concurrency = tuner.retune(self._pacer.current)
+            await anyio.sleep(0.25)
 
     async def _feed(self, send: MemoryObjectSendStream[str]) -> None:
         after = 0
@@ -124,10 +147,15 @@ class Pool:
         first_attempt_at = time.time()
         attempts = 0
         while True:
-            async with self._in_flight, self._limiter:
-                stats.requests += 1
-                answer = await self._client.disconnect(account_id, key)
+            async with self._in_flight:
+                async with self._pacer, self._limiter:
+                    stats.requests += 1
+                    sent = time.monotonic()
+                    answer = await self._client.disconnect(account_id, key)
+                if self._tuner is not None:
+                    self._tuner.observe_latency(time.monotonic() - sent)
             attempts += 1
+            self._observe_rate(answer)
             decision = classify(answer)
             if decision.action is Action.FATAL:
                 raise _refusal(answer)
@@ -174,6 +202,19 @@ class Pool:
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return None
+
+    def _observe_rate(self, answer: Answer) -> None:
+        # lock_timeout is one object's lock, not the account's rate: it must not slow the run.
+        limited = answer.status == 429 and answer.error_code != "lock_timeout"
+        if self._pacer.observe(rate_limited=limited):
+            self._stats.current_rate = self._pacer.current
+            log.info(
+                "bulkdisconnect.throttle",
+                rate=round(self._pacer.current, 2),
+                reason=answer.rate_limited_reason,
+            )
+        elif self._stats.current_rate != self._pacer.current:
+            self._stats.current_rate = self._pacer.current
 
 
 def _log_failure(account_id: str, answer: Answer, attempts: int) -> None:

@@ -30,7 +30,8 @@ async def show_progress(
 def _describe(stats: RunStats, started: float) -> str:
     elapsed = max(time.monotonic() - started, 1e-9)
     return (
-        f"{stats.requests / elapsed:6.1f} req/s  "
+        f"{stats.requests / elapsed:6.1f} req/s (target {stats.current_rate:g}, "
+        f"{stats.concurrency} in flight)  "
         f"ok {stats.outcomes[Outcome.DISCONNECTED]}  "
         f"404 {stats.outcomes[Outcome.NOT_FOUND]}  "
         f"failed {stats.outcomes[Outcome.FAILED]}  retries {stats.retries}"
@@ -65,6 +66,8 @@ async def _log_lines(stats: RunStats, every: float) -> None:
             done=stats.done,
             planned=stats.planned,
             rate=round(stats.requests / (time.monotonic() - started), 1),
+            target_rate=round(stats.current_rate, 2),
+            concurrency=stats.concurrency,
             retries=stats.retries,
             **{o.value: n for o, n in stats.outcomes.items()},
         )

@@ -285,17 +285,13 @@ def test_default_state_path() -> None:
     assert build({"job": "j", "state": "elsewhere/x.db"}).state == Path("elsewhere/x.db")
 
 
-@pytest.mark.parametrize(
-    ("rate", "concurrency"),
-    [(1.0, 4), (20.0, 30), (100.0, 150), (1000.0, 256)],
-)
-def test_concurrency_derived_from_rate(rate: float, concurrency: int) -> None:
-    """Without --concurrency, it is 1.5 x rate, at least 4 and at most 256."""
-    assert build({"rate": rate}).concurrency == concurrency
+def test_concurrency_adapts_unless_given() -> None:
+    """Without --concurrency the in-flight cap is left to adapt (None)."""
+    assert build({"rate": 100.0}).concurrency is None
 
 
 def test_explicit_concurrency_wins() -> None:
-    """--concurrency overrides the value derived from the rate."""
+    """--concurrency fixes the in-flight cap."""
     assert build({"rate": 1000.0, "concurrency": 7}).concurrency == 7
 
 

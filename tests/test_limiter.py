@@ -1,0 +1,122 @@
+"""The meters: AIMD pacing on 429s (on our own clock), Little's-law concurrency, the hard cap."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from bulkdisconnect.limiter import COOLDOWN, AdaptivePacer, ConcurrencyTuner, RateLimiter
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def feed(pacer: AdaptivePacer, clock: Clock, *, rate: float, seconds: float) -> None:
+    """Clean answers at `rate` per second for `seconds`."""
+    for _ in range(round(rate * seconds)):
+        clock.advance(1 / rate)
+        pacer.observe(rate_limited=False)
+
+
+def test_a_429_lowers_the_target_below_the_accepted_rate() -> None:
+    """After a 429, the target is 0.9 x what the API accepted over the last second."""
+    clock = Clock()
+    pacer = AdaptivePacer(100, clock=clock)
+    feed(pacer, clock, rate=40, seconds=2)
+    assert pacer.current == 100
+    assert pacer.observe(rate_limited=True)
+    assert pacer.current == pytest.approx(0.9 * 40, rel=0.05)
+
+
+def test_429s_during_the_cooldown_do_not_compound() -> None:
+    """429s answering requests sent at the old rate do not lower the target again."""
+    clock = Clock()
+    pacer = AdaptivePacer(100, clock=clock)
+    feed(pacer, clock, rate=40, seconds=2)
+    pacer.observe(rate_limited=True)
+    lowered = pacer.current
+    for _ in range(10):
+        clock.advance(COOLDOWN / 20)
+        assert not pacer.observe(rate_limited=True)
+    assert pacer.current == lowered
+
+
+def test_one_stray_429_at_start_does_not_collapse_the_rate() -> None:
+    """In the first second a 429 can at most halve the target."""
+    clock = Clock()
+    pacer = AdaptivePacer(100, clock=clock)
+    feed(pacer, clock, rate=100, seconds=0.05)
+    pacer.observe(rate_limited=True)
+    assert pacer.current == 50
+
+
+def test_the_target_climbs_back_but_never_above_the_cap() -> None:
+    """Clean answers raise the target: near the old limit gently, past it quickly, up to the cap."""
+    clock = Clock()
+    pacer = AdaptivePacer(100, clock=clock)
+    feed(pacer, clock, rate=40, seconds=2)
+    pacer.observe(rate_limited=True)
+    feed(pacer, clock, rate=30, seconds=1.2)
+    assert 0.95 * 40 - 0.01 <= pacer.current < 40  # straight back to 95 % of the old limit
+    near = pacer.current
+    feed(pacer, clock, rate=38, seconds=1)
+    assert pacer.current - near <= 2 + 1e-9  # gentle probing near it: 1 % of the cap per 0.5 s
+    feed(pacer, clock, rate=40, seconds=10)
+    assert pacer.current == 100  # the limit is gone: back to the cap, and no further
+
+
+@pytest.mark.anyio
+async def test_pacing_spaces_requests_at_the_target() -> None:
+    """Below the cap the pacer spaces acquisitions 1/target apart; at the cap it never waits."""
+    pacer = AdaptivePacer(1000)
+    started = anyio.current_time()
+    for _ in range(50):
+        async with pacer:
+            pass
+    assert anyio.current_time() - started < 0.05
+    pacer.current = 100
+    started = anyio.current_time()
+    for _ in range(21):
+        async with pacer:
+            pass
+    assert anyio.current_time() - started >= 0.19
+
+
+@pytest.mark.anyio
+async def test_hard_cap_admits_no_burst_at_start() -> None:
+    """The first second admits no more than the cap: the bucket does not start full."""
+    limiter = RateLimiter(50)
+    admitted = 0
+    with anyio.move_on_after(0.5):
+        while True:
+            async with limiter:
+                admitted += 1
+    assert admitted <= 26
+
+
+def test_concurrency_follows_rate_times_latency() -> None:
+    """The in-flight cap is about rate x latency x 1.5, within its bounds."""
+    limiter = anyio.CapacityLimiter(4)
+    tuner = ConcurrencyTuner(limiter, low=4, high=64)
+    for _ in range(50):
+        tuner.observe_latency(0.25)
+    assert tuner.retune(100) == 40  # ceil(100 x 0.25 x 1.5) + 2
+    assert limiter.total_tokens == 40
+    assert tuner.retune(1000) == 64
+    assert tuner.retune(1) == 4
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """aiohttp and aiolimiter are asyncio-only."""
+    return "asyncio"
