@@ -27,6 +27,7 @@ demo: install
 	bash scripts/demo.sh
 
 bench: install
+	$(BIN)/python -m pip install --quiet --group bench
 	$(BIN)/python -m benchmarks
 
 clean:

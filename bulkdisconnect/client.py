@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import orjson
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +50,6 @@ class StripeClient:
     def __init__(self, session: aiohttp.ClientSession, settings: ClientSettings) -> None:
         self._session = session
         self._base = settings.api_base.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.total_timeout, sock_connect=settings.connect_timeout
-        )
         self._headers = {
             "Authorization": f"Bearer {settings.api_key}",
             "Content-Type": FORM,
@@ -71,9 +68,7 @@ class StripeClient:
         url = f"{self._base}/v1/financial_connections/accounts/{account_id}/disconnect"
         headers = {**self._headers, "Idempotency-Key": idempotency_key}
         try:
-            async with self._session.post(
-                url, headers=headers, data=b"", timeout=self._timeout
-            ) as response:
+            async with self._session.post(url, headers=headers, data=b"") as response:
                 body = await response.read()
                 return _answer(response.status, response.headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -88,7 +83,7 @@ def _answer(status: int, headers: Any, body: bytes) -> Answer:
         "rate_limited_reason": headers.get("Stripe-Rate-Limited-Reason"),
     }
     try:
-        payload = json.loads(body)
+        payload = orjson.loads(body)
     except ValueError:
         return Answer(status=status, transport_error="UnreadableBody", **common)
     if not isinstance(payload, dict):
@@ -112,4 +107,7 @@ def _text(value: object) -> str | None:
 def make_session(settings: ClientSettings) -> aiohttp.ClientSession:
     """One session per run, its connection pool sized to the concurrency."""
     connector = aiohttp.TCPConnector(limit=settings.pool_size, limit_per_host=settings.pool_size)
-    return aiohttp.ClientSession(connector=connector, raise_for_status=False)
+    timeout = aiohttp.ClientTimeout(
+        total=settings.total_timeout, sock_connect=settings.connect_timeout
+    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)

@@ -1,6 +1,6 @@
 """The worker pool: claims pending accounts from the store, calls the API, hands results on.
 
-    store --claim pages--> feeder --bounded stream--> workers --results--> writer --> store
+    store --claimed pages (one in memory)--> workers --results--> writer --> store
 
 Each account's attempts pass through the concurrency cap and then the rate limiter, retries
 included, so a retry storm cannot push the request rate above --rate.
@@ -8,13 +8,15 @@ included, so a retry storm cannot push the request rate above --rate.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import anyio
+import anyio.abc
 import structlog
-from anyio.abc import ObjectReceiveStream
-from anyio.streams.memory import MemoryObjectSendStream
 
 from bulkdisconnect.breaker import FailureBreaker
 from bulkdisconnect.client import Answer, StripeClient
@@ -71,30 +73,32 @@ class Pool:
         self._settings = settings
         self._stats = stats
         self._stopping = stopping
-        fixed = settings.concurrency
-        self._in_flight = anyio.CapacityLimiter(fixed or MIN_CONCURRENCY)
-        self._tuner = (
-            None
-            if fixed
-            else ConcurrencyTuner(self._in_flight, low=MIN_CONCURRENCY, high=MAX_CONCURRENCY)
-        )
+        # A fixed --concurrency is enforced by the number of workers alone; an adaptive one
+        # by a resizable limiter in front of the request, below MAX_CONCURRENCY workers.
+        self._tuner: ConcurrencyTuner | None = None
+        self._in_flight: anyio.CapacityLimiter | contextlib.nullcontext[None]
+        if settings.concurrency:
+            self._in_flight = contextlib.nullcontext()
+            stats.concurrency = settings.concurrency
+        else:
+            limiter = anyio.CapacityLimiter(initial_concurrency(settings.rate))
+            self._tuner = ConcurrencyTuner(limiter, low=MIN_CONCURRENCY, high=MAX_CONCURRENCY)
+            self._in_flight = limiter
+            stats.concurrency = int(limiter.total_tokens)
         stats.current_rate = settings.rate
-        stats.concurrency = int(self._in_flight.total_tokens)
 
     async def run(self) -> None:
-        """Feed and work until no account is pending or `stopping` is set."""
-        # Twice as many workers as requests may be in flight, so accounts waiting out a
-        # backoff do not leave the request slots idle.
-        workers = 2 * (self._settings.concurrency or MAX_CONCURRENCY)
-        send, receive = anyio.create_memory_object_stream[str](workers)
+        """Work until no account is pending or `stopping` is set."""
+        # As many workers as requests may be in flight; an account waiting out a backoff
+        # holds its worker but no request slot.
+        workers = self._settings.concurrency or MAX_CONCURRENCY
         async with anyio.create_task_group() as outer:
             if self._tuner is not None:
                 outer.start_soon(self._tune, self._tuner)
+            claims = _Claims(self._store, self._job, self._run_id, self._settings, outer)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._feed, send)
                 for _ in range(workers):
-                    tg.start_soon(self._work, receive.clone())
-                receive.close()
+                    tg.start_soon(self._work, claims)
             outer.cancel_scope.cancel()
 
     async def _tune(self, tuner: ConcurrencyTuner) -> None:
@@ -102,42 +106,22 @@ class Pool:
             self._stats.concurrency = tuner.retune(self._pacer.current)
             await anyio.sleep(0.25)
 
-    async def _feed(self, send: MemoryObjectSendStream[str]) -> None:
-        after = 0
-        async with send:
-            while not self._stopping.is_set():
-                page = await self._store.claim_pending(
-                    self._job,
-                    self._run_id,
-                    after=after,
-                    limit=self._settings.page_size,
-                    retry_failed=self._settings.retry_failed,
+    async def _work(self, claims: _Claims) -> None:
+        while not self._stopping.is_set():
+            account_id = await claims.next()
+            if account_id is None:
+                return
+            result = await self._disconnect(account_id)
+            if result is None:  # stopped while waiting to retry: stays pending
+                return
+            await self._writer.add(result)
+            self._stats.outcomes[result.outcome] += 1
+            if self._breaker.observe(result.outcome):
+                raise BreakerTrippedError(
+                    f"failure breaker tripped: {self._breaker.diagnosis()}; "
+                    "nothing was kept from this run's failures, a rerun after the fix "
+                    "calls them again"
                 )
-                if not page:
-                    return
-                after = page[-1][0]
-                try:
-                    for _, account_id in page:
-                        await send.send(account_id)
-                except anyio.BrokenResourceError:  # every worker stopped: the run is stopping
-                    return
-
-    async def _work(self, receive: ObjectReceiveStream[str]) -> None:
-        async with receive:
-            async for account_id in receive:
-                if self._stopping.is_set():
-                    return
-                result = await self._disconnect(account_id)
-                if result is None:  # stopped while waiting to retry: stays pending
-                    return
-                await self._writer.add(result)
-                self._stats.outcomes[result.outcome] += 1
-                if self._breaker.observe(result.outcome):
-                    raise BreakerTrippedError(
-                        f"failure breaker tripped: {self._breaker.diagnosis()}; "
-                        "nothing was kept from this run's failures, a rerun after the fix "
-                        "calls them again"
-                    )
 
     async def _disconnect(self, account_id: str) -> ItemResult | None:
         """All attempts for one account; None if the run stopped before it got an outcome."""
@@ -215,6 +199,74 @@ class Pool:
             )
         elif self._stats.current_rate != self._pacer.current:
             self._stats.current_rate = self._pacer.current
+
+
+def initial_concurrency(rate: float) -> int:
+    """Requests in flight before any latency is known: enough for --rate at 0.5 s each."""
+    return max(MIN_CONCURRENCY, min(MAX_CONCURRENCY, math.ceil(rate * 0.5 * 1.5) + 2))
+
+
+class _Claims:
+    """Pending accounts claimed from the store a page at a time, handed out one by one.
+
+    Handing out is synchronous while the page lasts, so a worker goes from an answer to its
+    next request without a trip through the event loop; the next page is claimed in the
+    background once the current one runs low, so workers never wait on the store. At most
+    two pages are in memory.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        job: str,
+        run_id: str,
+        settings: PoolSettings,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        self._store = store
+        self._job = job
+        self._run_id = run_id
+        self._settings = settings
+        self._tg = tg
+        self._page: deque[str] = deque()
+        self._after = 0  # rowid cursor: each pending account is claimed once per run
+        self._exhausted = False
+        self._refilled: anyio.Event | None = None  # set when the refill under way is done
+
+    async def next(self) -> str | None:
+        """The next account to work, or None when none is pending."""
+        while not self._page:
+            if self._exhausted:
+                return None
+            await self._refill().wait()
+        if len(self._page) <= self._settings.page_size // 2 and not self._exhausted:
+            self._refill()
+        return self._page.popleft()
+
+    def _refill(self) -> anyio.Event:
+        """Start claiming the next page unless that is under way; its done event."""
+        if self._refilled is None:
+            self._refilled = anyio.Event()
+            self._tg.start_soon(self._claim_page, self._refilled)
+        return self._refilled
+
+    async def _claim_page(self, done: anyio.Event) -> None:
+        try:
+            page = await self._store.claim_pending(
+                self._job,
+                self._run_id,
+                after=self._after,
+                limit=self._settings.page_size,
+                retry_failed=self._settings.retry_failed,
+            )
+            if page:
+                self._after = page[-1][0]
+                self._page.extend(account_id for _, account_id in page)
+            else:
+                self._exhausted = True
+        finally:
+            self._refilled = None
+            done.set()
 
 
 def _log_failure(account_id: str, answer: Answer, attempts: int) -> None:

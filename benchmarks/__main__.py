@@ -1,0 +1,274 @@
+"""`make bench`: every figure measured side by side in one run, written to RESULTS.md.
+
+python -m benchmarks [--quick] [ceiling latency throttled memory resume ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shutil
+import sqlite3
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.harness import (
+    API_KEY,
+    Sandbox,
+    Timed,
+    bulkdisconnect,
+    fresh_state,
+    ids_file,
+    machine,
+    sandbox,
+    steady_rate,
+    timed,
+)
+from bulkdisconnect.sandbox import max_in_window
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+Section = Callable[[Sandbox, bool], list[str]]
+
+
+def ceiling(box: Sandbox, quick: bool) -> list[str]:
+    """bulkdisconnect vs a bare aiohttp loop vs the Stripe SDK vs xargs+curl, latency 0."""
+    count, concurrency, rounds = (4_000, 32, 1) if quick else (20_000, 32, 3)
+    ids = ids_file(count)
+    curl_ids = ids_file(min(count, 2_000))  # one process per request: a sample is enough
+    py = sys.executable
+    contenders: dict[str, Callable[[], Timed]] = {
+        "bulkdisconnect": lambda: _ours(box, ids, concurrency),
+        "bulkdisconnect on asyncio's loop (no uvloop)": lambda: _ours(
+            box, ids, concurrency, env={"BULKDISCONNECT_LOOP": "asyncio"}
+        ),
+        "bare aiohttp loop": lambda: timed(
+            [py, "-m", "benchmarks.contenders", "bare", box.url, str(ids), str(concurrency)]
+        ),
+        "stripe SDK (async, gather + semaphore)": lambda: timed(
+            [py, "-m", "benchmarks.contenders", "sdk", box.url, str(ids), str(concurrency)]
+        ),
+    }
+    if shutil.which("curl"):
+        contenders["xargs -P 32 curl"] = lambda: timed(
+            ["sh", "-c", _curl_command(box.url, curl_ids, concurrency)]
+        )
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):  # interleaved, so a noisy neighbour hits every contender alike
+        for name, run in contenders.items():
+            box.reset()
+            result = run()
+            arrivals = box.arrivals()
+            assert result.returncode in (0, 1), (name, result)
+            rates[name].append(steady_rate(arrivals))
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    ours = median["bulkdisconnect"]
+    lines = [
+        (
+            f"{count:,} IDs (curl: {min(count, 2_000):,}), sandbox latency 0, no server limit, "
+            f"concurrency {concurrency}, median of {rounds} interleaved rounds; rate = requests/s "
+            "at the server between the first and the last arrival. Every contender sends the same "
+            "keyed request; the bare loop and bulkdisconnect both run on uvloop."
+        ),
+        "",
+        "| contender | requests/s | bulkdisconnect ÷ contender |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {name} | {rate:,.0f} | {ours / rate:.2f} |" for name, rate in median.items()]
+    bare, sdk = median["bare aiohttp loop"], median["stripe SDK (async, gather + semaphore)"]
+    lines += [
+        "",
+        (
+            f"Targets: ≥ 0.85 × the bare loop — **{ours / bare:.2f}**; "
+            f"≥ 2.5 × the SDK — **{ours / sdk:.2f}**."
+        ),
+    ]
+    return lines
+
+
+def _ours(box: Sandbox, ids: Path, concurrency: int, env: dict[str, str] | None = None) -> Timed:
+    return bulkdisconnect(
+        "--input",
+        str(ids),
+        "--rate",
+        "1000000",
+        "--concurrency",
+        str(concurrency),
+        url=box.url,
+        state=fresh_state("ceiling"),
+        env=env,
+    )
+
+
+def latency_bound(box: Sandbox, quick: bool) -> list[str]:
+    """Latency 250 ms ± 50: does --rate 100 hold with the concurrency left to adapt?"""
+    count = 1_000 if quick else 3_000
+    box.reset(latency_ms=250, jitter_ms=50)
+    result = bulkdisconnect(
+        "--input",
+        str(ids_file(count)),
+        "--rate",
+        "100",
+        url=box.url,
+        state=fresh_state("latency"),
+    )
+    assert result.returncode == 0, result
+    arrivals = box.arrivals()
+    rate = steady_rate(arrivals)
+    window = max_in_window([at for at, _ in arrivals])
+    return [
+        f"{count:,} IDs, sandbox latency 250 ± 50 ms, `--rate 100`, no `--concurrency`.",
+        "",
+        (
+            f"Achieved {rate:.2f} requests/s: **{rate / 100:.3f} × the rate** (target ≥ 0.97); "
+            f"busiest one-second window at the server: {window} requests (cap 100)."
+        ),
+    ]
+
+
+def throttled(box: Sandbox, quick: bool) -> list[str]:
+    """A server limit of 25/s under --rate 100: completion time vs ideal, share of 429s."""
+    count, limit = (500 if quick else 1_500), 25
+    box.reset(rate_limit=limit)
+    result = bulkdisconnect(
+        "--input",
+        str(ids_file(count)),
+        "--rate",
+        "100",
+        "--max-attempts",
+        "20",
+        url=box.url,
+        state=fresh_state("throttled"),
+    )
+    assert result.returncode == 0, result
+    arrivals = box.arrivals()
+    elapsed = arrivals[-1][0] - arrivals[0][0]
+    rejected = sum(1 for _, status in arrivals if status == 429)
+    ideal = count / limit
+    return [
+        f"{count:,} IDs, sandbox limit {limit}/s (sliding window), `--rate 100`.",
+        "",
+        (
+            f"Completed in {elapsed:.1f} s against an ideal {ideal:.1f} s: "
+            f"**{elapsed / ideal:.3f} × ideal** (target ≤ 1.15); "
+            f"429 answers: {rejected} of {len(arrivals)} = **{rejected / len(arrivals):.1%}** "
+            "(target < 10 %)."
+        ),
+    ]
+
+
+def memory(box: Sandbox, quick: bool) -> list[str]:
+    """Peak RSS for a small and a 10x larger input, planning only and really calling."""
+    small, large = (20_000, 200_000) if quick else (100_000, 1_000_000)
+    rows = [
+        "| run | " + f"{small:,} IDs | {large:,} IDs | growth |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    box.reset()
+    for label, extra, stop in (
+        ("dry run (read, dedupe, compare)", ["--dry-run"], None),
+        ("real run (plan, then 15 s of calls at 2,000/s, then SIGTERM)", [], 15.0),
+    ):
+        peaks = []
+        for count in (small, large):
+            result = bulkdisconnect(
+                "--input",
+                str(ids_file(count)),
+                "--rate",
+                "2000",
+                "--concurrency",
+                "32",
+                *extra,
+                url=box.url,
+                state=MEMORY_STATE[count],
+                stop_after=stop,
+            )
+            assert result.returncode in (0, 3), result
+            peaks.append(result.peak_rss_mb)
+            box.reset()
+        rows.append(
+            f"| {label} | {peaks[0]:.1f} MB | {peaks[1]:.1f} MB | "
+            f"**{peaks[1] - peaks[0]:+.1f} MB** |"
+        )
+    return [
+        "Peak resident memory of the `bulkdisconnect run` process (target: < 20 MB growth).",
+        "",
+        *rows,
+    ]
+
+
+def resume(box: Sandbox, quick: bool) -> list[str]:
+    """Rerun of a finished job: how fast already-done IDs are skipped."""
+    count = 200_000 if quick else 1_000_000
+    state = MEMORY_STATE[count]  # planned by the memory benchmark
+    with sqlite3.connect(state) as db:
+        db.execute("UPDATE accounts SET outcome = 'disconnected' WHERE outcome IS NULL")
+    box.reset()
+    result = bulkdisconnect("--input", str(ids_file(count)), url=box.url, state=state)
+    assert result.returncode == 0, result
+    assert box.arrivals() == []
+    return [
+        (
+            f"Rerun of a finished job of {count:,} IDs (the whole process: start-up, reading, "
+            "planning against the store, no call)."
+        ),
+        "",
+        (
+            f"{result.seconds:.1f} s: **{count / result.seconds:,.0f} IDs skipped per second** "
+            "(target ≥ 100,000/s)."
+        ),
+    ]
+
+
+def _curl_command(url: str, ids: Path, concurrency: int) -> str:
+    return (
+        f"xargs -P {concurrency} -I{{}} curl -s -o /dev/null -X POST "
+        f"-H 'Authorization: Bearer {API_KEY}' "
+        "-H 'Content-Type: application/x-www-form-urlencoded' "
+        f"{url}/v1/financial_connections/accounts/{{}}/disconnect < {ids}"
+    )
+
+
+SECTIONS: dict[str, tuple[str, Section]] = {
+    "ceiling": ("1. Ceiling", ceiling),
+    "latency": ("2. Latency-bound", latency_bound),
+    "throttled": ("3. Throttled", throttled),
+    "memory": ("4. Memory", memory),
+    "resume": ("5. Resume", resume),
+}
+MEMORY_STATE: dict[int, Path] = {}
+
+
+def main() -> None:
+    """Run the chosen sections (all by default) and rewrite RESULTS.md."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("sections", nargs="*", choices=[*SECTIONS, []], default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke test")
+    options = parser.parse_args()
+    started = time.monotonic()
+    out = [
+        "# Benchmark results",
+        "",
+        (
+            f"Measured {datetime.date.today()} on {machine()}, by `make bench` "
+            f"({'quick' if options.quick else 'full'} run). Machines here are shared and noisy: "
+            "read the ratios, not the absolute numbers."
+        ),
+        "",
+    ]
+    for count in (20_000, 200_000, 100_000, 1_000_000):
+        MEMORY_STATE[count] = fresh_state(f"memory-{count}")
+    with sandbox() as box:
+        for key in options.sections:
+            title, section = SECTIONS[key]
+            print(f"running {key} ...", flush=True)
+            out += [f"## {title}", "", *section(box, options.quick), ""]
+    out.append(f"_Whole run: {time.monotonic() - started:.0f} s._")
+    RESULTS.write_text("\n".join(out) + "\n")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

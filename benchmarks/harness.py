@@ -1,0 +1,177 @@
+"""What every benchmark needs: a sandbox in its own process, ID files, timed child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+API_KEY = "sk_test_bench0000000000000000"
+WORK = Path(__file__).parent / ".work"
+
+
+@dataclass
+class Sandbox:
+    """A `bulkdisconnect sandbox` child process and its control endpoints."""
+
+    url: str
+    process: subprocess.Popen[str]
+
+    def control(self, path: str, payload: object | None = None) -> object:
+        """GET (or POST `payload` as JSON to) one of the sandbox's /_sandbox routes."""
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(  # noqa: S310 - our own loopback sandbox
+            f"{self.url}/_sandbox/{path}",
+            data=data,
+            method="GET" if data is None else "POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            return json.loads(response.read() or b"null")
+
+    def reset(self, **knobs: object) -> None:
+        """Clear the journal and state, then set these knobs (the rest back to defaults)."""
+        self.control("reset", {})
+        defaults: dict[str, object] = {
+            "latency_ms": 0.0,
+            "jitter_ms": 0.0,
+            "rate_limit": None,
+            "p500": 0.0,
+            "p429": 0.0,
+        }
+        self.control("config", {**defaults, **knobs})
+
+    def arrivals(self) -> list[tuple[float, int]]:
+        """(arrival time, status) of every request since the last reset, in arrival order."""
+        journal = self.control("journal")
+        assert isinstance(journal, list)
+        return sorted((entry["at"], entry["status"]) for entry in journal)
+
+
+@contextmanager
+def sandbox() -> Iterator[Sandbox]:
+    """Start the sandbox in its own process (its own core), on a free port."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bulkdisconnect", "sandbox", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"http://[\d.:]+", line)
+    if not match:
+        process.kill()
+        raise RuntimeError(f"the sandbox did not start: {line!r}")
+    try:
+        yield Sandbox(match.group(0), process)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=10)
+
+
+def ids_file(count: int, *, name: str | None = None) -> Path:
+    """A .txt input of `count` distinct IDs (cached in the work folder)."""
+    WORK.mkdir(exist_ok=True)
+    path = WORK / (name or f"ids-{count}.txt")
+    if not path.exists():
+        with path.open("w") as out:
+            out.writelines(f"fca_bench{n:09d}\n" for n in range(count))
+    return path
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A finished child process: its wall time, peak RSS and exit code."""
+
+    seconds: float
+    peak_rss_mb: float
+    returncode: int
+    stdout: str
+
+
+def timed(
+    args: Sequence[str], *, env: dict[str, str] | None = None, stop_after: float | None = None
+) -> Timed:
+    """Run a child to completion (or SIGTERM it after `stop_after` s); wall time and peak RSS."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        list(args),
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    # wait4, not Popen.wait: it also reports the child's peak resident memory.
+    deadline = None if stop_after is None else started + stop_after
+    while True:
+        pid, status, usage = os.wait4(process.pid, 0 if deadline is None else os.WNOHANG)
+        if pid:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            process.send_signal(signal.SIGTERM)
+            deadline = None
+        time.sleep(0.05)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.stdout is not None
+    with process.stdout:  # small: a plan line and a summary
+        stdout = process.stdout.read()
+    return Timed(
+        seconds=time.monotonic() - started,
+        peak_rss_mb=usage.ru_maxrss / 1024,
+        returncode=process.returncode,
+        stdout=stdout,
+    )
+
+
+def bulkdisconnect(
+    *args: str,
+    url: str,
+    state: Path,
+    stop_after: float | None = None,
+    env: dict[str, str] | None = None,
+) -> Timed:
+    """Run `bulkdisconnect run` against the sandbox with a fresh or given store."""
+    return timed(
+        [
+            sys.executable,
+            "-m",
+            "bulkdisconnect",
+            "run",
+            *args,
+            "--state",
+            str(state),
+            "--no-progress",
+        ],
+        env={"STRIPE_API_KEY": API_KEY, "STRIPE_API_BASE": url, **(env or {})},
+        stop_after=stop_after,
+    )
+
+
+def steady_rate(arrivals: Sequence[tuple[float, int]]) -> float:
+    """Requests per second between the first and the last arrival."""
+    if len(arrivals) < 2:
+        return 0.0
+    return (len(arrivals) - 1) / (arrivals[-1][0] - arrivals[0][0])
+
+
+def fresh_state(name: str) -> Path:
+    """A store path that does not exist yet."""
+    WORK.mkdir(exist_ok=True)
+    return WORK / f"{name}-{time.time_ns()}.sqlite"
+
+
+def machine() -> str:
+    """One line naming the machine, for RESULTS.md."""
+    cores = os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cores} cores, {memory:.0f} GiB, Python {sys.version.split()[0]}, {os.uname().sysname}"
