@@ -63,9 +63,7 @@ def main() -> None:
     kind, url, ids_path, concurrency = sys.argv[1:5]
     ids = Path(ids_path).read_text().split()
     contender = {"bare": bare_loop, "sdk": stripe_sdk}[kind]
-    import uvloop
-
-    uvloop.run(contender(url, ids, int(concurrency)))
+    asyncio.run(contender(url, ids, int(concurrency)))
 
 
 if __name__ == "__main__":

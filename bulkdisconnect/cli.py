@@ -23,21 +23,10 @@ def _run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     from bulkdisconnect.logs import redact_text
 
     try:
-        return anyio.run(fn, backend_options={"use_uvloop": _use_uvloop()})
+        return anyio.run(fn)
     except BulkDisconnectError as exc:
         click.echo(f"bulkdisconnect: error: {redact_text(str(exc))}", err=True)
         sys.exit(int(exc.exit_code))
-
-
-def _use_uvloop() -> bool:
-    """uvloop unless BULKDISCONNECT_LOOP=asyncio (benchmarks/RESULTS.md shows what it buys)."""
-    if os.environ.get("BULKDISCONNECT_LOOP", "uvloop") != "uvloop":
-        return False
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:  # not built for every platform
-        return False
-    return True
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

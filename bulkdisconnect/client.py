@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import orjson
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from bulkdisconnect import __version__
 from bulkdisconnect.model import is_valid_account_id

@@ -87,7 +87,10 @@ async def write_status(store: Store, job: str, out: TextIO) -> None:
         out.write("  not running\n")
     else:
         age = time.time() - lock.heartbeat_at
-        out.write(f"  locked by pid {lock.pid} on {lock.host}, heartbeat {age:.0f}s ago\n")
+        state = "stale: the run is gone; the next run takes over" if age > lock.lease else "alive"
+        out.write(
+            f"  locked by pid {lock.pid} on {lock.host}, heartbeat {age:.0f}s ago ({state})\n"
+        )
 
 
 async def write_report(store: Store, job: str, out: TextIO, fmt: str) -> int:

@@ -126,6 +126,7 @@ def test_second_concurrent_run_exits_4(ws: Workspace, sandbox: SandboxThread) ->
         assert "locked" in second.stderr
         status = ws.run("status", "--job", "ids")
         assert "locked by pid" in status.stdout
+        assert "(alive)" in status.stdout
         after = sandbox.sandbox.journal_snapshot()
         assert len(after) - before <= 3  # only the first run's own, rate-limited calls
     finally:
@@ -147,6 +148,7 @@ def test_a_stale_lock_is_taken_over(ws: Workspace, sandbox: SandboxThread) -> No
             (time.time() - 3600, time.time() - 3600),
         )
         db.execute("UPDATE accounts SET outcome = NULL")
+    assert "(stale: the run is gone" in ws.run("status", "--job", "ids").stdout
     taken = ws.run("run", "--input", "ids.txt", *FAST)
     assert taken.exit_code == 0, taken.stderr
     with sqlite3.connect(ws.state("ids")) as db:

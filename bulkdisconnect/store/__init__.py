@@ -47,6 +47,7 @@ class LockInfo:
     pid: int
     host: str
     heartbeat_at: float
+    lease: float  # seconds without a heartbeat after which another run may take it over
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,7 +114,7 @@ class SQLiteStore:
                     (job,),
                 ).fetchone()
                 if row is not None and now - row[3] < row[4]:
-                    return LockInfo(*row[:4])
+                    return LockInfo(*row)
                 db.execute(
                     "INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (job, owner, os.getpid(), socket.gethostname(), now, now, stale_after),
@@ -155,7 +155,7 @@ class SQLiteStore:
 
         def read(db: sqlite3.Connection) -> LockInfo | None:
             row = db.execute(
-                "SELECT owner, pid, host, heartbeat_at FROM locks WHERE job = ?", (job,)
+                "SELECT owner, pid, host, heartbeat_at, lease FROM locks WHERE job = ?", (job,)
             ).fetchone()
             return None if row is None else LockInfo(*row)
 
