@@ -5,6 +5,7 @@ A store is picked by URL scheme from `STORES`; today only SQLite (`state/<job>.s
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,16 @@ class ReportRow:
     request_id: str | None
     first_attempt_at: float | None
     updated_at: float | None
+    confirmed_at: float | None  # when the financial_connections.account.disconnected event came
+    event_id: str | None  # that event's ID
+
+
+class Confirmation(enum.Enum):
+    """What a `financial_connections.account.disconnected` event did to the store."""
+
+    CONFIRMED = "confirmed"  # recorded on the account's outcome
+    REPLAYED = "replayed"  # this event ID was seen before: ignored
+    UNKNOWN = "unknown"  # the account is not in the job: acknowledged, counted, not stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +97,11 @@ class Store(Protocol):
     async def release_outcomes(self, job: str, run_id: str, outcomes: Sequence[str]) -> int: ...
 
     async def counts(self, job: str) -> dict[str | None, int]: ...
-    def rows(self, job: str) -> AsyncIterator[ReportRow]: ...
+    async def confirmed_count(self, job: str) -> int: ...
+    def rows(self, job: str, *, unconfirmed: bool = False) -> AsyncIterator[ReportRow]: ...
+    async def confirm(
+        self, job: str, account_id: str, *, event_id: str, confirmed_at: float
+    ) -> Confirmation: ...
     async def start_run(self, job: str, run_id: str) -> None: ...
     async def finish_run(self, run_id: str, exit_code: int, summary: str) -> None: ...
     async def last_run(self, job: str) -> RunInfo | None: ...

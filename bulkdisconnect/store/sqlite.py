@@ -17,7 +17,7 @@ import anyio.to_thread
 
 from bulkdisconnect.errors import LockHeldError, UsageError
 from bulkdisconnect.model import MAX_ACCOUNT_ID_LENGTH, ItemResult, Outcome, is_valid_account_id
-from bulkdisconnect.store import LockInfo, PlanCounts, ReportRow, RunInfo
+from bulkdisconnect.store import Confirmation, LockInfo, PlanCounts, ReportRow, RunInfo
 
 T = TypeVar("T")
 
@@ -34,7 +34,15 @@ CREATE TABLE IF NOT EXISTS accounts (
     first_attempt_at REAL,
     updated_at REAL,
     run_id TEXT,
+    confirmed_at REAL,
+    event_id TEXT,
     UNIQUE (job, account_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    received_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS locks (
     job TEXT PRIMARY KEY,
@@ -265,11 +273,46 @@ class SQLiteStore:
 
         return await self._call(count)
 
-    async def rows(self, job: str) -> AsyncIterator[ReportRow]:
-        """Every account of the job in input order, streamed in pages."""
+    async def confirmed_count(self, job: str) -> int:
+        """Accounts whose disconnection a webhook event confirmed."""
+
+        def count(db: sqlite3.Connection) -> int:
+            (n,) = db.execute(
+                "SELECT COUNT(*) FROM accounts WHERE job = ? AND confirmed_at IS NOT NULL", (job,)
+            ).fetchone()
+            return int(n)
+
+        return await self._call(count)
+
+    async def confirm(
+        self, job: str, account_id: str, *, event_id: str, confirmed_at: float
+    ) -> Confirmation:
+        """Record a disconnected event on the account's outcome, once per event ID."""
+
+        def confirm(db: sqlite3.Connection) -> Confirmation:
+            with _immediate(db):
+                seen = db.execute(
+                    "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)",
+                    (event_id, job, account_id, confirmed_at),
+                )
+                if seen.rowcount == 0:
+                    return Confirmation.REPLAYED
+                updated = db.execute(
+                    "UPDATE accounts SET confirmed_at = ?, event_id = ? "
+                    "WHERE job = ? AND account_id = ?",
+                    (confirmed_at, event_id, job, account_id),
+                )
+            return Confirmation.CONFIRMED if updated.rowcount else Confirmation.UNKNOWN
+
+        return await self._call_here(confirm)
+
+    async def rows(self, job: str, *, unconfirmed: bool = False) -> AsyncIterator[ReportRow]:
+        """Every account of the job in input order (or only disconnected, unconfirmed ones)."""
         after = 0
         while True:
-            page = await self._call(partial(_report_page, job=job, after=after))
+            page = await self._call(
+                partial(_report_page, job=job, after=after, unconfirmed=unconfirmed)
+            )
             for _, row in page:
                 yield row
             if len(page) < REPORT_PAGE:
@@ -411,11 +454,15 @@ def _merge(
     )
 
 
-def _report_page(db: sqlite3.Connection, *, job: str, after: int) -> list[tuple[int, ReportRow]]:
+def _report_page(
+    db: sqlite3.Connection, *, job: str, after: int, unconfirmed: bool
+) -> list[tuple[int, ReportRow]]:
     rows = db.execute(
         "SELECT rowid, account_id, outcome, attempts, http_status, error_code, error_message, "
-        "request_id, first_attempt_at, updated_at FROM accounts "
-        "WHERE job = ? AND rowid > ? ORDER BY rowid LIMIT ?",
-        (job, after, REPORT_PAGE),
+        "request_id, first_attempt_at, updated_at, confirmed_at, event_id FROM accounts "
+        "WHERE job = ? AND rowid > ? "
+        "AND (NOT ? OR (outcome = 'disconnected' AND confirmed_at IS NULL)) "
+        "ORDER BY rowid LIMIT ?",
+        (job, after, unconfirmed, REPORT_PAGE),
     ).fetchall()
     return [(row[0], ReportRow(*row[1:])) for row in rows]
