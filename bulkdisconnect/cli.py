@@ -80,6 +80,12 @@ def main() -> None:
     type=float,
     help="Seconds without heartbeat before a lock is taken over [30].",
 )
+@click.option(
+    "--metrics-file",
+    metavar="PATH",
+    help="Write Prometheus metrics here (node_exporter textfile format).",
+)
+@click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics to this Pushgateway.")
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
 @click.option("--progress/--no-progress", default=True, help="Show progress (bar or log lines).")
 def run(
@@ -106,13 +112,13 @@ def run(
     sys.exit(int(_run_async(go)))
 
 
-def _state_for(job: str, state: str | None) -> Path:
+def _state_for(job: str, state: str | None, *, must_exist: bool = True) -> Path:
     from bulkdisconnect.config import JOB_NAME, default_state
 
     if not JOB_NAME.fullmatch(job):
         raise UsageError(f"--job must be letters, digits, '.', '_' or '-', got {job!r}")
     path = Path(state.removeprefix("sqlite:///")) if state else default_state(job)
-    if not path.is_file():
+    if must_exist and not path.is_file():
         raise UsageError(f"no state store at {path}: has job {job!r} ever run? (see --state)")
     return path
 
@@ -122,7 +128,10 @@ def _state_for(job: str, state: str | None) -> Path:
 @click.option("--state", metavar="PATH", help="[state/<job>.sqlite]")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="[stdout]")
-def report(job: str, state: str | None, fmt: str, output: Path | None) -> None:
+@click.option(
+    "--unconfirmed", is_flag=True, help="Only disconnected accounts no webhook event confirmed."
+)
+def report(job: str, state: str | None, fmt: str, output: Path | None, unconfirmed: bool) -> None:
     """One row per account: outcome, attempts, HTTP status, error, request ID, times."""
     from bulkdisconnect.report import write_report
     from bulkdisconnect.store import open_store
@@ -133,11 +142,11 @@ def report(job: str, state: str | None, fmt: str, output: Path | None) -> None:
             if not await store.has_job(job):
                 raise UsageError(f"job {job!r} is not in {_state_for(job, state)}")
             if output is None:
-                await write_report(store, job, sys.stdout, fmt)
+                await write_report(store, job, sys.stdout, fmt, unconfirmed=unconfirmed)
                 return
             tmp = output.with_name(output.name + ".partial")
             with tmp.open("w", encoding="utf-8", newline="") as out:
-                rows = await write_report(store, job, out, fmt)
+                rows = await write_report(store, job, out, fmt, unconfirmed=unconfirmed)
             tmp.replace(output)
             click.echo(f"wrote {rows} rows to {output}", err=True)
         finally:
@@ -166,6 +175,51 @@ def status(job: str, state: str | None) -> None:
     _run_async(go)
 
 
+def _first_webhook_secret() -> str:
+    from bulkdisconnect.webhook import parse_secrets
+
+    try:
+        return parse_secrets(os.environ.get("STRIPE_WEBHOOK_SECRET"))[0]
+    except BulkDisconnectError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@main.command()
+@click.option("--job", required=True, metavar="NAME")
+@click.option("--state", metavar="PATH", help="[state/<job>.sqlite]")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, required=True, help="0 picks a free port.")
+@click.option("--path", default="/webhook", show_default=True)
+def webhook(job: str, state: str | None, host: str, port: int, path: str) -> None:
+    """Receive Stripe events and record disconnection confirmations for a job.
+
+    Secrets come from env STRIPE_WEBHOOK_SECRET (comma-separated, for rotation).
+    """
+    from bulkdisconnect import logs
+    from bulkdisconnect.store import open_store
+    from bulkdisconnect.webhook import WebhookReceiver, parse_secrets, serve_webhook
+
+    logs.configure()
+
+    def ready(url: str) -> None:
+        click.echo(f"webhook listening on {url}")
+        sys.stdout.flush()
+
+    async def go() -> None:
+        secrets = parse_secrets(os.environ.get("STRIPE_WEBHOOK_SECRET"))
+        # The store may not exist yet: the receiver is often started before the run.
+        store = await open_store(_state_for(job, state, must_exist=False))
+        try:
+            receiver = WebhookReceiver(store, job, secrets)
+            await serve_webhook(receiver, host=host, port=port, path=path, ready=ready)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.aclose()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run_async(go)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=12111, show_default=True, help="0 picks a free port.")
@@ -190,6 +244,12 @@ def status(job: str, state: str | None) -> None:
 @click.option("--livemode-accounts", is_flag=True, help="Accounts live in live mode.")
 @click.option("--revoke-after", type=int, default=None, help="Revoke the key after N calls.")
 @click.option("--seed", type=int, default=None)
+@click.option(
+    "--webhook-url",
+    metavar="URL",
+    help="Send signed financial_connections.account.disconnected events here "
+    "(secret: env STRIPE_WEBHOOK_SECRET).",
+)
 def sandbox(
     host: str,
     port: int,
@@ -204,6 +264,7 @@ def sandbox(
         accounts=load_account_ids(accounts) if accounts else None,
         missing=load_account_ids(missing) if missing else frozenset(),
         api_key=os.environ.get("SANDBOX_API_KEY") or None,
+        webhook_secret=_first_webhook_secret() if knobs.get("webhook_url") else None,
         **knobs,
     )
 

@@ -68,6 +68,8 @@ class RunConfig:
     breaker_min_sample: int
     breaker_threshold: float
     lock_stale_after: float
+    metrics_file: str | None
+    pushgateway: str | None
 
     @property
     def is_live(self) -> bool:
@@ -160,6 +162,14 @@ def _api_base(v: _Value) -> str:
     return url
 
 
+def _url(v: _Value) -> str:
+    url = _text(v)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise v.fail(f"must be an http(s) URL, got {url!r}")
+    return url
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -191,6 +201,8 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "breaker_min_sample": (_positive_int, 100),
     "breaker_threshold": (_fraction, 0.5),
     "lock_stale_after": (_positive, 30.0),
+    "metrics_file": (_text, None),
+    "pushgateway": (_url, None),
 }
 JOB_FILE_ONLY = {"api_key_file": _text}
 

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import anyio
@@ -23,6 +24,7 @@ from bulkdisconnect.errors import (
     LockHeldError,
 )
 from bulkdisconnect.logs import redact_text
+from bulkdisconnect.metrics import MetricsSettings, RunMetrics
 from bulkdisconnect.model import GOOD_OUTCOMES, Outcome, RunStats
 from bulkdisconnect.pool import MAX_CONCURRENCY, Pool, PoolSettings
 from bulkdisconnect.progress import show_progress
@@ -72,6 +74,7 @@ async def _locked_run(
     await store.start_run(config.job, run_id)
     exit_code = ExitCode.INTERRUPTED
     message = "interrupted"
+    metrics = _metrics_for(config)
     try:
         async with _heartbeat(store, config, owner), _signals() as stopping:
             exit_code, message = await _plan_and_work(
@@ -81,6 +84,7 @@ async def _locked_run(
                 store=store,
                 run_id=run_id,
                 stopping=stopping,
+                metrics=metrics,
             )
     except BaseExceptionGroup as group:
         error = _single_error(group)
@@ -93,7 +97,29 @@ async def _locked_run(
     finally:
         with anyio.CancelScope(shield=True):
             await store.finish_run(run_id, int(exit_code), redact_text(message))
+            if metrics is not None:
+                metrics.finish(int(exit_code))
+                await anyio.to_thread.run_sync(metrics.publish)
     return exit_code
+
+
+def _metrics_for(config: RunConfig) -> RunMetrics | None:
+    """Prometheus metrics for the run, when a file or a Pushgateway asks for them."""
+    if config.metrics_file is None and config.pushgateway is None:
+        return None
+    settings = MetricsSettings(
+        file=Path(config.metrics_file) if config.metrics_file else None,
+        pushgateway=config.pushgateway,
+    )
+    return RunMetrics(config.job, settings)
+
+
+async def _publish_metrics(metrics: RunMetrics, stats: RunStats, every: float) -> None:
+    """Keep the metrics file (or Pushgateway) current while the run works."""
+    while True:
+        await anyio.sleep(every)
+        metrics.set_progress(pending=stats.planned - stats.done, target_rate=stats.current_rate)
+        await anyio.to_thread.run_sync(metrics.publish)
 
 
 async def _plan_and_work(
@@ -104,6 +130,7 @@ async def _plan_and_work(
     store: Store,
     run_id: str,
     stopping: anyio.Event,
+    metrics: RunMetrics | None,
 ) -> tuple[ExitCode, str]:
     started = time.monotonic()
     counts = await _plan(store, config, source, stopping)
@@ -121,9 +148,17 @@ async def _plan_and_work(
     )
     if counts.to_call:
         await _work(
-            config=config, store=store, run_id=run_id, stats=stats, stopping=stopping, hooks=hooks
+            config=config,
+            store=store,
+            run_id=run_id,
+            stats=stats,
+            stopping=stopping,
+            hooks=hooks,
+            metrics=metrics,
         )
     job_counts = await store.counts(config.job)
+    if metrics is not None:
+        metrics.set_progress(pending=job_counts.get(None, 0), target_rate=stats.current_rate)
     exit_code = _exit_code(job_counts, interrupted=stopping.is_set())
     elapsed = time.monotonic() - started
     summary = format_summary(config, stats, job_counts, elapsed, exit_code)
@@ -173,6 +208,7 @@ async def _work(
     stats: RunStats,
     stopping: anyio.Event,
     hooks: RunHooks,
+    metrics: RunMetrics | None,
 ) -> None:
     """Call the API for every pending account; flush every outcome however this ends."""
     assert config.api_key is not None
@@ -210,11 +246,14 @@ async def _work(
             ),
             stats=stats,
             stopping=stopping,
+            metrics=metrics,
         )
         error: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(writer.run)
+                if metrics is not None:
+                    tg.start_soon(_publish_metrics, metrics, stats, metrics.settings.interval)
                 if hooks.progress:
                     tg.start_soon(show_progress, stats)
                 with anyio.CancelScope() as pool_scope:

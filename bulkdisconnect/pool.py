@@ -22,6 +22,7 @@ from bulkdisconnect.breaker import FailureBreaker
 from bulkdisconnect.client import Answer, StripeClient
 from bulkdisconnect.errors import AuthenticationError, BreakerTrippedError, WrongModeError
 from bulkdisconnect.limiter import AdaptivePacer, ConcurrencyTuner, RateLimiter
+from bulkdisconnect.metrics import RunMetrics
 from bulkdisconnect.model import ItemResult, Outcome, RunStats, idempotency_key
 from bulkdisconnect.retry import WRONG_MODE, Action, RetryPolicy, classify
 from bulkdisconnect.store import Store
@@ -61,6 +62,7 @@ class Pool:
         settings: PoolSettings,
         stats: RunStats,
         stopping: anyio.Event,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self._job = job
         self._run_id = run_id
@@ -73,6 +75,7 @@ class Pool:
         self._settings = settings
         self._stats = stats
         self._stopping = stopping
+        self._metrics = metrics
         # A fixed --concurrency is enforced by the number of workers alone; an adaptive one
         # by a resizable limiter in front of the request, below MAX_CONCURRENCY workers.
         self._tuner: ConcurrencyTuner | None = None
@@ -118,6 +121,8 @@ class Pool:
                 return
             await self._writer.add(result)
             self._stats.outcomes[result.outcome] += 1
+            if self._metrics is not None:
+                self._metrics.outcome(result.outcome)
             if self._breaker.observe(result.outcome):
                 raise BreakerTrippedError(
                     f"failure breaker tripped: {self._breaker.diagnosis()}; "
@@ -138,8 +143,11 @@ class Pool:
                     stats.requests += 1
                     sent = time.monotonic()
                     answer = await self._client.disconnect(account_id, key)
+                latency = time.monotonic() - sent
                 if self._tuner is not None:
-                    self._tuner.observe_latency(time.monotonic() - sent)
+                    self._tuner.observe_latency(latency)
+                if self._metrics is not None:
+                    self._metrics.request(latency, status=answer.status)
             attempts += 1
             self._observe_rate(answer)
             decision = classify(answer)
@@ -175,6 +183,8 @@ class Pool:
                     first_attempt_at=first_attempt_at,
                 )
             stats.retries += 1
+            if self._metrics is not None:
+                self._metrics.retry()
             delay = policy.delay(attempts)
             log.debug(
                 "bulkdisconnect.retry",

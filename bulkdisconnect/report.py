@@ -26,6 +26,8 @@ REPORT_COLUMNS = [
     "updated_at",
     "error_message",
     "first_attempt_at",
+    "confirmed_at",
+    "event_id",
 ]
 FORMATS = ("jsonl", "csv")
 
@@ -74,6 +76,11 @@ async def write_status(store: Store, job: str, out: TextIO) -> None:
     """Counts per outcome, the last run and whether a run holds the lock now."""
     counts = await store.counts(job)
     out.write(f"job {job}: {sum(counts.values())} accounts\n  {format_counts(counts)}\n")
+    confirmed = await store.confirmed_count(job)
+    unconfirmed = counts.get(Outcome.DISCONNECTED.value, 0) - confirmed
+    out.write(
+        f"  webhook confirmations: confirmed {confirmed}, unconfirmed {max(unconfirmed, 0)}\n"
+    )
     run = await store.last_run(job)
     if run is not None:
         ended = (
@@ -93,16 +100,21 @@ async def write_status(store: Store, job: str, out: TextIO) -> None:
         )
 
 
-async def write_report(store: Store, job: str, out: TextIO, fmt: str) -> int:
-    """Stream one row per account in CSV or JSONL; returns the number of rows."""
+async def write_report(
+    store: Store, job: str, out: TextIO, fmt: str, *, unconfirmed: bool = False
+) -> int:
+    """Stream one row per account in CSV or JSONL; returns the number of rows.
+
+    With `unconfirmed`, only disconnected accounts no webhook event has confirmed yet.
+    """
     names = [f.name for f in fields(ReportRow)]
     order = [names.index(c) for c in REPORT_COLUMNS]
     writer = csv.writer(out) if fmt == "csv" else None
     if writer is not None:
         writer.writerow(REPORT_COLUMNS)
     count = 0
-    times = [REPORT_COLUMNS.index(c) for c in ("updated_at", "first_attempt_at")]
-    async for row in store.rows(job):
+    times = [REPORT_COLUMNS.index(c) for c in ("updated_at", "first_attempt_at", "confirmed_at")]
+    async for row in store.rows(job, unconfirmed=unconfirmed):
         values = astuple(row)
         ordered = [values[i] for i in order]
         for i in times:

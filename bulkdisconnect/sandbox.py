@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Self
 from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, web
 from aiohttp.typedefs import Handler
 
 from bulkdisconnect.model import is_valid_account_id
@@ -80,6 +80,8 @@ class SandboxConfig:
     api_key: str | None = None  # if set, the only key accepted
     revoke_after: int | None = None  # answered disconnect calls before the key stops working
     seed: int | None = None  # of the fault and jitter random numbers
+    webhook_url: str | None = None  # where to send financial_connections.account.disconnected
+    webhook_secret: str | None = None  # signs those events (Stripe-Signature)
 
     def __post_init__(self) -> None:
         faults = (self.p500, self.p429, self.p_lock_timeout, self.p_drop, self.p_hang)
@@ -213,6 +215,10 @@ class Sandbox:
         self._disconnected: set[str] = set()
         self._answered = 0  # disconnect calls answered, for revoke_after
         self._window: deque[float] = deque()  # arrival times of requests the limiter let in
+        self._deliveries: set[asyncio.Task[None]] = set()  # webhook events on their way
+        self._webhook_session: ClientSession | None = None
+        self.events_delivered = 0
+        self.events_failed = 0
 
     def configure(self, **changes: Any) -> SandboxConfig:
         """Replace some knobs (SandboxConfig field names) while serving; returns the new config."""
@@ -248,6 +254,7 @@ class Sandbox:
         app.router.add_post("/_sandbox/reset", self._post_reset)
         app.router.add_post(DISCONNECT_ROUTE, self._disconnect)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
+        app.on_cleanup.append(self._close_webhooks)
         return app
 
     async def run(
@@ -464,6 +471,7 @@ class Sandbox:
                 code="resource_missing",
                 param="account",
             )
+        newly = account not in self._disconnected
         self._disconnected.add(account)
         created = 1_600_000_000 + zlib.crc32(account.encode()) % 100_000_000
         body = (
@@ -471,7 +479,54 @@ class Sandbox:
             .replace('"@created"', str(created))
             .replace('"@livemode"', "true" if config.livemode_accounts else "false")
         )
+        if newly and config.webhook_url and config.webhook_secret:
+            # Stripe emits the event when the status changes, after answering the request.
+            task = asyncio.get_running_loop().create_task(
+                self._deliver(config.webhook_url, config.webhook_secret, body, note)
+            )
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
         return _Answer(200, body.encode())
+
+    async def _deliver(self, url: str, secret: str, account: str, note: _Note) -> None:
+        """POST one signed financial_connections.account.disconnected event, retrying a little."""
+        from bulkdisconnect.webhook import sign
+
+        event = {
+            "id": f"evt_{_request_id()[4:]}",
+            "object": "event",
+            "api_version": DEFAULT_STRIPE_VERSION,
+            "created": int(time.time()),
+            "livemode": self.config.livemode_accounts,
+            "pending_webhooks": 1,
+            "request": {"id": note.request_id, "idempotency_key": None},
+            "type": "financial_connections.account.disconnected",
+            "data": {"object": json.loads(account)},
+        }
+        payload = json.dumps(event).encode()
+        if self._webhook_session is None:
+            self._webhook_session = ClientSession()
+        for attempt in range(3):
+            headers = {
+                "Content-Type": "application/json",
+                "Stripe-Signature": sign(payload, secret),
+            }
+            try:
+                async with self._webhook_session.post(url, data=payload, headers=headers) as r:
+                    if r.status < 300:
+                        self.events_delivered += 1
+                        return
+            except (ClientError, OSError):
+                pass
+            await asyncio.sleep(0.2 * 2**attempt)
+        self.events_failed += 1
+
+    async def _close_webhooks(self, _app: web.Application) -> None:
+        for task in list(self._deliveries):
+            task.cancel()
+        if self._webhook_session is not None:
+            await self._webhook_session.close()
+            self._webhook_session = None
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         note = request.get(_NOTE) or _Note(time.monotonic(), _request_id())

@@ -1,0 +1,235 @@
+"""The webhook receiver: verify Stripe's signature, record disconnected events in the store.
+
+Signature checking follows stripe-python's `stripe/_webhook.py` (`WebhookSignature`): the
+`Stripe-Signature` header is `t=<unix>,v1=<hex>[,v1=<hex>...]`, the signed payload is
+`"<t>." + raw body`, each v1 is an HMAC-SHA256 hex digest with the endpoint secret as key, and a
+timestamp older than the tolerance is refused (a future one is not).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import orjson
+import structlog
+from aiohttp import web
+
+from bulkdisconnect.errors import UsageError
+from bulkdisconnect.store import Confirmation, Store
+
+SIGNATURE_TOLERANCE = 300  # seconds; stripe-python's Webhook.DEFAULT_TOLERANCE
+SIGNATURE_HEADER = "Stripe-Signature"
+EXPECTED_SCHEME = "v1"
+DISCONNECTED = "financial_connections.account.disconnected"
+# In-flight deliveries get this long to finish (one SQLite write each) when the server stops.
+_SHUTDOWN_GRACE = 5.0  # seconds
+
+_DIGITS = re.compile(r"[0-9]+")
+
+log = structlog.get_logger("bulkdisconnect")
+
+
+class SignatureError(Exception):
+    """The Stripe-Signature header is missing, malformed, does not match, or is too old."""
+
+
+def _digest(timestamp: int, payload: bytes, secret: str) -> str:
+    signed = f"{timestamp}.".encode() + payload
+    return hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+
+def sign(payload: bytes, secret: str, *, timestamp: int | None = None) -> str:
+    """A Stripe-Signature header value for payload (stripe-python's generate_signature_header)."""
+    if timestamp is None:
+        timestamp = int(time.time())
+    return f"t={timestamp},{EXPECTED_SCHEME}={_digest(timestamp, payload, secret)}"
+
+
+def _parse_header(header: str) -> tuple[int, list[str]]:
+    """The timestamp and the v1 signatures of a header; other schemes (v0) are skipped."""
+    timestamps: list[str] = []
+    signatures: list[str] = []
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t":
+            timestamps.append(value)
+        elif key == EXPECTED_SCHEME:
+            signatures.append(value)
+    if not timestamps:
+        raise SignatureError("no timestamp (t=) in the Stripe-Signature header")
+    if len(timestamps) > 1:  # stripe-python keeps the last; an ambiguous header is refused here
+        raise SignatureError("more than one timestamp (t=) in the Stripe-Signature header")
+    if _DIGITS.fullmatch(timestamps[0]) is None:
+        raise SignatureError("the timestamp (t=) in the Stripe-Signature header is not an integer")
+    if not signatures:
+        raise SignatureError("no v1 signature in the Stripe-Signature header")
+    return int(timestamps[0]), signatures
+
+
+def verify(
+    payload: bytes,
+    header: str | None,
+    secrets: Sequence[str],
+    *,
+    tolerance: float = SIGNATURE_TOLERANCE,
+    now: float | None = None,
+) -> None:
+    """Raise SignatureError unless a v1 signature in header matches payload under a secret."""
+    if not header:
+        raise SignatureError("no Stripe-Signature header")
+    timestamp, signatures = _parse_header(header)
+    # compare_digest refuses non-ASCII str; such a value cannot be a hex digest anyway.
+    candidates = [s for s in signatures if s.isascii()]
+    expected = [_digest(timestamp, payload, secret) for secret in secrets]
+    # Every pair is compared (no early exit), so timing says nothing about which one matched.
+    matched = False
+    for want in expected:
+        for got in candidates:
+            matched |= hmac.compare_digest(want, got)
+    if not matched:
+        raise SignatureError("no v1 signature matches the payload under the configured secrets")
+    if now is None:
+        now = time.time()
+    if timestamp < now - tolerance:
+        age = int(now - timestamp)
+        raise SignatureError(f"timestamp is {age} s old, over the {tolerance:g} s tolerance")
+
+
+def parse_secrets(value: str | None) -> list[str]:
+    """The webhook signing secrets in STRIPE_WEBHOOK_SECRET (comma-separated during a rotation)."""
+    secrets = [part.strip() for part in (value or "").split(",")]
+    secrets = [secret for secret in secrets if secret]
+    if not secrets:
+        raise UsageError(
+            "STRIPE_WEBHOOK_SECRET is not set: set it to the endpoint's signing secret (whsec_...),"
+            " or to several separated by commas while rotating it"
+        )
+    for number, secret in enumerate(secrets, 1):
+        # Signing secrets are ASCII; anything else (e.g. a byte the environment could not decode)
+        # would fail every delivery, so say so now. The value itself is never echoed.
+        if not (secret.isascii() and secret.isprintable()):
+            raise UsageError(
+                f"secret #{number} in STRIPE_WEBHOOK_SECRET has a non-ASCII or control character:"
+                " copy the signing secret again from the Stripe dashboard"
+            )
+    return secrets
+
+
+def _error(reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=400)
+
+
+def _received(result: str) -> web.Response:
+    return web.json_response({"received": True, "result": result})
+
+
+def _event(payload: bytes) -> dict[str, Any] | None:
+    """The event object in a body, or None if it is not a JSON object with string id and type."""
+    try:
+        event = orjson.loads(payload)  # orjson caps nesting depth: no RecursionError
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    if not (isinstance(event.get("id"), str) and event["id"]):
+        return None
+    if not (isinstance(event.get("type"), str) and event["type"]):
+        return None
+    return event
+
+
+def _account_id(event: dict[str, Any]) -> str | None:
+    """data.object.id of an event, if it is a non-empty string."""
+    data = event.get("data")
+    account = data.get("object") if isinstance(data, dict) else None
+    found = account.get("id") if isinstance(account, dict) else None
+    return found if isinstance(found, str) and found else None
+
+
+class WebhookReceiver:
+    """Receives a job's Stripe events and records disconnection confirmations in the store."""
+
+    def __init__(self, store: Store, job: str, secrets: Sequence[str]) -> None:
+        if not secrets:
+            raise ValueError("a webhook receiver needs at least one signing secret")
+        self.store = store
+        self.job = job
+        self._secrets = tuple(secrets)
+        # confirmed / replayed / unknown / ignored / rejected
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def make_app(self, path: str = "/webhook") -> web.Application:
+        """An aiohttp application with the one POST route at path."""
+        app = web.Application()
+        app.router.add_post(path, self.handle)
+        return app
+
+    def _reject(self, reason: str) -> web.Response:
+        self.counts["rejected"] += 1
+        # The reason never holds a secret or a signature value: verify builds it from neither.
+        log.warning("bulkdisconnect.webhook.rejected", reason=reason)
+        return _error(reason)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Answer one delivery: 400 if unsigned or malformed, else 200 with what it did."""
+        payload = await request.read()
+        try:
+            verify(payload, request.headers.get(SIGNATURE_HEADER), self._secrets)
+        except SignatureError as exc:
+            return self._reject(str(exc))
+        event = _event(payload)
+        if event is None:
+            return self._reject("the body is not a JSON event with a string id and type")
+        if event["type"] != DISCONNECTED:
+            result = "ignored"
+        else:
+            account_id = _account_id(event)
+            if account_id is None:
+                # Acknowledging it would lose a confirmation silently; a 400 shows in Stripe's
+                # dashboard as a failed delivery.
+                return self._reject(f"{DISCONNECTED} event without a string data.object.id")
+            confirmation: Confirmation = await self.store.confirm(
+                self.job, account_id, event_id=event["id"], confirmed_at=time.time()
+            )
+            result = confirmation.value
+        self.counts[result] += 1
+        log.debug(
+            "bulkdisconnect.webhook.event", event_id=event["id"], type=event["type"], result=result
+        )
+        return _received(result)
+
+
+async def serve_webhook(
+    receiver: WebhookReceiver,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    path: str = "/webhook",
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve the receiver until cancelled; `ready` gets the full URL (with path) once listening."""
+    runner = web.AppRunner(
+        receiver.make_app(path),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=_SHUTDOWN_GRACE,
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        if ":" in bound_host:  # IPv6
+            bound_host = f"[{bound_host}]"
+        if ready is not None:
+            ready(f"http://{bound_host}:{bound_port}{path}")
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await runner.cleanup()
