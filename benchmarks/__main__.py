@@ -246,12 +246,54 @@ def _curl_command(url: str, ids: Path, concurrency: int) -> str:
     )
 
 
+def report(box: Sandbox, quick: bool) -> list[str]:
+    """The audit export streams: peak memory of `report` for a small and a 10x larger job."""
+    del box
+    counts = (20_000, 200_000) if quick else (100_000, 1_000_000)
+    peaks = []
+    for count in counts:
+        state = MEMORY_STATE[count]  # planned by the memory benchmark
+        with sqlite3.connect(state) as db:
+            db.execute("UPDATE accounts SET outcome = 'disconnected' WHERE outcome IS NULL")
+        (job,) = sqlite3.connect(state).execute("SELECT job FROM accounts LIMIT 1").fetchone()
+        output = state.with_suffix(".csv")
+        result = timed(
+            [
+                sys.executable,
+                "-m",
+                "bulkdisconnect",
+                "report",
+                "--job",
+                job,
+                "--state",
+                str(state),
+                "--format",
+                "csv",
+                "--output",
+                str(output),
+            ]
+        )
+        assert result.returncode == 0, result
+        peaks.append((result.peak_rss_mb, result.seconds))
+    return [
+        "`bulkdisconnect report --format csv` of a finished job (target: flat memory).",
+        "",
+        f"| {counts[0]:,} rows | {counts[1]:,} rows | growth | rows/s at {counts[1]:,} |",
+        "| ---: | ---: | ---: | ---: |",
+        (
+            f"| {peaks[0][0]:.1f} MB | {peaks[1][0]:.1f} MB "
+            f"| **{peaks[1][0] - peaks[0][0]:+.1f} MB** | {counts[1] / peaks[1][1]:,.0f} |"
+        ),
+    ]
+
+
 SECTIONS: dict[str, tuple[str, Section]] = {
     "ceiling": ("1. Ceiling", ceiling),
     "latency": ("2. Latency-bound", latency_bound),
     "throttled": ("3. Throttled", throttled),
     "memory": ("4. Memory", memory),
     "resume": ("5. Resume", resume),
+    "report": ("6. Audit export", report),
 }
 MEMORY_STATE: dict[int, Path] = {}
 

@@ -226,7 +226,13 @@ def webhook(job: str, state: str | None, host: str, port: int, path: str) -> Non
 @click.option("--latency-ms", type=float, default=0.0, show_default=True)
 @click.option("--jitter-ms", type=float, default=0.0, show_default=True)
 @click.option("--p500", type=float, default=0.0, show_default=True, help="Share of 500 answers.")
-@click.option("--p429", type=float, default=0.0, show_default=True, help="Share of 429 answers.")
+@click.option(
+    "--p429",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of 429 rate_limit answers (the runner slows down on them, as on Stripe).",
+)
 @click.option("--p-lock-timeout", type=float, default=0.0, show_default=True)
 @click.option(
     "--p-drop", type=float, default=0.0, show_default=True, help="Share of dropped connections."

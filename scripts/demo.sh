@@ -19,24 +19,45 @@ open(f"{out}/accounts.txt", "w").write("\n".join(lines) + "\n")
 open(f"{out}/missing.txt", "w").write("\n".join(rng.sample(ids, 40)) + "\n")
 PY
 
-$BIN/bulkdisconnect sandbox --port 0 --latency-ms 40 --jitter-ms 30 --p500 0.01 --p429 0.01 \
-    --p-drop 0.002 --seed 7 --missing "$OUT/missing.txt" > "$OUT/sandbox.log" 2>&1 &
+# Print the first URL a background process logged, once it has.
+url_from() {
+    for _ in $(seq 100); do
+        if grep -qE 'http://[0-9.:]+' "$1"; then
+            grep -oE 'http://[0-9.:]+[^ ]*' "$1" | head -1
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "did not start:" >&2
+    cat "$1" >&2
+    return 1
+}
+
+# The webhook receiver records Stripe's disconnected events: the proof of each purge.
+export STRIPE_WEBHOOK_SECRET=whsec_demo0000000000000000
+$BIN/bulkdisconnect webhook --job demo --state "$OUT/state.sqlite" --port 0 \
+    > "$OUT/webhook.log" 2>&1 &
+WEBHOOK=$!
+trap 'kill $WEBHOOK 2>/dev/null || true' EXIT
+HOOK_URL=$(url_from "$OUT/webhook.log")
+
+# Latency, a few 500s, lock timeouts and dropped connections: the retries show in the summary.
+$BIN/bulkdisconnect sandbox --port 0 --latency-ms 40 --jitter-ms 30 --p500 0.01 \
+    --p-lock-timeout 0.01 --p-drop 0.002 --seed 7 --missing "$OUT/missing.txt" \
+    --webhook-url "$HOOK_URL" > "$OUT/sandbox.log" 2>&1 &
 SANDBOX=$!
-trap 'kill $SANDBOX 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-    URL=$(grep -oE 'http://[0-9.:]+' "$OUT/sandbox.log" | head -1 || true)
-    [ -n "$URL" ] && break
-    sleep 0.1
-done
-[ -n "$URL" ] || { echo "the sandbox did not start:"; cat "$OUT/sandbox.log"; exit 1; }
-echo "sandbox at $URL"
+trap 'kill $SANDBOX $WEBHOOK 2>/dev/null || true' EXIT
+URL=$(url_from "$OUT/sandbox.log")
+echo "sandbox at $URL, webhook receiver at $HOOK_URL"
 
 set +e
-STRIPE_API_KEY=sk_test_demo0000000000000000 $BIN/bulkdisconnect run jobs/demo.toml --api-base "$URL"
+STRIPE_API_KEY=sk_test_demo0000000000000000 $BIN/bulkdisconnect run jobs/demo.toml \
+    --api-base "$URL" --metrics-file "$OUT/bulkdisconnect.prom"
 CODE=$?
 set -e
 echo "exit code $CODE (1 = finished, some accounts invalid or failed: see the report)"
+sleep 1  # the last webhook events are on their way
 $BIN/bulkdisconnect report --job demo --state "$OUT/state.sqlite" --format csv \
     --output "$OUT/report.csv"
 $BIN/bulkdisconnect status --job demo --state "$OUT/state.sqlite"
-echo "report: $OUT/report.csv"
+echo "report: $OUT/report.csv   metrics: $OUT/bulkdisconnect.prom"
