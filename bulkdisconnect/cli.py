@@ -195,6 +195,8 @@ def webhook(job: str, state: str | None, host: str, port: int, path: str) -> Non
 
     Secrets come from env STRIPE_WEBHOOK_SECRET (comma-separated, for rotation).
     """
+    import structlog
+
     from bulkdisconnect import logs
     from bulkdisconnect.store import open_store
     from bulkdisconnect.webhook import WebhookReceiver, parse_secrets, serve_webhook
@@ -209,10 +211,14 @@ def webhook(job: str, state: str | None, host: str, port: int, path: str) -> Non
         secrets = parse_secrets(os.environ.get("STRIPE_WEBHOOK_SECRET"))
         # The store may not exist yet: the receiver is often started before the run.
         store = await open_store(_state_for(job, state, must_exist=False))
+        receiver = WebhookReceiver(store, job, secrets)
         try:
-            receiver = WebhookReceiver(store, job, secrets)
             await serve_webhook(receiver, host=host, port=port, path=path, ready=ready)
         finally:
+            # What the receiver saw, including events for accounts outside the job.
+            structlog.get_logger("bulkdisconnect").info(
+                "bulkdisconnect.webhook.stopped", job=job, **dict(receiver.counts)
+            )
             with anyio.CancelScope(shield=True):
                 await store.aclose()
 

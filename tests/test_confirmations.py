@@ -57,7 +57,9 @@ def test_disconnections_are_confirmed_by_webhook_events(
         assert "confirmed 40, unconfirmed 0" in status
     finally:
         receiver.send_signal(signal.SIGINT)
-        receiver.communicate(timeout=10)
+        _, log = receiver.communicate(timeout=10)
+    stopped = json.loads(next(line for line in log.splitlines() if "webhook.stopped" in line))
+    assert stopped["confirmed"] == 40
 
     rows = [json.loads(line) for line in ws.run("report", "--job", "ids").stdout.splitlines()]
     confirmed = {r["account_id"]: r for r in rows if r["confirmed_at"]}
