@@ -36,6 +36,14 @@ def idempotency_key(job: str, account_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Settled:
+    """An account a source already knows the outcome of (e.g. listed as disconnected)."""
+
+    account_id: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
 class ItemResult:
     """What one account's work ended with, as the store records it."""
 

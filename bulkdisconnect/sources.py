@@ -17,14 +17,14 @@ import json
 import sys
 import typing
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path, PurePath
 from typing import Protocol
 
 import anyio.to_thread
 
 from bulkdisconnect.errors import InputError
-from bulkdisconnect.model import ACCOUNT_ID_PATTERN
+from bulkdisconnect.model import ACCOUNT_ID_PATTERN, Settled
 
 DEFAULT_FIELD = "account_id"
 # Bounds the memory one line can take; an ID row is ~30 bytes, so only junk comes near it.
@@ -33,12 +33,16 @@ _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 class Source(Protocol):
-    """A stream of raw account-ID values (trimmed strings), read in chunks."""
+    """A stream of raw account-ID values (trimmed strings), read in chunks.
+
+    A source that already knows an account's outcome (a Stripe list showing it disconnected)
+    yields a `Settled` for it instead of the bare ID.
+    """
 
     description: str
 
-    def chunks(self, size: int = 1000) -> AsyncIterator[list[str]]:
-        """Yield lists of 1 to `size` values; raise InputError naming a malformed line."""
+    def chunks(self, size: int = 1000) -> AsyncIterator[Sequence[str | Settled]]:
+        """Yield sequences of 1 to `size` values; raise InputError naming a malformed row."""
         ...
 
 

@@ -32,7 +32,7 @@ async def read_all(source: Source, size: int = 1000) -> list[str]:
     values: list[str] = []
     async for chunk in source.chunks(size):
         assert 0 < len(chunk) <= size
-        values.extend(chunk)
+        values.extend(v for v in chunk if isinstance(v, str))
     return values
 
 
@@ -188,7 +188,9 @@ async def test_long_bad_line_is_clipped_in_the_message(tmp_path: Path) -> None:
     path = write(tmp_path / "ids.jsonl", "x" * 100_000 + "\n")
     with pytest.raises(InputError) as info:
         await read_path(path)
-    assert len(str(info.value)) < 200
+    message = str(info.value).removeprefix(str(path))
+    assert len(message) < 150
+    assert "x" * 81 not in message
 
 
 @pytest.mark.anyio

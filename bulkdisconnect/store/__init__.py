@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bulkdisconnect.model import ItemResult
+from bulkdisconnect.model import ItemResult, Settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +85,7 @@ class Store(Protocol):
     async def plan(
         self,
         job: str,
-        chunks: AsyncIterator[Sequence[str]],
+        chunks: AsyncIterator[Sequence[str | Settled]],
         *,
         retry_failed: bool,
         dry_run: bool,

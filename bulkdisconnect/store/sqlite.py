@@ -16,7 +16,13 @@ import anyio
 import anyio.to_thread
 
 from bulkdisconnect.errors import LockHeldError, UsageError
-from bulkdisconnect.model import MAX_ACCOUNT_ID_LENGTH, ItemResult, Outcome, is_valid_account_id
+from bulkdisconnect.model import (
+    MAX_ACCOUNT_ID_LENGTH,
+    ItemResult,
+    Outcome,
+    Settled,
+    is_valid_account_id,
+)
 from bulkdisconnect.store import Confirmation, LockInfo, PlanCounts, ReportRow, RunInfo
 
 T = TypeVar("T")
@@ -63,6 +69,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
+SETTLED_MESSAGE = "already disconnected when listed: recorded without a call"
 INVALID_MESSAGE = "not a Financial Connections account ID (fca_ followed by letters and digits)"
 
 RECORD = """
@@ -174,7 +181,7 @@ class SQLiteStore:
     async def plan(
         self,
         job: str,
-        chunks: AsyncIterator[Sequence[str]],
+        chunks: AsyncIterator[Sequence[str | Settled]],
         *,
         retry_failed: bool,
         dry_run: bool,
@@ -404,13 +411,21 @@ def _immediate(db: sqlite3.Connection) -> Iterator[None]:
 def _create_staging(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE IF EXISTS temp.staged")
     # A rowid table: INSERT OR IGNORE keeps each value's first-seen position in the input.
-    db.execute("CREATE TEMP TABLE staged (account_id TEXT NOT NULL UNIQUE, valid INTEGER NOT NULL)")
+    db.execute(
+        "CREATE TEMP TABLE staged "
+        "(account_id TEXT NOT NULL UNIQUE, valid INTEGER NOT NULL, settled TEXT)"
+    )
 
 
-def _stage(db: sqlite3.Connection, *, chunk: Sequence[str]) -> None:
-    rows = [(v[:MAX_ACCOUNT_ID_LENGTH], is_valid_account_id(v)) for v in chunk]
+def _stage(db: sqlite3.Connection, *, chunk: Sequence[str | Settled]) -> None:
+    rows = [
+        (v[:MAX_ACCOUNT_ID_LENGTH], is_valid_account_id(v), None)
+        if isinstance(v, str)
+        else (v.account_id, is_valid_account_id(v.account_id), v.outcome.value)
+        for v in chunk
+    ]
     with _immediate(db):
-        db.executemany("INSERT OR IGNORE INTO temp.staged VALUES (?, ?)", rows)
+        db.executemany("INSERT OR IGNORE INTO temp.staged VALUES (?, ?, ?)", rows)
 
 
 def _merge(
@@ -427,14 +442,31 @@ def _merge(
     db.execute("BEGIN IMMEDIATE")
     try:
         now = time.time()
+        # Invalid values are recorded invalid_id; settled ones (a Stripe list showed them
+        # disconnected already) with their outcome and no call; the rest are to call.
         db.execute(
             "INSERT OR IGNORE INTO accounts (job, account_id, outcome, error_code, "
             "error_message, updated_at) "
-            "SELECT ?, s.account_id, CASE WHEN s.valid THEN NULL ELSE ? END, "
-            "CASE WHEN s.valid THEN NULL ELSE ? END, CASE WHEN s.valid THEN NULL ELSE ? END, "
-            "CASE WHEN s.valid THEN NULL ELSE ? END "
+            "SELECT ?, s.account_id, CASE WHEN NOT s.valid THEN ? ELSE s.settled END, "
+            "CASE WHEN s.valid THEN NULL ELSE ? END, "
+            "CASE WHEN NOT s.valid THEN ? WHEN s.settled IS NOT NULL THEN ? END, "
+            "CASE WHEN NOT s.valid OR s.settled IS NOT NULL THEN ? END "
             "FROM temp.staged s ORDER BY s.rowid",
-            (job, Outcome.INVALID_ID.value, Outcome.INVALID_ID.value, INVALID_MESSAGE, now),
+            (
+                job,
+                Outcome.INVALID_ID.value,
+                Outcome.INVALID_ID.value,
+                INVALID_MESSAGE,
+                SETTLED_MESSAGE,
+                now,
+            ),
+        )
+        # A settled account already pending in the job (listed again later) needs no call.
+        db.execute(
+            "UPDATE accounts SET outcome = s.settled, error_message = ?, updated_at = ? "
+            "FROM temp.staged s WHERE accounts.job = ? AND accounts.account_id = s.account_id "
+            "AND accounts.outcome IS NULL AND s.settled IS NOT NULL AND s.valid",
+            (SETTLED_MESSAGE, now, job),
         )
         (to_call,) = db.execute(
             "SELECT COUNT(*) FROM accounts WHERE job = ? "
