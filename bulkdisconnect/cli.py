@@ -35,79 +35,100 @@ def main() -> None:
     """Disconnect Stripe Financial Connections accounts in bulk, resumably, within a rate limit."""
 
 
+_RUN_OPTIONS = [
+    click.argument("job_file", required=False, type=click.Path(path_type=Path)),
+    click.option(
+        "--input", "input_", metavar="PATH", help=".txt, .csv, .jsonl (optionally .gz); - = stdin."
+    ),
+    click.option("--db", metavar="URL", help="sqlite:///path or postgresql://… for --query."),
+    click.option("--query", metavar="SQL", help="Yields account IDs; :name binds a --param."),
+    click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Repeatable."),
+    click.option(
+        "--customer", multiple=True, metavar="cus_…", help="List this customer's accounts."
+    ),
+    click.option("--customers", metavar="FILE", help="Customer IDs, one a line."),
+    click.option("--column", metavar="NAME", help="CSV column / JSONL field / SQL column."),
+    click.option(
+        "--job", metavar="NAME", help="The key a rerun resumes under [job file/input name]."
+    ),
+    click.option("--state", metavar="PATH", help="The result store [state/<job>.sqlite]."),
+    click.option("--api-base", metavar="URL", help="[env STRIPE_API_BASE, else api.stripe.com]"),
+    click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
+    click.option("--stripe-account", metavar="ID", help="Send Stripe-Account (Connect)."),
+    click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
+    click.option("--rate", type=float, help="Max requests per second [20]."),
+    click.option("--concurrency", type=int, help="Max requests in flight [adapts to latency]."),
+    click.option("--max-attempts", type=int, help="Attempts per account, first included [5]."),
+    click.option("--dry-run", is_flag=True, default=None, help="Plan only: no disconnect."),
+    click.option("--retry-failed", is_flag=True, default=None, help="Retry accounts that failed."),
+    click.option("--yes", is_flag=True, default=None, help="Go ahead with a live key, no prompt."),
+    click.option("--max-accounts", type=int, help="Refuse if more accounts than this are to call."),
+    click.option("--timeout", type=float, help="Total seconds per request [30]."),
+    click.option("--connect-timeout", type=float, help="Seconds to connect [10]."),
+    click.option("--grace", type=float, help="Seconds in flight get after a stop signal [10]."),
+    click.option("--retry-delay", type=float, help="First backoff delay in seconds [0.5]."),
+    click.option("--retry-max-delay", type=float, help="Longest backoff delay in seconds [20]."),
+    click.option(
+        "--breaker-min-sample", type=int, help="Answers before the breaker may trip [100]."
+    ),
+    click.option("--breaker-threshold", type=float, help="Bad share that trips it; 1 = off [0.5]."),
+    click.option("--lock-stale-after", type=float, help="Seconds without heartbeat: stale [30]."),
+    click.option("--metrics-file", metavar="PATH", help="Prometheus textfile (node_exporter)."),
+    click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics here."),
+    click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto"),
+    click.option("--progress/--no-progress", default=True, help="Progress bar or log lines."),
+]
+
+
+def _run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options `run` and `plan` share (the same names as the job file's keys)."""
+    for option in reversed(_RUN_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.argument("job_file", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "--input", "input_", metavar="PATH", help=".txt, .csv, .jsonl (optionally .gz); - for stdin."
-)
-@click.option(
-    "--column", metavar="NAME", help="CSV column / JSONL field holding the ID [account_id]."
-)
-@click.option(
-    "--job", metavar="NAME", help="The key a rerun resumes under [job file or input name]."
-)
-@click.option("--state", metavar="PATH", help="The result store [state/<job>.sqlite].")
-@click.option(
-    "--api-base", metavar="URL", help="[env STRIPE_API_BASE, else https://api.stripe.com]"
-)
-@click.option(
-    "--api-key-file", metavar="PATH", help="Read the key from a file [env STRIPE_API_KEY]."
-)
-@click.option("--stripe-account", metavar="ID", help="Send Stripe-Account (Connect platforms).")
-@click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version.")
-@click.option("--rate", type=float, help="Max requests per second [20].")
-@click.option("--concurrency", type=int, help="Max requests in flight [from --rate].")
-@click.option("--max-attempts", type=int, help="Attempts per account, first included [5].")
-@click.option("--dry-run", is_flag=True, default=None, help="Plan only: no API call.")
-@click.option(
-    "--retry-failed", is_flag=True, default=None, help="Also retry accounts recorded failed."
-)
-@click.option("--timeout", type=float, help="Total seconds per request [30].")
-@click.option("--connect-timeout", type=float, help="Seconds to connect [10].")
-@click.option(
-    "--grace", type=float, help="Seconds in-flight requests get after a stop signal [10]."
-)
-@click.option("--retry-delay", type=float, help="First backoff delay in seconds [0.5].")
-@click.option("--retry-max-delay", type=float, help="Longest backoff delay in seconds [20].")
-@click.option(
-    "--breaker-min-sample", type=int, help="Answers seen before the breaker may trip [100]."
-)
-@click.option(
-    "--breaker-threshold", type=float, help="Share of bad answers that trips it; 1 disables [0.5]."
-)
-@click.option(
-    "--lock-stale-after",
-    type=float,
-    help="Seconds without heartbeat before a lock is taken over [30].",
-)
-@click.option(
-    "--metrics-file",
-    metavar="PATH",
-    help="Write Prometheus metrics here (node_exporter textfile format).",
-)
-@click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics to this Pushgateway.")
-@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
-@click.option("--progress/--no-progress", default=True, help="Show progress (bar or log lines).")
+@_run_options
 def run(
-    job_file: Path | None,
-    input_: str | None,
-    log_format: str,
-    progress: bool,
-    **flags: Any,
+    job_file: Path | None, input_: str | None, log_format: str, progress: bool, **flags: Any
 ) -> None:
-    """Disconnect every account of the input; resumes the job if it ran before."""
+    """Disconnect every account of the source; resumes the job if it ran before."""
+    _run_job(job_file, {**flags, "input": input_}, log_format=log_format, progress=progress)
+
+
+@main.command()
+@_run_options
+def plan(
+    job_file: Path | None, input_: str | None, log_format: str, progress: bool, **flags: Any
+) -> None:
+    """Read the whole source and print the plan (same as run --dry-run): no disconnect.
+
+    A customers source still makes its list calls.
+    """
+    flags = {**flags, "input": input_, "dry_run": True}
+    _run_job(job_file, flags, log_format=log_format, progress=progress)
+
+
+def _run_job(
+    job_file: Path | None, flags: dict[str, Any], *, log_format: str, progress: bool
+) -> None:
     from bulkdisconnect import logs
     from bulkdisconnect.config import build_run_config
     from bulkdisconnect.job import RunHooks, run_job
-    from bulkdisconnect.sources import open_source
 
     logs.configure(json=None if log_format == "auto" else log_format == "json")
 
     async def go() -> ExitCode:
-        config = build_run_config({**flags, "input": input_}, job_file, os.environ)
-        assert config.input is not None
-        source = open_source(config.input, config.column, stdin=sys.stdin.buffer)
-        return await run_job(config, source, RunHooks(out=sys.stdout, progress=progress))
+        config = build_run_config(flags, job_file, os.environ)
+        # A live-key prompt needs a person at a terminal, and stdin free of input.
+        can_ask = sys.stdin.isatty() and sys.stderr.isatty() and config.input != "-"
+        hooks = RunHooks(
+            out=sys.stdout,
+            progress=progress,
+            stdin=sys.stdin.buffer,
+            confirm=(lambda question: click.confirm(question, err=True)) if can_ask else None,
+        )
+        return await run_job(config, hooks)
 
     sys.exit(int(_run_async(go)))
 

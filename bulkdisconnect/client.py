@@ -1,8 +1,9 @@
-"""The only module that knows Stripe's wire format: one disconnect call in, one `Answer` out."""
+"""The only module that knows Stripe's wire format: one call in, one typed answer out."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,8 @@ from bulkdisconnect.model import is_valid_account_id
 # The API version this tool was written and tested against; --stripe-version overrides it.
 STRIPE_VERSION = "2026-10-28.endive"
 FORM = "application/x-www-form-urlencoded"
+CUSTOMER_ID_PATTERN = re.compile(r"cus_[A-Za-z0-9]+")
+MAX_PAGE = 100  # Stripe's largest list page
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +34,15 @@ class Answer:
     transport_error: str | None = None  # exception name for a failed exchange or bad body
 
 
+@dataclass(frozen=True, slots=True)
+class ListAnswer:
+    """One page of a customer's accounts: (id, status) pairs, or the `answer` saying why not."""
+
+    answer: Answer
+    accounts: list[tuple[str, str]] = field(default_factory=list)
+    has_more: bool = False
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings:
     """How to reach Stripe: base URL, credentials, headers, timeouts and pool size."""
@@ -45,7 +57,7 @@ class ClientSettings:
 
 
 class StripeClient:
-    """Calls the disconnect endpoint over an injected aiohttp session."""
+    """Calls the disconnect and list endpoints over an injected aiohttp session."""
 
     def __init__(self, session: aiohttp.ClientSession, settings: ClientSettings) -> None:
         self._session = session
@@ -58,6 +70,8 @@ class StripeClient:
         }
         if settings.stripe_account:
             self._headers["Stripe-Account"] = settings.stripe_account
+        # A GET has no body, so no Content-Type (Stripe's SDKs send it on POSTs only).
+        self._get_headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
 
     async def disconnect(self, account_id: str, idempotency_key: str) -> Answer:
         """POST /v1/financial_connections/accounts/{id}/disconnect; never raises for I/O."""
@@ -74,8 +88,38 @@ class StripeClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             return Answer(status=0, transport_error=type(exc).__name__)
 
+    async def list_accounts(
+        self, customer: str, *, starting_after: str | None = None, limit: int = MAX_PAGE
+    ) -> ListAnswer:
+        """GET /v1/financial_connections/accounts for one customer; never raises for I/O."""
+        if CUSTOMER_ID_PATTERN.fullmatch(customer) is None:
+            raise ValueError(f"refusing to list accounts of an invalid customer ID {customer!r}")
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        params = {"account_holder[customer]": customer, "limit": str(limit)}
+        if starting_after is not None:
+            params["starting_after"] = starting_after
+        url = f"{self._base}/v1/financial_connections/accounts"
+        try:
+            async with self._session.get(url, headers=self._get_headers, params=params) as response:
+                body = await response.read()
+                answer, payload = _parse(response.status, response.headers, body)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return ListAnswer(Answer(status=0, transport_error=type(exc).__name__))
+        if answer.status != 200 or answer.transport_error is not None:
+            return ListAnswer(answer)
+        page = _page(payload)
+        if page is None:  # a 200 that is not a list of accounts: retried like an unreadable body
+            return ListAnswer(replace(answer, transport_error="UnreadableBody"))
+        return ListAnswer(answer, *page)
+
 
 def _answer(status: int, headers: Any, body: bytes) -> Answer:
+    return _parse(status, headers, body)[0]
+
+
+def _parse(status: int, headers: Any, body: bytes) -> tuple[Answer, dict[str, Any]]:
+    """The answer, and the decoded JSON object (empty when the body is not one)."""
     should_retry = headers.get("Stripe-Should-Retry")
     common: dict[str, Any] = {
         "request_id": headers.get("Request-Id"),
@@ -85,19 +129,38 @@ def _answer(status: int, headers: Any, body: bytes) -> Answer:
     try:
         payload = orjson.loads(body)
     except ValueError:
-        return Answer(status=status, transport_error="UnreadableBody", **common)
+        payload = None
     if not isinstance(payload, dict):
-        return Answer(status=status, transport_error="UnreadableBody", **common)
+        return Answer(status=status, transport_error="UnreadableBody", **common), {}
     error = payload.get("error")
     if isinstance(error, dict):
-        return Answer(
+        answer = Answer(
             status=status,
             error_type=_text(error.get("type")),
             error_code=_text(error.get("code")),
             error_message=_text(error.get("message")),
             **common,
         )
-    return Answer(status=status, account_status=_text(payload.get("status")), **common)
+        return answer, payload
+    return Answer(status=status, account_status=_text(payload.get("status")), **common), payload
+
+
+def _page(payload: dict[str, Any]) -> tuple[list[tuple[str, str]], bool] | None:
+    """(id, status) pairs and has_more from a list envelope; None if it is not one."""
+    data, has_more = payload.get("data"), payload.get("has_more")
+    if payload.get("object") != "list" or not isinstance(data, list):
+        return None
+    if not isinstance(has_more, bool):
+        return None
+    accounts = []
+    for item in data:
+        if not isinstance(item, dict):
+            return None
+        account_id, status = item.get("id"), item.get("status")
+        if not isinstance(account_id, str) or not isinstance(status, str):
+            return None
+        accounts.append((account_id, status))
+    return accounts, has_more
 
 
 def _text(value: object) -> str | None:

@@ -23,6 +23,7 @@ DEFAULT_API_BASE = "https://api.stripe.com"
 JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 API_KEY = re.compile(r"(sk|rk)_(test|live)_[A-Za-z0-9]+")
 STRIPE_ACCOUNT = re.compile(r"acct_[A-Za-z0-9]+")
+CUSTOMER = re.compile(r"cus_[A-Za-z0-9]+")
 
 
 class Secret:
@@ -49,6 +50,11 @@ class RunConfig:
 
     job: str
     input: str | None
+    db: str | None  # with query: a SQL source
+    query: str | None
+    params: dict[str, str]
+    customer: tuple[str, ...]  # with customers: a Stripe customers source
+    customers: str | None
     column: str | None
     state: Path
     api_base: str
@@ -70,6 +76,15 @@ class RunConfig:
     lock_stale_after: float
     metrics_file: str | None
     pushgateway: str | None
+    yes: bool  # confirms a run with a live key without asking
+    max_accounts: int | None  # refuse to start when more accounts than this are to call
+
+    @property
+    def source_kind(self) -> str:
+        """Where the account IDs come from: "file", "sql" or "customers"."""
+        if self.input is not None:
+            return "file"
+        return "sql" if self.query is not None else "customers"
 
     @property
     def is_live(self) -> bool:
@@ -162,6 +177,34 @@ def _api_base(v: _Value) -> str:
     return url
 
 
+def _params(v: _Value) -> dict[str, str]:
+    """Query parameters: a TOML table, or name=value strings from repeated --param flags."""
+    value = v.value
+    if isinstance(value, list | tuple):
+        pairs = {}
+        for item in value:
+            name, sep, text = str(item).partition("=")
+            if not sep or not name.strip():
+                raise v.fail(f"must be name=value, got {item!r}")
+            pairs[name.strip()] = text
+        return pairs
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        if not all(isinstance(x, str | int | float) for x in value.values()):
+            raise v.fail("values must be strings or numbers")
+        return {k: str(x) for k, x in value.items()}
+    raise v.fail(f"must be a table of name = value, got {value!r}")
+
+
+def _customer_list(v: _Value) -> tuple[str, ...]:
+    items = [v.value] if isinstance(v.value, str) else v.value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise v.fail(f"must be Stripe customer IDs (cus_...), got {v.value!r}")
+    for item in items:
+        if not CUSTOMER.fullmatch(item.strip()):
+            raise v.fail(f"must be Stripe customer IDs (cus_...), got {item!r}")
+    return tuple(i.strip() for i in items)
+
+
 def _url(v: _Value) -> str:
     url = _text(v)
     parts = urlsplit(url)
@@ -182,6 +225,11 @@ def _is_loopback(host: str) -> bool:
 # name -> (parser, default). Also the set of keys a job file may hold (plus `api_key_file`).
 FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "input": (_text, None),
+    "db": (_text, None),
+    "query": (_text, None),
+    "params": (_params, {}),
+    "customer": (_customer_list, ()),
+    "customers": (_text, None),
     "column": (_text, None),
     "job": (_job_name, None),
     "state": (_text, None),
@@ -203,6 +251,8 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "lock_stale_after": (_positive, 30.0),
     "metrics_file": (_text, None),
     "pushgateway": (_url, None),
+    "yes": (_bool, False),
+    "max_accounts": (_positive_int, None),
 }
 JOB_FILE_ONLY = {"api_key_file": _text}
 
@@ -240,19 +290,42 @@ def build_run_config(
     if job_file is not None:
         raw.update(read_job_file(job_file))
     for name, value in flags.items():
-        if value is not None:
+        if value is not None and value != ():  # repeatable flags give () when absent
             raw[name] = _Value(value, f"--{name.replace('_', '-')}")
 
     parsed: dict[str, Any] = {}
     for name, (parse, default) in FIELDS.items():
         parsed[name] = parse(raw[name]) if name in raw else default
 
-    if parsed["input"] is None:
-        raise UsageError("no input: give --input PATH (or `input` in the job file)")
+    _check_one_source(parsed)
     job = parsed["job"] or _default_job_name(job_file, parsed["input"])
-    api_key = None if parsed["dry_run"] else _api_key(raw.get("api_key_file"), env)
+    # A dry run calls nothing, except the list calls a customers source needs.
+    needs_key = not parsed["dry_run"] or (parsed["input"] is None and parsed["query"] is None)
+    api_key = _api_key(raw.get("api_key_file"), env) if needs_key else None
     state = Path(parsed.pop("state")) if parsed["state"] else default_state(job)
     return RunConfig(**{**parsed, "job": job, "state": state, "api_key": api_key})
+
+
+def _check_one_source(parsed: dict[str, Any]) -> None:
+    kinds = [
+        name
+        for name, given in (
+            ("--input", parsed["input"] is not None),
+            ("--db/--query", parsed["db"] is not None or parsed["query"] is not None),
+            ("--customer/--customers", bool(parsed["customer"]) or parsed["customers"] is not None),
+        )
+        if given
+    ]
+    if not kinds:
+        raise UsageError(
+            "no source: give --input PATH, --db URL with --query SQL, or --customer/--customers"
+        )
+    if len(kinds) > 1:
+        raise UsageError(f"give one source, not {' and '.join(kinds)}")
+    if (parsed["db"] is None) != (parsed["query"] is None):
+        raise UsageError("a SQL source needs both --db URL and --query SQL")
+    if parsed["params"] and parsed["query"] is None:
+        raise UsageError("--param goes with --query")
 
 
 def default_state(job: str) -> Path:
@@ -266,8 +339,10 @@ def _default_job_name(job_file: Path | None, input_path: str | None) -> str:
     elif input_path is not None and input_path != "-":
         name = Path(input_path).name.removesuffix(".gz")
         stem = name.rsplit(".", 1)[0] if "." in name else name
-    else:
+    elif input_path == "-":
         raise UsageError("--job is required when the input is stdin")
+    else:
+        raise UsageError("--job is required for a SQL or customers source (or use a job file)")
     return _job_name(_Value(stem, f"the job name derived from {job_file or input_path!r}"))
 
 

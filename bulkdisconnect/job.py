@@ -5,11 +5,11 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import anyio
 import structlog
@@ -22,7 +22,9 @@ from bulkdisconnect.errors import (
     BulkDisconnectError,
     ExitCode,
     LockHeldError,
+    UsageError,
 )
+from bulkdisconnect.limiter import RateLimiter
 from bulkdisconnect.logs import redact_text
 from bulkdisconnect.metrics import MetricsSettings, RunMetrics
 from bulkdisconnect.model import GOOD_OUTCOMES, Outcome, RunStats
@@ -30,7 +32,7 @@ from bulkdisconnect.pool import MAX_CONCURRENCY, Pool, PoolSettings
 from bulkdisconnect.progress import show_progress
 from bulkdisconnect.report import format_plan, format_summary
 from bulkdisconnect.retry import RetryPolicy
-from bulkdisconnect.sources import Source
+from bulkdisconnect.sources import Source, open_source
 from bulkdisconnect.store import PlanCounts, Store, open_store
 from bulkdisconnect.writer import ResultWriter
 
@@ -39,37 +41,128 @@ log = structlog.get_logger("bulkdisconnect")
 
 @dataclass(frozen=True, kw_only=True)
 class RunHooks:
-    """Where a run prints, and how it shows progress (tests turn the display off)."""
+    """What a run talks to besides the API and the store: output, stdin, the operator."""
 
     out: TextIO
     progress: bool = True
+    stdin: BinaryIO | None = None
+    # Asks the operator to go ahead (a live key on a terminal); None: nobody to ask.
+    confirm: Callable[[str], bool] | None = None
 
 
-async def run_job(config: RunConfig, source: Source, hooks: RunHooks) -> ExitCode:
+@dataclass
+class _Run:
+    """What the phases of one run share."""
+
+    config: RunConfig
+    hooks: RunHooks
+    store: Store
+    client: StripeClient | None
+    limiter: RateLimiter
+    source: Source
+    listed: list[str]  # customers listed by this plan, recorded once it is merged
+
+
+async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
     """Run the job once and return its exit code; raises BulkDisconnectError for 2, 4 and 5."""
     store = await open_store(config.state)
     try:
-        if config.dry_run:
-            counts = await store.plan(
-                config.job, source.chunks(), retry_failed=config.retry_failed, dry_run=True
+        async with _client(config) as client:
+            limiter = RateLimiter(config.rate)  # list calls and disconnects share it
+            listed: list[str] = []
+            source = open_run_source(
+                config, hooks=hooks, store=store, client=client, limiter=limiter, listed=listed
             )
-            hooks.out.write(format_plan(config.job, counts, dry_run=True))
-            return ExitCode.OK
-        owner = uuid.uuid4().hex
-        await store.acquire_lock(config.job, owner, stale_after=config.lock_stale_after)
-        try:
-            return await _locked_run(config, source, hooks, store, owner)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await store.release_lock(config.job, owner)
+            run = _Run(config, hooks, store, client, limiter, source, listed)
+            if config.dry_run:
+                counts = await store.plan(
+                    config.job, source.chunks(), retry_failed=config.retry_failed, dry_run=True
+                )
+                hooks.out.write(format_plan(config.job, counts, dry_run=True))
+                return ExitCode.OK
+            owner = uuid.uuid4().hex
+            await store.acquire_lock(config.job, owner, stale_after=config.lock_stale_after)
+            try:
+                return await _locked_run(run, owner)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await store.release_lock(config.job, owner)
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()
 
 
-async def _locked_run(
-    config: RunConfig, source: Source, hooks: RunHooks, store: Store, owner: str
-) -> ExitCode:
+@asynccontextmanager
+async def _client(config: RunConfig) -> AsyncIterator[StripeClient | None]:
+    """One HTTP session for the run (list calls and disconnects), if it has a key."""
+    if config.api_key is None:
+        yield None
+        return
+    settings = ClientSettings(
+        api_base=config.api_base,
+        api_key=config.api_key.reveal(),
+        stripe_account=config.stripe_account,
+        stripe_version=config.stripe_version,
+        connect_timeout=config.connect_timeout,
+        total_timeout=config.timeout,
+        pool_size=config.concurrency or MAX_CONCURRENCY,
+    )
+    async with make_session(settings) as session:
+        yield StripeClient(session, settings)
+
+
+def open_run_source(
+    config: RunConfig,
+    *,
+    hooks: RunHooks,
+    store: Store,
+    client: StripeClient | None,
+    limiter: RateLimiter,
+    listed: list[str],
+) -> Source:
+    """The run's source of account IDs: a file or stdin, a SQL query, or Stripe customers."""
+    if config.source_kind == "file":
+        assert config.input is not None
+        return open_source(config.input, config.column, stdin=hooks.stdin)
+    if config.source_kind == "sql":
+        from bulkdisconnect.sqlsource import open_sql_source
+
+        assert config.db is not None
+        assert config.query is not None
+        return open_sql_source(config.db, config.query, config.params, config.column)
+    from bulkdisconnect.customers import CustomersSource, read_customer_ids
+
+    assert client is not None
+    customers = list(config.customer)
+    if config.customers is not None:
+        customers += read_customer_ids(Path(config.customers))
+
+    async def skip(customer: str) -> bool:
+        return await store.customer_listed(config.job, customer)
+
+    async def note_listed(customer: str) -> None:
+        listed.append(customer)
+
+    return CustomersSource(
+        customers,
+        client=client,
+        limiter=limiter,
+        policy=_retry_policy(config),
+        skip=skip,
+        listed=note_listed,
+    )
+
+
+def _retry_policy(config: RunConfig) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=config.max_attempts,
+        initial_delay=config.retry_delay,
+        max_delay=config.retry_max_delay,
+    )
+
+
+async def _locked_run(run: _Run, owner: str) -> ExitCode:
+    config, store = run.config, run.store
     run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{owner[:8]}"
     await store.start_run(config.job, run_id)
     exit_code = ExitCode.INTERRUPTED
@@ -77,15 +170,7 @@ async def _locked_run(
     metrics = _metrics_for(config)
     try:
         async with _heartbeat(store, config, owner), _signals() as stopping:
-            exit_code, message = await _plan_and_work(
-                config=config,
-                source=source,
-                hooks=hooks,
-                store=store,
-                run_id=run_id,
-                stopping=stopping,
-                metrics=metrics,
-            )
+            exit_code, message = await _plan_and_work(run, run_id, stopping, metrics)
     except BaseExceptionGroup as group:
         error = _single_error(group)
         if isinstance(error, BulkDisconnectError):
@@ -123,19 +208,14 @@ async def _publish_metrics(metrics: RunMetrics, stats: RunStats, every: float) -
 
 
 async def _plan_and_work(
-    *,
-    config: RunConfig,
-    source: Source,
-    hooks: RunHooks,
-    store: Store,
-    run_id: str,
-    stopping: anyio.Event,
-    metrics: RunMetrics | None,
+    run: _Run, run_id: str, stopping: anyio.Event, metrics: RunMetrics | None
 ) -> tuple[ExitCode, str]:
+    config, store = run.config, run.store
     started = time.monotonic()
-    counts = await _plan(store, config, source, stopping)
+    counts = await _plan(run, stopping)
     if counts is None:
         return ExitCode.INTERRUPTED, "interrupted while planning; nothing was called"
+    hooks = run.hooks
     hooks.out.write(format_plan(config.job, counts, dry_run=False))
     stats = RunStats(planned=counts.to_call)
     log.info(
@@ -147,15 +227,7 @@ async def _plan_and_work(
         concurrency=config.concurrency or "adaptive",
     )
     if counts.to_call:
-        await _work(
-            config=config,
-            store=store,
-            run_id=run_id,
-            stats=stats,
-            stopping=stopping,
-            hooks=hooks,
-            metrics=metrics,
-        )
+        await _work(run, run_id, stats, stopping, metrics)
     job_counts = await store.counts(config.job)
     if metrics is not None:
         metrics.set_progress(pending=job_counts.get(None, 0), target_rate=stats.current_rate)
@@ -176,18 +248,19 @@ async def _plan_and_work(
     return exit_code, summary
 
 
-async def _plan(
-    store: Store, config: RunConfig, source: Source, stopping: anyio.Event
-) -> PlanCounts | None:
-    """Plan the input into the store; None if a signal arrived first (nothing merged)."""
-    async with anyio.create_task_group() as tg:
-        result: list[PlanCounts] = []
+async def _plan(run: _Run, stopping: anyio.Event) -> PlanCounts | None:
+    """Plan the input into the store; None if a signal came first (nothing merged).
 
-        async def plan() -> None:
+    The whole source is read and counted before the job changes: --max-accounts and the
+    live-key confirmation can still refuse it, leaving the job as it was.
+    """
+    config, store = run.config, run.store
+    result: list[PlanCounts] = []
+    async with anyio.create_task_group() as tg:
+
+        async def stage() -> None:
             result.append(
-                await store.plan(
-                    config.job, source.chunks(), retry_failed=config.retry_failed, dry_run=False
-                )
+                await store.stage(config.job, run.source.chunks(), retry_failed=config.retry_failed)
             )
             tg.cancel_scope.cancel()
 
@@ -195,76 +268,90 @@ async def _plan(
             await stopping.wait()
             tg.cancel_scope.cancel()
 
-        tg.start_soon(plan)
+        tg.start_soon(stage)
         tg.start_soon(cancel_on_stop)
-    return result[0] if result else None
+    if not result:
+        await store.discard_staged()
+        return None
+    counts = result[0]
+    try:
+        _approve(config, counts, run.hooks)
+    except BulkDisconnectError:
+        await store.discard_staged()
+        raise
+    await store.commit_staged(config.job)
+    for customer in run.listed:
+        await store.mark_customer_listed(config.job, customer)
+    return counts
+
+
+def _approve(config: RunConfig, counts: PlanCounts, hooks: RunHooks) -> None:
+    """The safety rails between a plan and its first disconnect."""
+    if config.max_accounts is not None and counts.to_call > config.max_accounts:
+        raise UsageError(
+            f"the source holds {counts.to_call} accounts to disconnect, more than "
+            f"--max-accounts {config.max_accounts}: check the query or input, or raise the limit"
+        )
+    if not config.is_live or config.yes or counts.to_call == 0:
+        return
+    question = f"Disconnect {counts.to_call} accounts with a LIVE key (job {config.job})?"
+    if hooks.confirm is None or not hooks.confirm(question):
+        raise UsageError(
+            f"refusing to disconnect {counts.to_call} accounts with a live key without "
+            "confirmation: pass --yes (or answer the prompt on a terminal)"
+        )
 
 
 async def _work(
-    *,
-    config: RunConfig,
-    store: Store,
+    run: _Run,
     run_id: str,
     stats: RunStats,
     stopping: anyio.Event,
-    hooks: RunHooks,
     metrics: RunMetrics | None,
 ) -> None:
     """Call the API for every pending account; flush every outcome however this ends."""
-    assert config.api_key is not None
-    settings = ClientSettings(
-        api_base=config.api_base,
-        api_key=config.api_key.reveal(),
-        stripe_account=config.stripe_account,
-        stripe_version=config.stripe_version,
-        connect_timeout=config.connect_timeout,
-        total_timeout=config.timeout,
-        pool_size=config.concurrency or MAX_CONCURRENCY,
-    )
+    config, store = run.config, run.store
+    assert run.client is not None
     writer = ResultWriter(store, config.job, run_id)
-    async with make_session(settings) as session:
-        pool = Pool(
-            job=config.job,
-            run_id=run_id,
-            store=store,
-            client=StripeClient(session, settings),
-            breaker=FailureBreaker(
-                BreakerSettings(
-                    min_sample=config.breaker_min_sample, threshold=config.breaker_threshold
-                )
-            ),
-            writer=writer,
-            settings=PoolSettings(
-                rate=config.rate,
-                concurrency=config.concurrency,
-                retry_failed=config.retry_failed,
-                policy=RetryPolicy(
-                    max_attempts=config.max_attempts,
-                    initial_delay=config.retry_delay,
-                    max_delay=config.retry_max_delay,
-                ),
-            ),
-            stats=stats,
-            stopping=stopping,
-            metrics=metrics,
-        )
-        error: BaseException | None = None
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(writer.run)
-                if metrics is not None:
-                    tg.start_soon(_publish_metrics, metrics, stats, metrics.settings.interval)
-                if hooks.progress:
-                    tg.start_soon(show_progress, stats)
-                with anyio.CancelScope() as pool_scope:
-                    tg.start_soon(_cancel_after_grace, stopping, pool_scope, config.grace)
-                    await pool.run()
-                tg.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            error = _single_error(group)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await writer.flush()
+    pool = Pool(
+        job=config.job,
+        run_id=run_id,
+        store=store,
+        client=run.client,
+        limiter=run.limiter,
+        breaker=FailureBreaker(
+            BreakerSettings(
+                min_sample=config.breaker_min_sample, threshold=config.breaker_threshold
+            )
+        ),
+        writer=writer,
+        settings=PoolSettings(
+            rate=config.rate,
+            concurrency=config.concurrency,
+            retry_failed=config.retry_failed,
+            policy=_retry_policy(config),
+        ),
+        stats=stats,
+        stopping=stopping,
+        metrics=metrics,
+    )
+    error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            if metrics is not None:
+                tg.start_soon(_publish_metrics, metrics, stats, metrics.settings.interval)
+            if run.hooks.progress:
+                tg.start_soon(show_progress, stats)
+            with anyio.CancelScope() as pool_scope:
+                tg.start_soon(_cancel_after_grace, stopping, pool_scope, config.grace)
+                await pool.run()
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        error = _single_error(group)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await writer.flush()
     if isinstance(error, BreakerTrippedError):
         # The answers that tripped the breaker are not final: a rerun calls them again.
         released = await store.release_outcomes(

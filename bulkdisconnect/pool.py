@@ -57,6 +57,7 @@ class Pool:
         run_id: str,
         store: Store,
         client: StripeClient,
+        limiter: RateLimiter | None = None,
         breaker: FailureBreaker,
         writer: ResultWriter,
         settings: PoolSettings,
@@ -68,7 +69,7 @@ class Pool:
         self._run_id = run_id
         self._store = store
         self._client = client
-        self._limiter = RateLimiter(settings.rate)
+        self._limiter = limiter or RateLimiter(settings.rate)
         self._pacer = AdaptivePacer(settings.rate)
         self._breaker = breaker
         self._writer = writer
@@ -84,10 +85,10 @@ class Pool:
             self._in_flight = contextlib.nullcontext()
             stats.concurrency = settings.concurrency
         else:
-            limiter = anyio.CapacityLimiter(initial_concurrency(settings.rate))
-            self._tuner = ConcurrencyTuner(limiter, low=MIN_CONCURRENCY, high=MAX_CONCURRENCY)
-            self._in_flight = limiter
-            stats.concurrency = int(limiter.total_tokens)
+            in_flight = anyio.CapacityLimiter(initial_concurrency(settings.rate))
+            self._tuner = ConcurrencyTuner(in_flight, low=MIN_CONCURRENCY, high=MAX_CONCURRENCY)
+            self._in_flight = in_flight
+            stats.concurrency = int(in_flight.total_tokens)
         stats.current_rate = settings.rate
 
     async def run(self) -> None:

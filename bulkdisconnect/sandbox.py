@@ -1,7 +1,10 @@
-"""A local stand-in for Stripe's disconnect endpoint, with fault knobs and a request journal.
+"""A local stand-in for Stripe's disconnect and list endpoints, with fault knobs and a journal.
 
 It speaks Stripe's wire format (error envelope, Request-Id, Idempotency-Key replay, 429 reason
 headers) so the runner can be demonstrated, tested and benchmarked without a network.
+
+Customers are implicit: every well-formed `cus_X` has `accounts_per_customer` accounts
+`fca_Xa0`, `fca_Xa1`, ... which `GET /v1/financial_connections/accounts` lists in that order.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -20,7 +24,7 @@ import threading
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Self
@@ -34,6 +38,13 @@ from bulkdisconnect.model import is_valid_account_id
 DEFAULT_STRIPE_VERSION = "2026-10-28.endive"
 FORM = "application/x-www-form-urlencoded"
 DISCONNECT_ROUTE = "/v1/financial_connections/accounts/{account}/disconnect"
+LIST_ROUTE = "/v1/financial_connections/accounts"
+_CUSTOMER_PATTERN = re.compile(r"cus_[A-Za-z0-9]+")
+_LIST_PARAMS = frozenset({"account_holder[customer]", "limit", "starting_after"})
+# Real parameters of the list operation (stripe/openapi) that the sandbox does not implement.
+_UNSUPPORTED_LIST_PARAMS = frozenset(
+    {"account_holder[account]", "account_holder[customer_account]", "ending_before", "session"}
+)
 _CONTROL_PATHS = frozenset({"/_sandbox/journal", "/_sandbox/config", "/_sandbox/reset"})
 _KEY_PATTERN = re.compile(r"(?:sk|rk)_(test|live)_[A-Za-z0-9]+")
 _KEY_PREFIX = re.compile(r"[a-z]{2}_(?:test|live)_")
@@ -45,8 +56,9 @@ _SHUTDOWN_GRACE = 0.25  # seconds in-flight handlers get when the server stops
 
 # stripe-mock's example account (stripe/openapi fixtures3.json), balance keyed by a currency.
 # The "@..." fields are filled per answer: several times cheaper than json.dumps of the object.
+_FIXTURE_CUSTOMER = "cus_QXg1o8vcGmoR32"
 _ACCOUNT_TEMPLATE = (
-    '{"account_holder": {"customer": "cus_QXg1o8vcGmoR32", "type": "customer"}, '
+    '{"account_holder": {"customer": "@customer", "type": "customer"}, '
     '"balance": {"as_of": 93102340, "current": {"usd": 1126940025}, "type": "cash"}, '
     '"balance_refresh": {"last_attempted_at": 1981828143, "next_refresh_available_at": null, '
     '"status": "failed"}, "category": "cash", "created": "@created", '
@@ -54,7 +66,7 @@ _ACCOUNT_TEMPLATE = (
     '"last4": "6789", "livemode": "@livemode", "object": "financial_connections.account", '
     '"ownership": null, "ownership_refresh": {"last_attempted_at": 1981828143, '
     '"next_refresh_available_at": null, "status": "failed"}, "permissions": [], '
-    '"status": "disconnected", "subcategory": "checking", "subscriptions": [], '
+    '"status": "@status", "subcategory": "checking", "subscriptions": [], '
     '"supported_payment_method_types": ["us_bank_account"], "transaction_refresh": '
     '{"id": "obj_123", "last_attempted_at": 1981828143, "next_refresh_available_at": null, '
     '"status": "failed"}, "account_numbers": null}'
@@ -75,10 +87,12 @@ class SandboxConfig:
     hang_seconds: float = 3600.0
     rate_limit: float | None = None  # most requests let in per sliding second (global-rate)
     accounts: frozenset[str] | None = None  # if set, only these account IDs exist
-    missing: frozenset[str] = frozenset()
+    missing: frozenset[str] = frozenset()  # account (or customer) IDs that do not exist
+    accounts_per_customer: int = 3  # accounts every implicit customer has
+    disconnected_per_customer: int = 0  # the first this many of them start disconnected
     livemode_accounts: bool = False  # accounts live in live mode, so test keys don't see them
     api_key: str | None = None  # if set, the only key accepted
-    revoke_after: int | None = None  # answered disconnect calls before the key stops working
+    revoke_after: int | None = None  # answered API calls before the key stops working
     seed: int | None = None  # of the fault and jitter random numbers
     webhook_url: str | None = None  # where to send financial_connections.account.disconnected
     webhook_secret: str | None = None  # signs those events (Stripe-Signature)
@@ -91,6 +105,8 @@ class SandboxConfig:
             raise ValueError("latency_ms, jitter_ms and hang_seconds must be >= 0")
         if self.rate_limit is not None and self.rate_limit <= 0:
             raise ValueError("rate_limit must be > 0 requests/s, or None for no limit")
+        if min(self.accounts_per_customer, self.disconnected_per_customer) < 0:
+            raise ValueError("accounts_per_customer and disconnected_per_customer must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +116,7 @@ class JournalEntry:
     at: float  # time.monotonic() on arrival
     method: str
     path: str  # raw, as received
-    account_id: str | None  # from the disconnect route, decoded
+    account_id: str | None  # from the disconnect route, decoded; None for a list call
     idempotency_key: str | None
     stripe_account: str | None
     stripe_version: str | None
@@ -213,7 +229,7 @@ class Sandbox:
         self._saved: dict[str, _Saved] = {}
         self._in_flight: dict[str, Signature] = {}
         self._disconnected: set[str] = set()
-        self._answered = 0  # disconnect calls answered, for revoke_after
+        self._answered = 0  # API calls answered, for revoke_after
         self._window: deque[float] = deque()  # arrival times of requests the limiter let in
         self._deliveries: set[asyncio.Task[None]] = set()  # webhook events on their way
         self._webhook_session: ClientSession | None = None
@@ -247,12 +263,13 @@ class Sandbox:
         return frozenset(self._disconnected)
 
     def make_app(self) -> web.Application:
-        """The aiohttp application: the disconnect route, control routes and a Stripe-style 404."""
+        """The aiohttp application: the API routes, control routes and a Stripe-style 404."""
         app = web.Application(middlewares=[self._journal_middleware])
         app.router.add_get("/_sandbox/journal", self._get_journal)
         app.router.add_post("/_sandbox/config", self._post_config)
         app.router.add_post("/_sandbox/reset", self._post_reset)
         app.router.add_post(DISCONNECT_ROUTE, self._disconnect)
+        app.router.add_get(LIST_ROUTE, self._list)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         app.on_cleanup.append(self._close_webhooks)
         return app
@@ -321,6 +338,17 @@ class Sandbox:
             self._journal.append(entry)
 
     async def _disconnect(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve_api(request, self._execute)
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve_api(request, self._list_page)
+
+    async def _serve_api(
+        self,
+        request: web.Request,
+        execute: Callable[[web.Request, SandboxConfig, _Note], Awaitable[_Answer]],
+    ) -> web.StreamResponse:
+        """Auth, faults, rate limit and latency, shared by every API route, around `execute`."""
         note = request[_NOTE]
         config = self.config  # one view of the knobs for the whole request
         answer = self._authenticate(request, config, note)
@@ -342,7 +370,7 @@ class Sandbox:
                 note.fault = "rate_limit"
                 answer = _FAULTS["rate_limit"]
         if answer is None:
-            answer = await self._execute(request, config, note)
+            answer = await execute(request, config, note)  # it waits out the latency itself
         else:
             await self._delay(config)
         self._answered += 1
@@ -454,11 +482,7 @@ class Sandbox:
         return saved.answer._replace(headers=saved.answer.headers + replay)
 
     def _lookup(self, account: str, config: SandboxConfig, note: _Note) -> _Answer:
-        exists = (
-            is_valid_account_id(account)
-            and account not in config.missing
-            and (config.accounts is None or account in config.accounts)
-        )
+        exists = _exists(account, config)
         account_mode = "live" if config.livemode_accounts else "test"
         if not exists or note.mode != account_mode:
             hint = (
@@ -471,14 +495,9 @@ class Sandbox:
                 code="resource_missing",
                 param="account",
             )
-        newly = account not in self._disconnected
+        newly = account not in self._disconnected and not _born_disconnected(account, config)
         self._disconnected.add(account)
-        created = 1_600_000_000 + zlib.crc32(account.encode()) % 100_000_000
-        body = (
-            _ACCOUNT_TEMPLATE.replace('"@id"', json.dumps(account))
-            .replace('"@created"', str(created))
-            .replace('"@livemode"', "true" if config.livemode_accounts else "false")
-        )
+        body = _account_json(account, livemode=config.livemode_accounts)
         if newly and config.webhook_url and config.webhook_secret:
             # Stripe emits the event when the status changes, after answering the request.
             task = asyncio.get_running_loop().create_task(
@@ -486,6 +505,73 @@ class Sandbox:
             )
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
+        return _Answer(200, body.encode())
+
+    async def _list_page(self, request: web.Request, config: SandboxConfig, note: _Note) -> _Answer:
+        """One page of a customer's accounts, in ID order, as Stripe's list envelope."""
+        await self._delay(config)
+        query = request.rel_url.query
+        for name in query:
+            if name in _UNSUPPORTED_LIST_PARAMS:
+                message = f"The sandbox does not support {name}; list by account_holder[customer]."
+                return _error(400, message, param=name)
+            if name not in _LIST_PARAMS and not _EXPAND_PARAM.fullmatch(name):
+                message = f"Received unknown parameter: {name}"
+                return _error(400, message, code="parameter_unknown", param=name)
+        customer = query.get("account_holder[customer]", "")
+        if not customer:
+            return _error(
+                400,
+                "Missing required param: account_holder[customer].",
+                code="parameter_missing",
+                param="account_holder",
+            )
+        raw_limit = query.get("limit", "10")
+        limit = int(raw_limit) if re.fullmatch(r"[0-9]{1,4}", raw_limit) else 0
+        if not 1 <= limit <= 100:
+            message = f"Invalid limit: must be an integer between 1 and 100, not '{raw_limit}'."
+            return _error(400, message, code="parameter_invalid_integer", param="limit")
+        account_mode = "live" if config.livemode_accounts else "test"
+        exists = bool(_CUSTOMER_PATTERN.fullmatch(customer)) and customer not in config.missing
+        if not exists or note.mode != account_mode:
+            hint = (
+                f"; a similar object exists in {account_mode} mode, but a {note.mode} mode key "
+                "was used to make this request."
+            )
+            return _error(
+                404,
+                f"No such customer: '{customer}'{hint if exists else ''}",
+                code="resource_missing",
+                param="account_holder[customer]",
+            )
+        prefix = f"fca_{customer[4:]}a"
+        start = 0
+        if (after := query.get("starting_after")) is not None:
+            index = _account_index(after, prefix, config)
+            if index is None:
+                return _error(
+                    400,
+                    f"No such financial connections account: '{after}'",
+                    code="resource_missing",
+                    param="starting_after",
+                )
+            start = index + 1
+        page = list(itertools.islice(_customer_accounts(prefix, start, config), limit + 1))
+        data = ", ".join(
+            _account_json(
+                account,
+                livemode=config.livemode_accounts,
+                customer=customer,
+                status="disconnected"
+                if account in self._disconnected or _born_disconnected(account, config)
+                else "active",
+            )
+            for account in page[:limit]
+        )
+        has_more = "true" if len(page) > limit else "false"
+        body = (
+            f'{{"object": "list", "data": [{data}], "has_more": {has_more}, "url": "{LIST_ROUTE}"}}'
+        )
         return _Answer(200, body.encode())
 
     async def _deliver(self, url: str, secret: str, account: str, note: _Note) -> None:
@@ -553,6 +639,58 @@ class Sandbox:
     async def _post_reset(self, request: web.Request) -> web.StreamResponse:
         self.reset()
         return web.json_response({"reset": True})
+
+
+def _exists(account: str, config: SandboxConfig) -> bool:
+    return (
+        is_valid_account_id(account)
+        and account not in config.missing
+        and (config.accounts is None or account in config.accounts)
+    )
+
+
+def _customer_accounts(prefix: str, start: int, config: SandboxConfig) -> Iterator[str]:
+    """A customer's existing account IDs from index `start` on, lazily (a customer may be huge)."""
+    for index in range(start, config.accounts_per_customer):
+        if _exists(account := f"{prefix}{index}", config):
+            yield account
+
+
+def _account_index(account: str, prefix: str, config: SandboxConfig) -> int | None:
+    """The index of an existing account of the customer whose IDs start with `prefix`."""
+    digits = account.removeprefix(prefix)
+    if digits == account or not digits.isascii() or not digits.isdigit():
+        return None
+    index = int(digits)
+    canonical = str(index) == digits and index < config.accounts_per_customer
+    return index if canonical and _exists(account, config) else None
+
+
+def _born_disconnected(account: str, config: SandboxConfig) -> bool:
+    """Whether an implicit customer's account is one of those that start disconnected."""
+    if not config.disconnected_per_customer:
+        return False
+    head, _, digits = account.rpartition("a")  # fca_<customer suffix>a<index>
+    if not (head.startswith("fca_") and len(head) > 4 and digits.isascii() and digits.isdigit()):
+        return False
+    index = int(digits)
+    return str(index) == digits and index < min(
+        config.disconnected_per_customer, config.accounts_per_customer
+    )
+
+
+def _account_json(
+    account: str, *, livemode: bool, status: str = "disconnected", customer: str = _FIXTURE_CUSTOMER
+) -> str:
+    """The account object as JSON; `account` and `customer` are alphanumeric IDs."""
+    created = 1_600_000_000 + zlib.crc32(account.encode()) % 100_000_000
+    return (
+        _ACCOUNT_TEMPLATE.replace('"@id"', json.dumps(account))
+        .replace('"@customer"', json.dumps(customer))
+        .replace('"@status"', json.dumps(status))
+        .replace('"@created"', str(created))
+        .replace('"@livemode"', "true" if livemode else "false")
+    )
 
 
 def _request_id() -> str:

@@ -255,15 +255,49 @@ def test_stdin_with_job_is_accepted() -> None:
 
 
 def test_missing_input_is_an_error() -> None:
-    """Without any input the config is refused."""
-    with pytest.raises(UsageError, match="no input"):
+    """Without any source the config is refused."""
+    with pytest.raises(UsageError, match="no source"):
         build_run_config({"job": "x"}, None, ENV)
 
 
 def test_missing_input_without_job_says_input_is_missing() -> None:
-    """With neither input nor --job, the error asks for the input, not for a stdin job name."""
-    with pytest.raises(UsageError, match="no input"):
+    """With neither input nor --job, the error asks for a source, not for a job name."""
+    with pytest.raises(UsageError, match="no source"):
         build_run_config({}, None, ENV)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"input": "a.txt", "db": "sqlite:///x.db", "query": "SELECT 1"}, "one source"),
+        ({"input": "a.txt", "customer": ("cus_1",)}, "one source"),
+        ({"db": "sqlite:///x.db", "job": "j"}, "both --db"),
+        ({"query": "SELECT 1", "job": "j"}, "both --db"),
+        ({"input": "a.txt", "params": ("a=1",)}, "--param goes with --query"),
+        ({"db": "sqlite:///x.db", "query": "SELECT 1"}, "--job is required"),
+        ({"customer": ("bad",), "job": "j"}, "cus_"),
+        ({"db": "sqlite:///x.db", "query": "q", "params": ("novalue",), "job": "j"}, "name=value"),
+    ],
+)
+def test_sources_are_exclusive_and_complete(flags: dict[str, object], message: str) -> None:
+    """Exactly one complete source is accepted; anything else names the problem."""
+    with pytest.raises(UsageError, match=message):
+        build_run_config(flags, None, ENV)
+
+
+def test_sql_and_customer_sources_from_a_job_file(tmp_path: Path) -> None:
+    """A job file can hold a SQL source with a params table, or a customers list."""
+    sql = tmp_path / "purge.toml"
+    sql.write_text(
+        'db = "sqlite:///x.db"\nquery = "SELECT id FROM t WHERE d < :cutoff"\n'
+        "[params]\ncutoff = 90\n"
+    )
+    config = build_run_config({}, sql, ENV)
+    assert (config.source_kind, config.job, config.params) == ("sql", "purge", {"cutoff": "90"})
+    offboarding = tmp_path / "off.toml"
+    offboarding.write_text('customer = ["cus_a", "cus_b"]\n')
+    config = build_run_config({}, offboarding, ENV)
+    assert (config.source_kind, config.customer) == ("customers", ("cus_a", "cus_b"))
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "a b", "x" * 101, "\u00e4"])
@@ -372,3 +406,10 @@ def test_secret_never_shows_its_value() -> None:
     assert KEY not in f"{secret}"
     assert KEY not in repr(build())
     assert secret.reveal() == KEY
+
+
+@pytest.mark.parametrize("job_file", sorted(Path(__file__).parent.parent.glob("jobs/*.toml")))
+def test_shipped_job_files_are_valid(job_file: Path) -> None:
+    """Every example job in jobs/ passes validation (no unknown key, sane values)."""
+    config = build_run_config({}, job_file, ENV)
+    assert config.job == job_file.stem

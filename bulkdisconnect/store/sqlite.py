@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS accounts (
     event_id TEXT,
     UNIQUE (job, account_id)
 );
+CREATE TABLE IF NOT EXISTS customers (
+    job TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    listed_at REAL NOT NULL,
+    PRIMARY KEY (job, customer_id)
+);
 CREATE TABLE IF NOT EXISTS events (
     event_id TEXT PRIMARY KEY,
     job TEXT NOT NULL,
@@ -186,10 +192,21 @@ class SQLiteStore:
         retry_failed: bool,
         dry_run: bool,
     ) -> PlanCounts:
-        """Stage the input in a temporary table, then merge it into the job in one transaction.
+        """Stage the input and count it, then merge it into the job (or, dry, discard it)."""
+        counts = await self.stage(job, chunks, retry_failed=retry_failed)
+        if dry_run:
+            await self.discard_staged()
+        else:
+            await self.commit_staged(job)
+        return counts
 
-        Staging keeps the job untouched until the whole input has been read, so a malformed
-        row aborts the plan with nothing written; the temporary table lives on disk, so memory
+    async def stage(
+        self, job: str, chunks: AsyncIterator[Sequence[str | Settled]], *, retry_failed: bool
+    ) -> PlanCounts:
+        """Read the whole input into a temporary table and count what merging it would do.
+
+        The job is untouched until `commit_staged`: a malformed row, a refused confirmation
+        or --max-accounts leaves it as it was. The temporary table lives on disk, so memory
         stays flat however large the input.
         """
         await self._call(_create_staging)
@@ -198,12 +215,45 @@ class SQLiteStore:
             async for chunk in chunks:
                 read += len(chunk)
                 await self._call(partial(_stage, chunk=chunk))
-            return await self._call(
-                lambda db: _merge(db, job, read, retry_failed=retry_failed, dry_run=dry_run)
-            )
+            return await self._call(partial(_count, job=job, read=read, retry_failed=retry_failed))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.discard_staged()
+            raise
+
+    async def commit_staged(self, job: str) -> None:
+        """Merge the staged input into the job in one transaction."""
+        try:
+            await self._call(partial(_merge, job=job))
         finally:
             with anyio.CancelScope(shield=True):
-                await self._call(lambda db: db.execute("DROP TABLE IF EXISTS temp.staged"))
+                await self.discard_staged()
+
+    async def discard_staged(self) -> None:
+        """Drop the staged input."""
+        await self._call(lambda db: db.execute("DROP TABLE IF EXISTS temp.staged"))
+
+    async def customer_listed(self, job: str, customer: str) -> bool:
+        """Whether a customer's accounts were already listed into the job."""
+
+        def read(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM customers WHERE job = ? AND customer_id = ?", (job, customer)
+            ).fetchone()
+            return row is not None
+
+        return await self._call(read)
+
+    async def mark_customer_listed(self, job: str, customer: str) -> None:
+        """Remember that a customer's accounts are in the job, so a rerun does not list them."""
+
+        def mark(db: sqlite3.Connection) -> None:
+            with _immediate(db):
+                db.execute(
+                    "INSERT OR IGNORE INTO customers VALUES (?, ?, ?)", (job, customer, time.time())
+                )
+
+        await self._call(mark)
 
     async def claim_pending(
         self, job: str, run_id: str, *, after: int, limit: int, retry_failed: bool
@@ -428,9 +478,8 @@ def _stage(db: sqlite3.Connection, *, chunk: Sequence[str | Settled]) -> None:
         db.executemany("INSERT OR IGNORE INTO temp.staged VALUES (?, ?, ?)", rows)
 
 
-def _merge(
-    db: sqlite3.Connection, job: str, read: int, *, retry_failed: bool, dry_run: bool
-) -> PlanCounts:
+def _count(db: sqlite3.Connection, *, job: str, read: int, retry_failed: bool) -> PlanCounts:
+    """What merging the staged input would find and leave to call; changes nothing."""
     (unique,) = db.execute("SELECT COUNT(*) FROM temp.staged").fetchone()
     (invalid,) = db.execute("SELECT COUNT(*) FROM temp.staged WHERE NOT valid").fetchone()
     (done,) = db.execute(
@@ -439,9 +488,30 @@ def _merge(
         "WHERE s.valid AND a.outcome IS NOT NULL AND NOT (? AND a.outcome = 'failed')",
         (job, retry_failed),
     ).fetchone()
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        now = time.time()
+    (pending,) = db.execute(
+        "SELECT COUNT(*) FROM accounts a WHERE a.job = ? "
+        "AND (a.outcome IS NULL OR (? AND a.outcome = 'failed')) AND NOT EXISTS "
+        "(SELECT 1 FROM temp.staged s WHERE s.account_id = a.account_id "
+        "AND s.valid AND s.settled IS NOT NULL)",
+        (job, retry_failed),
+    ).fetchone()
+    (new,) = db.execute(
+        "SELECT COUNT(*) FROM temp.staged s WHERE s.valid AND s.settled IS NULL AND NOT EXISTS "
+        "(SELECT 1 FROM accounts a WHERE a.job = ? AND a.account_id = s.account_id)",
+        (job,),
+    ).fetchone()
+    return PlanCounts(
+        read=read,
+        invalid=invalid,
+        duplicates=read - unique,
+        already_done=done,
+        to_call=pending + new,
+    )
+
+
+def _merge(db: sqlite3.Connection, *, job: str) -> None:
+    now = time.time()
+    with _immediate(db):
         # Invalid values are recorded invalid_id; settled ones (a Stripe list showed them
         # disconnected already) with their outcome and no call; the rest are to call.
         db.execute(
@@ -468,22 +538,6 @@ def _merge(
             "AND accounts.outcome IS NULL AND s.settled IS NOT NULL AND s.valid",
             (SETTLED_MESSAGE, now, job),
         )
-        (to_call,) = db.execute(
-            "SELECT COUNT(*) FROM accounts WHERE job = ? "
-            "AND (outcome IS NULL OR (? AND outcome = 'failed'))",
-            (job, retry_failed),
-        ).fetchone()
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("ROLLBACK" if dry_run else "COMMIT")
-    return PlanCounts(
-        read=read,
-        invalid=invalid,
-        duplicates=read - unique,
-        already_done=done,
-        to_call=to_call,
-    )
 
 
 def _report_page(
