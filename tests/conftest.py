@@ -53,6 +53,10 @@ DEFAULT_KNOBS: dict[str, object] = {
     "api_key": None,
     "revoke_after": None,
     "seed": 1,
+    "accounts_per_customer": 3,
+    "disconnected_per_customer": 0,
+    "webhook_url": None,
+    "webhook_secret": None,
 }
 
 
