@@ -34,6 +34,7 @@ from aiohttp import ClientError, ClientSession, web
 from aiohttp.typedefs import Handler
 
 from bulkdisconnect.model import is_valid_account_id
+from bulkdisconnect.serving import serve_app
 
 DEFAULT_STRIPE_VERSION = "2026-10-28.endive"
 FORM = "application/x-www-form-urlencoded"
@@ -278,20 +279,9 @@ class Sandbox:
         self, *, host: str = "127.0.0.1", port: int = 0, ready: Callable[[str], None] | None = None
     ) -> None:
         """Serve this sandbox until cancelled; `ready` gets the bound URL once listening."""
-        runner = web.AppRunner(
-            self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE
+        await serve_app(
+            self.make_app(), host=host, port=port, shutdown_timeout=_SHUTDOWN_GRACE, ready=ready
         )
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-            bound_host, bound_port = runner.addresses[0][:2]
-            if ":" in bound_host:  # IPv6
-                bound_host = f"[{bound_host}]"
-            if ready is not None:
-                ready(f"http://{bound_host}:{bound_port}")
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
 
     @web.middleware
     async def _journal_middleware(

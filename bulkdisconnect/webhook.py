@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import anyio
 import orjson
 import structlog
 from aiohttp import web
 
 from bulkdisconnect.errors import UsageError
+from bulkdisconnect.serving import serve_app
 from bulkdisconnect.store import Confirmation, Store
 
 SIGNATURE_TOLERANCE = 300  # seconds; stripe-python's Webhook.DEFAULT_TOLERANCE
@@ -215,21 +215,10 @@ async def serve_webhook(
     ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the receiver until cancelled; `ready` gets the full URL (with path) once listening."""
-    runner = web.AppRunner(
+    await serve_app(
         receiver.make_app(path),
-        access_log=None,
-        handle_signals=False,
+        host=host,
+        port=port,
         shutdown_timeout=_SHUTDOWN_GRACE,
+        ready=None if ready is None else (lambda url: ready(url + path)),
     )
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        if ":" in bound_host:  # IPv6
-            bound_host = f"[{bound_host}]"
-        if ready is not None:
-            ready(f"http://{bound_host}:{bound_port}{path}")
-        await anyio.sleep_forever()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await runner.cleanup()
