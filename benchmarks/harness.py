@@ -111,26 +111,40 @@ def timed(
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    # wait4, not Popen.wait: it also reports the child's peak resident memory.
+    # Peak memory is the kernel's high-water mark for the child's own address space
+    # (VmHWM), polled until it exits. Not wait4's ru_maxrss: Linux carries the parent's
+    # peak over fork and exec, so every child would report at least this process's size.
     deadline = None if stop_after is None else started + stop_after
+    peak_kb = 0
     while True:
-        pid, status, usage = os.wait4(process.pid, 0 if deadline is None else os.WNOHANG)
+        peak_kb = max(peak_kb, _high_water_kb(process.pid))
+        pid, status = os.waitpid(process.pid, os.WNOHANG)
         if pid:
             break
         if deadline is not None and time.monotonic() >= deadline:
             process.send_signal(signal.SIGTERM)
             deadline = None
-        time.sleep(0.05)
+        time.sleep(0.02)
     process.returncode = os.waitstatus_to_exitcode(status)
     assert process.stdout is not None
     with process.stdout:  # small: a plan line and a summary
         stdout = process.stdout.read()
     return Timed(
         seconds=time.monotonic() - started,
-        peak_rss_mb=usage.ru_maxrss / 1024,
+        peak_rss_mb=peak_kb / 1024,
         returncode=process.returncode,
         stdout=stdout,
     )
+
+
+def _high_water_kb(pid: int) -> int:
+    """The process's peak resident set so far, in KiB (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) if match else 0
 
 
 def bulkdisconnect(
