@@ -287,6 +287,10 @@ def report(box: Sandbox, quick: bool) -> list[str]:
     ]
 
 
+# Profiling history, kept by hand and appended to every RESULTS.md.
+PROFILE_NOTES = Path(__file__).parent / "PROFILE.md"
+
+
 SECTIONS: dict[str, tuple[str, Section]] = {
     "ceiling": ("1. Ceiling", ceiling),
     "latency": ("2. Latency-bound", latency_bound),
@@ -327,6 +331,7 @@ def main() -> None:
             print(f"running {key} ...", flush=True)
             out += [f"## {title}", "", *section(box, options.quick), ""]
     out.append(f"_Whole run: {time.monotonic() - started:.0f} s._")
+    out += ["", PROFILE_NOTES.read_text().rstrip()]
     RESULTS.write_text("\n".join(out) + "\n")
     print("\n".join(out))
 
