@@ -32,7 +32,7 @@ from bulkdisconnect.pool import MAX_CONCURRENCY, Pool, PoolSettings
 from bulkdisconnect.progress import show_progress
 from bulkdisconnect.report import format_plan, format_summary
 from bulkdisconnect.retry import RetryPolicy
-from bulkdisconnect.sources import Source, open_source
+from bulkdisconnect.sources import Source, open_run_source
 from bulkdisconnect.store import PlanCounts, Store, open_store
 from bulkdisconnect.writer import ResultWriter
 
@@ -70,8 +70,21 @@ async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
         async with _client(config) as client:
             limiter = RateLimiter(config.rate)  # list calls and disconnects share it
             listed: list[str] = []
+
+            async def skip_customer(customer: str) -> bool:
+                return await store.customer_listed(config.job, customer)
+
+            async def customer_listed(customer: str) -> None:
+                listed.append(customer)  # recorded once the plan is merged
+
             source = open_run_source(
-                config, hooks=hooks, store=store, client=client, limiter=limiter, listed=listed
+                config,
+                stdin=hooks.stdin,
+                client=client,
+                limiter=limiter,
+                policy=_retry_policy(config),
+                skip_customer=skip_customer,
+                customer_listed=customer_listed,
             )
             run = _Run(config, hooks, store, client, limiter, source, listed)
             if config.dry_run:
@@ -109,48 +122,6 @@ async def _client(config: RunConfig) -> AsyncIterator[StripeClient | None]:
     )
     async with make_session(settings) as session:
         yield StripeClient(session, settings)
-
-
-def open_run_source(
-    config: RunConfig,
-    *,
-    hooks: RunHooks,
-    store: Store,
-    client: StripeClient | None,
-    limiter: RateLimiter,
-    listed: list[str],
-) -> Source:
-    """The run's source of account IDs: a file or stdin, a SQL query, or Stripe customers."""
-    if config.source_kind == "file":
-        assert config.input is not None
-        return open_source(config.input, config.column, stdin=hooks.stdin)
-    if config.source_kind == "sql":
-        from bulkdisconnect.sqlsource import open_sql_source
-
-        assert config.db is not None
-        assert config.query is not None
-        return open_sql_source(config.db, config.query, config.params, config.column)
-    from bulkdisconnect.customers import CustomersSource, read_customer_ids
-
-    assert client is not None
-    customers = list(config.customer)
-    if config.customers is not None:
-        customers += read_customer_ids(Path(config.customers))
-
-    async def skip(customer: str) -> bool:
-        return await store.customer_listed(config.job, customer)
-
-    async def note_listed(customer: str) -> None:
-        listed.append(customer)
-
-    return CustomersSource(
-        customers,
-        client=client,
-        limiter=limiter,
-        policy=_retry_policy(config),
-        skip=skip,
-        listed=note_listed,
-    )
 
 
 def _retry_policy(config: RunConfig) -> RetryPolicy:

@@ -11,7 +11,6 @@ import aiohttp
 import pytest
 
 from bulkdisconnect.client import ClientSettings, StripeClient, make_session
-from bulkdisconnect.customers import CustomersSource, read_customer_ids
 from bulkdisconnect.errors import (
     AuthenticationError,
     InputError,
@@ -23,6 +22,7 @@ from bulkdisconnect.limiter import RateLimiter
 from bulkdisconnect.model import Outcome, Settled
 from bulkdisconnect.retry import NO_WAIT, RetryPolicy
 from bulkdisconnect.sandbox import LIST_ROUTE, JournalEntry, SandboxThread, max_in_window
+from bulkdisconnect.sources.customers import CustomersSource, read_customer_ids
 from tests.conftest import API_KEY
 
 UNLIMITED = RateLimiter(float("inf"))

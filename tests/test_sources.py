@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bulkdisconnect.errors import InputError
-from bulkdisconnect.sources import MAX_LINE_BYTES, Source, open_source
+from bulkdisconnect.sources import Source
+from bulkdisconnect.sources.files import MAX_LINE_BYTES, open_source
 
 IDS = ["fca_1", "fca_2AbC", "fca_3", "fca_1"]  # a duplicate stays: deduping is the store's job
 

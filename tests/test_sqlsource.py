@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bulkdisconnect.errors import InputError, UsageError
-from bulkdisconnect.sqlsource import (
+from bulkdisconnect.sources.sql import (
     SqlSource,
     mask_url,
     open_sql_source,

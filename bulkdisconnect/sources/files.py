@@ -1,4 +1,4 @@
-"""Sources: stream raw account-ID values from .txt, .csv and .jsonl files (maybe gzipped) or stdin.
+"""Files and stdin: stream raw account-ID values from .txt, .csv and .jsonl (maybe gzipped).
 
 A source only reads: it trims values and reports malformed rows, but leaves validating and
 deduplicating IDs to the store's planning. Each chunk is read in a worker thread, so a large
@@ -17,33 +17,19 @@ import json
 import sys
 import typing
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path, PurePath
 from typing import Protocol
 
 import anyio.to_thread
 
 from bulkdisconnect.errors import InputError
-from bulkdisconnect.model import ACCOUNT_ID_PATTERN, Settled
+from bulkdisconnect.model import ACCOUNT_ID_PATTERN
 
 DEFAULT_FIELD = "account_id"
 # Bounds the memory one line can take; an ID row is ~30 bytes, so only junk comes near it.
 MAX_LINE_BYTES = 1 << 20
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
-
-
-class Source(Protocol):
-    """A stream of raw account-ID values (trimmed strings), read in chunks.
-
-    A source that already knows an account's outcome (a Stripe list showing it disconnected)
-    yields a `Settled` for it instead of the bare ID.
-    """
-
-    description: str
-
-    def chunks(self, size: int = 1000) -> AsyncIterator[Sequence[str | Settled]]:
-        """Yield sequences of 1 to `size` values; raise InputError naming a malformed row."""
-        ...
 
 
 class _LineReader(Protocol):
@@ -88,7 +74,7 @@ class StreamSource:
 
 def open_source(
     path: str, column: str | None = None, *, stdin: typing.BinaryIO | None = None
-) -> Source:
+) -> StreamSource:
     """Open `path` (`-` for stdin), checking all that can be checked before reading values."""
     if path == "-":
         if column is not None:

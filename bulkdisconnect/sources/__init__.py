@@ -1,0 +1,75 @@
+"""Sources: where a run's account IDs come from, picked from its configuration.
+
+    files.py      .txt / .csv / .jsonl, optionally .gz, or stdin
+    sql.py        a query over SQLite or PostgreSQL
+    customers.py  the accounts of Stripe customers, listed through the API
+
+A source only reads: it trims values and reports malformed rows, and leaves validating and
+deduplicating to the store's planning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+from bulkdisconnect.model import Settled
+
+if TYPE_CHECKING:
+    from bulkdisconnect.client import StripeClient
+    from bulkdisconnect.config import RunConfig
+    from bulkdisconnect.limiter import RateLimiter
+    from bulkdisconnect.retry import RetryPolicy
+
+
+class Source(Protocol):
+    """A stream of raw account-ID values (trimmed strings), read in chunks.
+
+    A source that already knows an account's outcome (a Stripe list showing it disconnected)
+    yields a `Settled` for it instead of the bare ID.
+    """
+
+    description: str
+
+    def chunks(self, size: int = 1000) -> AsyncIterator[Sequence[str | Settled]]:
+        """Yield sequences of 1 to `size` values; raise InputError naming a malformed row."""
+        ...
+
+
+def open_run_source(
+    config: RunConfig,
+    *,
+    stdin: BinaryIO | None,
+    client: StripeClient | None,
+    limiter: RateLimiter,
+    policy: RetryPolicy,
+    skip_customer: Callable[[str], Awaitable[bool]],
+    customer_listed: Callable[[str], Awaitable[None]],
+) -> Source:
+    """The run's source of account IDs: a file or stdin, a SQL query, or Stripe customers."""
+    if config.source_kind == "file":
+        from bulkdisconnect.sources.files import open_source
+
+        assert config.input is not None
+        return open_source(config.input, config.column, stdin=stdin)
+    if config.source_kind == "sql":
+        from bulkdisconnect.sources.sql import open_sql_source
+
+        assert config.db is not None
+        assert config.query is not None
+        return open_sql_source(config.db, config.query, config.params, config.column)
+    from bulkdisconnect.sources.customers import CustomersSource, read_customer_ids
+
+    assert client is not None
+    customers = list(config.customer)
+    if config.customers is not None:
+        customers += read_customer_ids(Path(config.customers))
+    return CustomersSource(
+        customers,
+        client=client,
+        limiter=limiter,
+        policy=policy,
+        skip=skip_customer,
+        listed=customer_listed,
+    )
