@@ -1,156 +1,55 @@
-"""A local stand-in for Stripe's disconnect and list endpoints, with fault knobs and a journal.
-
-It speaks Stripe's wire format (error envelope, Request-Id, Idempotency-Key replay, 429 reason
-headers) so the runner can be demonstrated, tested and benchmarked without a network.
-
-Customers are implicit: every well-formed `cus_X` has `accounts_per_customer` accounts
-`fca_Xa0`, `fca_Xa1`, ... which `GET /v1/financial_connections/accounts` lists in that order.
-"""
+"""The sandbox server: state, routes, the fault pipeline, and running it in a thread."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import itertools
-import json
-import os
 import random
 import re
-import string
 import threading
 import time
-import zlib
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple, Self
-from urllib.parse import parse_qsl
+from typing import Any, Self
 
-from aiohttp import ClientError, ClientSession, web
+from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from bulkdisconnect.model import is_valid_account_id
+from bulkdisconnect.sandbox.config import SandboxConfig, _config_changes
+from bulkdisconnect.sandbox.events import EventSender
+from bulkdisconnect.sandbox.journal import JournalEntry
+from bulkdisconnect.sandbox.wire import (
+    _CONTROL_PATHS,
+    _CUSTOMER_PATTERN,
+    _EXPAND_PARAM,
+    _FAULTS,
+    _KEY_PATTERN,
+    _LIST_PARAMS,
+    _NO_KEY,
+    _NOTE,
+    _SHUTDOWN_GRACE,
+    _UNSUPPORTED_LIST_PARAMS,
+    DISCONNECT_ROUTE,
+    LIST_ROUTE,
+    Signature,
+    _account_index,
+    _account_json,
+    _Answer,
+    _born_disconnected,
+    _customer_accounts,
+    _error,
+    _exists,
+    _invalid_key,
+    _key_from,
+    _Note,
+    _parse_form,
+    _request_id,
+    _respond,
+)
 from bulkdisconnect.serving import serve_app
-
-DEFAULT_STRIPE_VERSION = "2026-10-28.endive"
-FORM = "application/x-www-form-urlencoded"
-DISCONNECT_ROUTE = "/v1/financial_connections/accounts/{account}/disconnect"
-LIST_ROUTE = "/v1/financial_connections/accounts"
-_CUSTOMER_PATTERN = re.compile(r"cus_[A-Za-z0-9]+")
-_LIST_PARAMS = frozenset({"account_holder[customer]", "limit", "starting_after"})
-# Real parameters of the list operation (stripe/openapi) that the sandbox does not implement.
-_UNSUPPORTED_LIST_PARAMS = frozenset(
-    {"account_holder[account]", "account_holder[customer_account]", "ending_before", "session"}
-)
-_CONTROL_PATHS = frozenset({"/_sandbox/journal", "/_sandbox/config", "/_sandbox/reset"})
-_KEY_PATTERN = re.compile(r"(?:sk|rk)_(test|live)_[A-Za-z0-9]+")
-_KEY_PREFIX = re.compile(r"[a-z]{2}_(?:test|live)_")
-_EXPAND_PARAM = re.compile(r"expand\[\d*\]")
-_ALNUM = (string.ascii_letters + string.digits).encode()
-_TO_ALNUM = bytes(_ALNUM[i % len(_ALNUM)] for i in range(256))  # random bytes -> Request-Id
-_DOCS = "https://stripe.com/docs/error-codes/"
-_SHUTDOWN_GRACE = 0.25  # seconds in-flight handlers get when the server stops
-
-# stripe-mock's example account (stripe/openapi fixtures3.json), balance keyed by a currency.
-# The "@..." fields are filled per answer: several times cheaper than json.dumps of the object.
-_FIXTURE_CUSTOMER = "cus_QXg1o8vcGmoR32"
-_ACCOUNT_TEMPLATE = (
-    '{"account_holder": {"customer": "@customer", "type": "customer"}, '
-    '"balance": {"as_of": 93102340, "current": {"usd": 1126940025}, "type": "cash"}, '
-    '"balance_refresh": {"last_attempted_at": 1981828143, "next_refresh_available_at": null, '
-    '"status": "failed"}, "category": "cash", "created": "@created", '
-    '"display_name": "Sample Checking Account", "id": "@id", "institution_name": "StripeBank", '
-    '"last4": "6789", "livemode": "@livemode", "object": "financial_connections.account", '
-    '"ownership": null, "ownership_refresh": {"last_attempted_at": 1981828143, '
-    '"next_refresh_available_at": null, "status": "failed"}, "permissions": [], '
-    '"status": "@status", "subcategory": "checking", "subscriptions": [], '
-    '"supported_payment_method_types": ["us_bank_account"], "transaction_refresh": '
-    '{"id": "obj_123", "last_attempted_at": 1981828143, "next_refresh_available_at": null, '
-    '"status": "failed"}, "account_numbers": null}'
-)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SandboxConfig:
-    """Fault knobs and account universe of a sandbox; probabilities are per request."""
-
-    latency_ms: float = 0.0  # added to every API answer
-    jitter_ms: float = 0.0  # latency is uniform in latency ± jitter, floored at 0
-    p500: float = 0.0
-    p429: float = 0.0  # code rate_limit, reason endpoint-rate
-    p_lock_timeout: float = 0.0  # 429 code lock_timeout, Stripe-Should-Retry: true
-    p_drop: float = 0.0  # close the connection without answering
-    p_hang: float = 0.0  # say nothing for hang_seconds, then close
-    hang_seconds: float = 3600.0
-    rate_limit: float | None = None  # most requests let in per sliding second (global-rate)
-    accounts: frozenset[str] | None = None  # if set, only these account IDs exist
-    missing: frozenset[str] = frozenset()  # account (or customer) IDs that do not exist
-    accounts_per_customer: int = 3  # accounts every implicit customer has
-    disconnected_per_customer: int = 0  # the first this many of them start disconnected
-    livemode_accounts: bool = False  # accounts live in live mode, so test keys don't see them
-    api_key: str | None = None  # if set, the only key accepted
-    revoke_after: int | None = None  # answered API calls before the key stops working
-    seed: int | None = None  # of the fault and jitter random numbers
-    webhook_url: str | None = None  # where to send financial_connections.account.disconnected
-    webhook_secret: str | None = None  # signs those events (Stripe-Signature)
-
-    def __post_init__(self) -> None:
-        faults = (self.p500, self.p429, self.p_lock_timeout, self.p_drop, self.p_hang)
-        if not all(0.0 <= p <= 1.0 for p in faults) or sum(faults) > 1.0:
-            raise ValueError("fault probabilities must each be in [0, 1] and sum to at most 1")
-        if min(self.latency_ms, self.jitter_ms, self.hang_seconds) < 0:
-            raise ValueError("latency_ms, jitter_ms and hang_seconds must be >= 0")
-        if self.rate_limit is not None and self.rate_limit <= 0:
-            raise ValueError("rate_limit must be > 0 requests/s, or None for no limit")
-        if min(self.accounts_per_customer, self.disconnected_per_customer) < 0:
-            raise ValueError("accounts_per_customer and disconnected_per_customer must be >= 0")
-
-
-@dataclass(frozen=True, slots=True)
-class JournalEntry:
-    """One request as the sandbox saw it; the API key itself is never kept."""
-
-    at: float  # time.monotonic() on arrival
-    method: str
-    path: str  # raw, as received
-    account_id: str | None  # from the disconnect route, decoded; None for a list call
-    idempotency_key: str | None
-    stripe_account: str | None
-    stripe_version: str | None
-    user_agent: str | None
-    content_type: str | None
-    authorized: bool  # an Authorization header was present
-    status: int  # 0 when no answer was sent
-    replayed: bool
-    fault: str | None  # drop, hang, p500, p429, lock_timeout, rate_limit or revoked
-    request_id: str | None = None
-    done_at: float = 0.0  # time.monotonic() when the answer was sent (or the request given up)
-
-
-class _Answer(NamedTuple):
-    status: int
-    body: bytes
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-Signature = tuple[str, tuple[tuple[str, str], ...]]  # raw path and sorted form parameters
-
-
-@dataclass(slots=True)
-class _Note:
-    """What the handlers learned about a request, for its journal entry."""
-
-    at: float
-    request_id: str
-    mode: str = "test"  # of the API key
-    fault: str | None = None
-    replayed: bool = False
-    dropped: bool = False
-    journaled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,65 +57,6 @@ class _Saved:
     signature: Signature
     answer: _Answer
     request_id: str
-
-
-_NOTE = web.RequestKey("bulkdisconnect.sandbox.note", _Note)
-
-
-def _error(
-    status: int,
-    message: str,
-    *,
-    kind: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-    headers: tuple[tuple[str, str], ...] = (),
-) -> _Answer:
-    error = {"message": message, "type": kind}
-    if code is not None:
-        error |= {"code": code, "doc_url": _DOCS + code.replace("_", "-")}
-    if param is not None:
-        error["param"] = param
-    return _Answer(status, json.dumps({"error": error}).encode(), headers)
-
-
-_RATE_MESSAGE = (
-    "Request rate limit exceeded. You can learn more about rate limits here "
-    "https://stripe.com/docs/rate-limits."
-)
-_FAULTS = {
-    "p500": _error(500, "An unknown error occurred. Please try again later.", kind="api_error"),
-    "p429": _error(
-        429,
-        _RATE_MESSAGE,
-        code="rate_limit",
-        headers=(("Stripe-Rate-Limited-Reason", "endpoint-rate"),),
-    ),
-    "lock_timeout": _error(
-        429,
-        "This object cannot be accessed right now because another API request or Stripe process "
-        "is currently accessing it. If you see this error intermittently, retry the request. If "
-        "you see this error frequently and are making multiple concurrent requests to a single "
-        "object, make your requests serially or at a lower rate.",
-        code="lock_timeout",
-        headers=(("Stripe-Should-Retry", "true"),),
-    ),
-    "rate_limit": _error(
-        429,
-        _RATE_MESSAGE,
-        code="rate_limit",
-        headers=(("Stripe-Rate-Limited-Reason", "global-rate"),),
-    ),
-}
-_WWW_AUTHENTICATE = (("WWW-Authenticate", 'Basic realm="Stripe"'),)
-_NO_KEY = _error(
-    401,
-    "You did not provide an API key. You need to provide your API key in the Authorization "
-    "header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY'). See "
-    "https://stripe.com/docs/api#authentication for details, or we can help at "
-    "https://support.stripe.com/.",
-    headers=_WWW_AUTHENTICATE,
-)
 
 
 class Sandbox:
@@ -232,10 +72,7 @@ class Sandbox:
         self._disconnected: set[str] = set()
         self._answered = 0  # API calls answered, for revoke_after
         self._window: deque[float] = deque()  # arrival times of requests the limiter let in
-        self._deliveries: set[asyncio.Task[None]] = set()  # webhook events on their way
-        self._webhook_session: ClientSession | None = None
-        self.events_delivered = 0
-        self.events_failed = 0
+        self.events = EventSender()  # webhook events, when a webhook_url is configured
 
     def configure(self, **changes: Any) -> SandboxConfig:
         """Replace some knobs (SandboxConfig field names) while serving; returns the new config."""
@@ -272,7 +109,7 @@ class Sandbox:
         app.router.add_post(DISCONNECT_ROUTE, self._disconnect)
         app.router.add_get(LIST_ROUTE, self._list)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
-        app.on_cleanup.append(self._close_webhooks)
+        app.on_cleanup.append(self._close_events)
         return app
 
     async def run(
@@ -490,11 +327,13 @@ class Sandbox:
         body = _account_json(account, livemode=config.livemode_accounts)
         if newly and config.webhook_url and config.webhook_secret:
             # Stripe emits the event when the status changes, after answering the request.
-            task = asyncio.get_running_loop().create_task(
-                self._deliver(config.webhook_url, config.webhook_secret, body, note)
+            self.events.send_disconnected(
+                config.webhook_url,
+                config.webhook_secret,
+                body,
+                livemode=config.livemode_accounts,
+                request_id=note.request_id,
             )
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
         return _Answer(200, body.encode())
 
     async def _list_page(self, request: web.Request, config: SandboxConfig, note: _Note) -> _Answer:
@@ -564,45 +403,8 @@ class Sandbox:
         )
         return _Answer(200, body.encode())
 
-    async def _deliver(self, url: str, secret: str, account: str, note: _Note) -> None:
-        """POST one signed financial_connections.account.disconnected event, retrying a little."""
-        from bulkdisconnect.webhook import sign
-
-        event = {
-            "id": f"evt_{_request_id()[4:]}",
-            "object": "event",
-            "api_version": DEFAULT_STRIPE_VERSION,
-            "created": int(time.time()),
-            "livemode": self.config.livemode_accounts,
-            "pending_webhooks": 1,
-            "request": {"id": note.request_id, "idempotency_key": None},
-            "type": "financial_connections.account.disconnected",
-            "data": {"object": json.loads(account)},
-        }
-        payload = json.dumps(event).encode()
-        if self._webhook_session is None:
-            self._webhook_session = ClientSession()
-        for attempt in range(3):
-            headers = {
-                "Content-Type": "application/json",
-                "Stripe-Signature": sign(payload, secret),
-            }
-            try:
-                async with self._webhook_session.post(url, data=payload, headers=headers) as r:
-                    if r.status < 300:
-                        self.events_delivered += 1
-                        return
-            except (ClientError, OSError):
-                pass
-            await asyncio.sleep(0.2 * 2**attempt)
-        self.events_failed += 1
-
-    async def _close_webhooks(self, _app: web.Application) -> None:
-        for task in list(self._deliveries):
-            task.cancel()
-        if self._webhook_session is not None:
-            await self._webhook_session.close()
-            self._webhook_session = None
+    async def _close_events(self, _app: web.Application) -> None:
+        await self.events.aclose()
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         note = request.get(_NOTE) or _Note(time.monotonic(), _request_id())
@@ -629,124 +431,6 @@ class Sandbox:
     async def _post_reset(self, request: web.Request) -> web.StreamResponse:
         self.reset()
         return web.json_response({"reset": True})
-
-
-def _exists(account: str, config: SandboxConfig) -> bool:
-    return (
-        is_valid_account_id(account)
-        and account not in config.missing
-        and (config.accounts is None or account in config.accounts)
-    )
-
-
-def _customer_accounts(prefix: str, start: int, config: SandboxConfig) -> Iterator[str]:
-    """A customer's existing account IDs from index `start` on, lazily (a customer may be huge)."""
-    for index in range(start, config.accounts_per_customer):
-        if _exists(account := f"{prefix}{index}", config):
-            yield account
-
-
-def _account_index(account: str, prefix: str, config: SandboxConfig) -> int | None:
-    """The index of an existing account of the customer whose IDs start with `prefix`."""
-    digits = account.removeprefix(prefix)
-    if digits == account or not digits.isascii() or not digits.isdigit():
-        return None
-    index = int(digits)
-    canonical = str(index) == digits and index < config.accounts_per_customer
-    return index if canonical and _exists(account, config) else None
-
-
-def _born_disconnected(account: str, config: SandboxConfig) -> bool:
-    """Whether an implicit customer's account is one of those that start disconnected."""
-    if not config.disconnected_per_customer:
-        return False
-    head, _, digits = account.rpartition("a")  # fca_<customer suffix>a<index>
-    if not (head.startswith("fca_") and len(head) > 4 and digits.isascii() and digits.isdigit()):
-        return False
-    index = int(digits)
-    return str(index) == digits and index < min(
-        config.disconnected_per_customer, config.accounts_per_customer
-    )
-
-
-def _account_json(
-    account: str, *, livemode: bool, status: str = "disconnected", customer: str = _FIXTURE_CUSTOMER
-) -> str:
-    """The account object as JSON; `account` and `customer` are alphanumeric IDs."""
-    created = 1_600_000_000 + zlib.crc32(account.encode()) % 100_000_000
-    return (
-        _ACCOUNT_TEMPLATE.replace('"@id"', json.dumps(account))
-        .replace('"@customer"', json.dumps(customer))
-        .replace('"@status"', json.dumps(status))
-        .replace('"@created"', str(created))
-        .replace('"@livemode"', "true" if livemode else "false")
-    )
-
-
-def _request_id() -> str:
-    return "req_" + os.urandom(14).translate(_TO_ALNUM).decode()
-
-
-def _respond(request: web.Request, note: _Note, answer: _Answer) -> web.Response:
-    headers = {
-        "Content-Type": "application/json",
-        "Request-Id": note.request_id,
-        "Stripe-Version": request.headers.get("Stripe-Version", DEFAULT_STRIPE_VERSION),
-    }
-    headers.update(answer.headers)
-    return web.Response(status=answer.status, body=answer.body, headers=headers)
-
-
-def _key_from(header: str) -> str:
-    scheme, _, credentials = header.strip().partition(" ")
-    if scheme.lower() == "bearer":
-        return credentials.strip()
-    if scheme.lower() == "basic":  # Stripe takes the key as the basic-auth user name
-        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
-            return base64.b64decode(credentials, validate=True).decode().partition(":")[0]
-    return header
-
-
-def _invalid_key(key: str) -> _Answer:
-    prefix = prefix_match[0] if (prefix_match := _KEY_PREFIX.match(key)) else ""
-    rest = key[len(prefix) :]
-    shown = rest[-4:] if len(rest) > 4 else ""
-    masked = prefix + "*" * min(len(rest) - len(shown), 32) + shown
-    return _error(401, f"Invalid API Key provided: {masked}", headers=_WWW_AUTHENTICATE)
-
-
-def _parse_form(
-    request: web.Request, body: bytes
-) -> tuple[tuple[tuple[str, str], ...], _Answer | None]:
-    if request.content_type != FORM:
-        got = request.headers.get("Content-Type", "none")
-        return (), _error(400, f"Invalid request: the Content-Type must be {FORM}, not {got}.")
-    try:
-        pairs = (
-            parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True) if body else []
-        )
-    except (UnicodeDecodeError, ValueError):
-        return (), _error(400, "Invalid request: the body is not form-encoded.")
-    for name, _ in pairs:
-        if not _EXPAND_PARAM.fullmatch(name):
-            message = f"Received unknown parameter: {name}"
-            return (), _error(400, message, code="parameter_unknown", param=name)
-    return tuple(sorted(pairs)), None
-
-
-def _config_changes(raw: object) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise TypeError("expected a JSON object of SandboxConfig fields")
-    names = {f.name for f in dataclasses.fields(SandboxConfig)}
-    if unknown := raw.keys() - names:
-        raise ValueError(f"unknown sandbox settings {sorted(unknown)}; known: {sorted(names)}")
-    changes = dict(raw)
-    for name in ("accounts", "missing"):
-        if changes.get(name) is not None:
-            if not isinstance(changes[name], list):
-                raise TypeError(f"{name} must be a list of account IDs")
-            changes[name] = frozenset(map(str, changes[name]))
-    return changes
 
 
 async def serve(
@@ -807,38 +491,3 @@ class SandboxThread:
     def _ready(self, url: str) -> None:
         self.url = url
         self._started.set()
-
-
-def max_in_window(times: Sequence[float], window: float = 1.0) -> int:
-    """The most `times` in any half-open window [t, t + window): the rate a server saw."""
-    ordered = sorted(times)
-    best = start = 0
-    for end, t in enumerate(ordered):
-        while ordered[start] + window <= t:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
-
-def max_concurrent(journal: Iterable[JournalEntry]) -> int:
-    """The most requests the server was working on at one moment."""
-    events = sorted(
-        [(e.at, 1) for e in journal] + [(e.done_at, -1) for e in journal],
-        key=lambda event: (event[0], event[1]),  # an end before a start at the same instant
-    )
-    busy = peak = 0
-    for _, step in events:
-        busy += step
-        peak = max(peak, busy)
-    return peak
-
-
-def account_calls(journal: Iterable[JournalEntry]) -> Counter[str]:
-    """How many disconnect requests reached the sandbox for each account ID."""
-    return Counter(e.account_id for e in journal if e.account_id is not None)
-
-
-def load_account_ids(path: str | Path) -> frozenset[str]:
-    """Account IDs from a file, one a line; blank lines and `#` comments are skipped."""
-    with Path(path).open(encoding="utf-8") as lines:
-        return frozenset(s for line in lines if (s := line.strip()) and not s.startswith("#"))

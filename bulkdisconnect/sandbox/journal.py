@@ -1,0 +1,57 @@
+"""The sandbox's request journal and what tests and benchmarks measure from it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One request as the sandbox saw it; the API key itself is never kept."""
+
+    at: float  # time.monotonic() on arrival
+    method: str
+    path: str  # raw, as received
+    account_id: str | None  # from the disconnect route, decoded; None for a list call
+    idempotency_key: str | None
+    stripe_account: str | None
+    stripe_version: str | None
+    user_agent: str | None
+    content_type: str | None
+    authorized: bool  # an Authorization header was present
+    status: int  # 0 when no answer was sent
+    replayed: bool
+    fault: str | None  # drop, hang, p500, p429, lock_timeout, rate_limit or revoked
+    request_id: str | None = None
+    done_at: float = 0.0  # time.monotonic() when the answer was sent (or the request given up)
+
+
+def max_in_window(times: Sequence[float], window: float = 1.0) -> int:
+    """The most `times` in any half-open window [t, t + window): the rate a server saw."""
+    ordered = sorted(times)
+    best = start = 0
+    for end, t in enumerate(ordered):
+        while ordered[start] + window <= t:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def max_concurrent(journal: Iterable[JournalEntry]) -> int:
+    """The most requests the server was working on at one moment."""
+    events = sorted(
+        [(e.at, 1) for e in journal] + [(e.done_at, -1) for e in journal],
+        key=lambda event: (event[0], event[1]),  # an end before a start at the same instant
+    )
+    busy = peak = 0
+    for _, step in events:
+        busy += step
+        peak = max(peak, busy)
+    return peak
+
+
+def account_calls(journal: Iterable[JournalEntry]) -> Counter[str]:
+    """How many disconnect requests reached the sandbox for each account ID."""
+    return Counter(e.account_id for e in journal if e.account_id is not None)
