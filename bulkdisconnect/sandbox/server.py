@@ -309,19 +309,11 @@ class Sandbox:
         return saved.answer._replace(headers=saved.answer.headers + replay)
 
     def _lookup(self, account: str, config: SandboxConfig, note: _Note) -> _Answer:
-        exists = _exists(account, config)
-        account_mode = "live" if config.livemode_accounts else "test"
-        if not exists or note.mode != account_mode:
-            hint = (
-                f"; a similar object exists in {account_mode} mode, but a {note.mode} mode key "
-                "was used to make this request."
-            )
-            return _error(
-                404,
-                f"No such financial connections account: '{account}'{hint if exists else ''}",
-                code="resource_missing",
-                param="account",
-            )
+        missing = _missing(
+            "financial connections account", account, _exists(account, config), config, note
+        )
+        if missing is not None:
+            return missing
         newly = account not in self._disconnected and not _born_disconnected(account, config)
         self._disconnected.add(account)
         body = _account_json(account, livemode=config.livemode_accounts)
@@ -360,19 +352,12 @@ class Sandbox:
         if not 1 <= limit <= 100:
             message = f"Invalid limit: must be an integer between 1 and 100, not '{raw_limit}'."
             return _error(400, message, code="parameter_invalid_integer", param="limit")
-        account_mode = "live" if config.livemode_accounts else "test"
         exists = bool(_CUSTOMER_PATTERN.fullmatch(customer)) and customer not in config.missing
-        if not exists or note.mode != account_mode:
-            hint = (
-                f"; a similar object exists in {account_mode} mode, but a {note.mode} mode key "
-                "was used to make this request."
-            )
-            return _error(
-                404,
-                f"No such customer: '{customer}'{hint if exists else ''}",
-                code="resource_missing",
-                param="account_holder[customer]",
-            )
+        missing = _missing(
+            "customer", customer, exists, config, note, param="account_holder[customer]"
+        )
+        if missing is not None:
+            return missing
         prefix = f"fca_{customer[4:]}a"
         start = 0
         if (after := query.get("starting_after")) is not None:
@@ -491,3 +476,28 @@ class SandboxThread:
     def _ready(self, url: str) -> None:
         self.url = url
         self._started.set()
+
+
+def _missing(
+    kind: str,
+    ident: str,
+    exists: bool,
+    config: SandboxConfig,
+    note: _Note,
+    *,
+    param: str = "account",
+) -> _Answer | None:
+    """Stripe's 404 resource_missing, hinting at the other mode when only the key's differs."""
+    object_mode = "live" if config.livemode_accounts else "test"
+    if exists and note.mode == object_mode:
+        return None
+    hint = (
+        f"; a similar object exists in {object_mode} mode, but a {note.mode} mode key was used "
+        "to make this request."
+    )
+    return _error(
+        404,
+        f"No such {kind}: '{ident}'{hint if exists else ''}",
+        code="resource_missing",
+        param=param,
+    )
