@@ -202,3 +202,42 @@ def test_unknown_customer_is_exit_2_before_any_disconnect(
     assert "cus_gone" in result.stderr
     assert disconnects(sandbox) == []
     assert ws.outcomes("off") == {}
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_a_live_key_asks_the_operator_with_the_count(
+    ws: Workspace, sandbox: SandboxThread, answer: bool
+) -> None:
+    """On a terminal a live key asks once, showing the count; no means exit 2 and no call."""
+    import io
+
+    import anyio
+
+    from bulkdisconnect.config import build_run_config
+    from bulkdisconnect.errors import UsageError
+    from bulkdisconnect.job import RunHooks, run_job
+
+    sandbox.sandbox.configure(livemode_accounts=True)
+    ws.write("ids.txt", ws.ids(7))
+    config = build_run_config(
+        {"input": str(ws.root / "ids.txt"), "state": str(ws.root / "s.sqlite"), "retry_delay": 0},
+        None,
+        ws.env(STRIPE_API_KEY=LIVE_KEY),
+    )
+    questions: list[str] = []
+
+    def confirm(question: str) -> bool:
+        questions.append(question)
+        return answer
+
+    hooks = RunHooks(out=io.StringIO(), progress=False, confirm=confirm)
+    if answer:
+        assert anyio.run(run_job, config, hooks) == 0
+        assert len(disconnects(sandbox)) == 7
+    else:
+        with pytest.raises(UsageError, match="live key"):
+            anyio.run(run_job, config, hooks)
+        assert disconnects(sandbox) == []
+    assert len(questions) == 1
+    assert "7 accounts" in questions[0]
+    assert "LIVE" in questions[0]
