@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -10,12 +9,11 @@ import aiohttp
 import orjson
 
 from bulkdisconnect import __version__
-from bulkdisconnect.model import is_valid_account_id
+from bulkdisconnect.model import CUSTOMER_ID_PATTERN, is_valid_account_id
 
 # The API version this tool was written and tested against; --stripe-version overrides it.
 STRIPE_VERSION = "2026-10-28.endive"
 FORM = "application/x-www-form-urlencoded"
-CUSTOMER_ID_PATTERN = re.compile(r"cus_[A-Za-z0-9]+")
 MAX_PAGE = 100  # Stripe's largest list page
 
 

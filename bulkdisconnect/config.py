@@ -18,12 +18,12 @@ from urllib.parse import urlsplit
 
 from bulkdisconnect.client import STRIPE_VERSION
 from bulkdisconnect.errors import UsageError
+from bulkdisconnect.model import CUSTOMER_ID_PATTERN
 
 DEFAULT_API_BASE = "https://api.stripe.com"
 JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 API_KEY = re.compile(r"(sk|rk)_(test|live)_[A-Za-z0-9]+")
 STRIPE_ACCOUNT = re.compile(r"acct_[A-Za-z0-9]+")
-CUSTOMER = re.compile(r"cus_[A-Za-z0-9]+")
 
 
 class Secret:
@@ -200,7 +200,7 @@ def _customer_list(v: _Value) -> tuple[str, ...]:
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
         raise v.fail(f"must be Stripe customer IDs (cus_...), got {v.value!r}")
     for item in items:
-        if not CUSTOMER.fullmatch(item.strip()):
+        if not CUSTOMER_ID_PATTERN.fullmatch(item.strip()):
             raise v.fail(f"must be Stripe customer IDs (cus_...), got {item!r}")
     return tuple(i.strip() for i in items)
 

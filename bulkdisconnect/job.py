@@ -161,13 +161,12 @@ async def _locked_run(run: _Run, owner: str) -> ExitCode:
 
 def _metrics_for(config: RunConfig) -> RunMetrics | None:
     """Prometheus metrics for the run, when a file or a Pushgateway asks for them."""
-    if config.metrics_file is None and config.pushgateway is None:
-        return None
     settings = MetricsSettings(
         file=Path(config.metrics_file) if config.metrics_file else None,
         pushgateway=config.pushgateway,
     )
-    return RunMetrics(config.job, settings)
+    metrics = RunMetrics(config.job, settings)
+    return metrics if metrics.enabled else None
 
 
 async def _publish_metrics(metrics: RunMetrics, stats: RunStats, every: float) -> None:

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 ACCOUNT_ID_PATTERN = re.compile(r"fca_[A-Za-z0-9]+")
+CUSTOMER_ID_PATTERN = re.compile(r"cus_[A-Za-z0-9]+")
 # Stripe IDs are well under this; a longer value is junk and is stored truncated.
 MAX_ACCOUNT_ID_LENGTH = 255
 

@@ -18,12 +18,12 @@ from typing import Any, Self
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from bulkdisconnect.model import CUSTOMER_ID_PATTERN
 from bulkdisconnect.sandbox.config import SandboxConfig, _config_changes
 from bulkdisconnect.sandbox.events import EventSender
 from bulkdisconnect.sandbox.journal import JournalEntry
 from bulkdisconnect.sandbox.wire import (
     _CONTROL_PATHS,
-    _CUSTOMER_PATTERN,
     _EXPAND_PARAM,
     _FAULTS,
     _KEY_PATTERN,
@@ -352,7 +352,7 @@ class Sandbox:
         if not 1 <= limit <= 100:
             message = f"Invalid limit: must be an integer between 1 and 100, not '{raw_limit}'."
             return _error(400, message, code="parameter_invalid_integer", param="limit")
-        exists = bool(_CUSTOMER_PATTERN.fullmatch(customer)) and customer not in config.missing
+        exists = bool(CUSTOMER_ID_PATTERN.fullmatch(customer)) and customer not in config.missing
         missing = _missing(
             "customer", customer, exists, config, note, param="account_holder[customer]"
         )

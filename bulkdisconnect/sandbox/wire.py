@@ -24,7 +24,6 @@ DEFAULT_STRIPE_VERSION = "2026-10-28.endive"
 FORM = "application/x-www-form-urlencoded"
 DISCONNECT_ROUTE = "/v1/financial_connections/accounts/{account}/disconnect"
 LIST_ROUTE = "/v1/financial_connections/accounts"
-_CUSTOMER_PATTERN = re.compile(r"cus_[A-Za-z0-9]+")
 _LIST_PARAMS = frozenset({"account_holder[customer]", "limit", "starting_after"})
 # Real parameters of the list operation (stripe/openapi) that the sandbox does not implement.
 _UNSUPPORTED_LIST_PARAMS = frozenset(

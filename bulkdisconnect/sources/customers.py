@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from bulkdisconnect.client import CUSTOMER_ID_PATTERN, MAX_PAGE, Answer, ListAnswer, StripeClient
+from bulkdisconnect.client import MAX_PAGE, Answer, ListAnswer, StripeClient
 from bulkdisconnect.errors import (
     AuthenticationError,
     BulkDisconnectError,
@@ -23,7 +23,7 @@ from bulkdisconnect.errors import (
     WrongModeError,
 )
 from bulkdisconnect.limiter import RateLimiter
-from bulkdisconnect.model import Outcome, Settled
+from bulkdisconnect.model import CUSTOMER_ID_PATTERN, Outcome, Settled
 from bulkdisconnect.retry import Action, RetryPolicy, classify
 
 log = structlog.get_logger("bulkdisconnect")
