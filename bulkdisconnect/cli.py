@@ -51,7 +51,12 @@ _RUN_OPTIONS = [
     click.option(
         "--job", metavar="NAME", help="The key a rerun resumes under [job file/input name]."
     ),
-    click.option("--state", metavar="PATH", help="The result store [state/<job>.sqlite]."),
+    click.option(
+        "--state", metavar="PATH|URL", help="SQLite file or postgresql://… [state/<job>.sqlite]."
+    ),
+    click.option(
+        "--join", is_flag=True, default=None, help="Work the job with other --join workers (PG)."
+    ),
     click.option("--api-base", metavar="URL", help="[env STRIPE_API_BASE, else api.stripe.com]"),
     click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
     click.option("--stripe-account", metavar="ID", help="Send Stripe-Account (Connect)."),
@@ -133,20 +138,20 @@ def _run_job(
     sys.exit(int(_run_async(go)))
 
 
-def _state_for(job: str, state: str | None, *, must_exist: bool = True) -> Path:
-    from bulkdisconnect.config import JOB_NAME, default_state
+def _state_for(job: str, state: str | None, *, must_exist: bool = True) -> Path | str:
+    from bulkdisconnect.config import JOB_NAME, resolve_state
 
     if not JOB_NAME.fullmatch(job):
         raise UsageError(f"--job must be letters, digits, '.', '_' or '-', got {job!r}")
-    path = Path(state.removeprefix("sqlite:///")) if state else default_state(job)
-    if must_exist and not path.is_file():
-        raise UsageError(f"no state store at {path}: has job {job!r} ever run? (see --state)")
-    return path
+    location = resolve_state(job, state)
+    if must_exist and isinstance(location, Path) and not location.is_file():
+        raise UsageError(f"no state store at {location}: has job {job!r} ever run? (see --state)")
+    return location
 
 
 @main.command()
 @click.option("--job", required=True, metavar="NAME")
-@click.option("--state", metavar="PATH", help="[state/<job>.sqlite]")
+@click.option("--state", metavar="PATH|URL", help="[state/<job>.sqlite]")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="[stdout]")
 @click.option(
@@ -155,13 +160,13 @@ def _state_for(job: str, state: str | None, *, must_exist: bool = True) -> Path:
 def report(job: str, state: str | None, fmt: str, output: Path | None, unconfirmed: bool) -> None:
     """One row per account: outcome, attempts, HTTP status, error, request ID, times."""
     from bulkdisconnect.report import write_report
-    from bulkdisconnect.store import open_store
+    from bulkdisconnect.store import open_store, shown_location
 
     async def go() -> None:
         store = await open_store(_state_for(job, state))
         try:
             if not await store.has_job(job):
-                raise UsageError(f"job {job!r} is not in {_state_for(job, state)}")
+                raise UsageError(f"job {job!r} is not in {shown_location(_state_for(job, state))}")
             if output is None:
                 await write_report(store, job, sys.stdout, fmt, unconfirmed=unconfirmed)
                 return
@@ -178,17 +183,17 @@ def report(job: str, state: str | None, fmt: str, output: Path | None, unconfirm
 
 @main.command()
 @click.option("--job", required=True, metavar="NAME")
-@click.option("--state", metavar="PATH", help="[state/<job>.sqlite]")
+@click.option("--state", metavar="PATH|URL", help="[state/<job>.sqlite]")
 def status(job: str, state: str | None) -> None:
     """Counts per outcome, the last run, and whether a run holds the job now."""
     from bulkdisconnect.report import write_status
-    from bulkdisconnect.store import open_store
+    from bulkdisconnect.store import open_store, shown_location
 
     async def go() -> None:
         store = await open_store(_state_for(job, state))
         try:
             if not await store.has_job(job):
-                raise UsageError(f"job {job!r} is not in {_state_for(job, state)}")
+                raise UsageError(f"job {job!r} is not in {shown_location(_state_for(job, state))}")
             await write_status(store, job, sys.stdout)
         finally:
             await store.aclose()
@@ -207,7 +212,7 @@ def _first_webhook_secret() -> str:
 
 @main.command()
 @click.option("--job", required=True, metavar="NAME")
-@click.option("--state", metavar="PATH", help="[state/<job>.sqlite]")
+@click.option("--state", metavar="PATH|URL", help="[state/<job>.sqlite]")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, required=True, help="0 picks a free port.")
 @click.option("--path", default="/webhook", show_default=True)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from bulkdisconnect.client import STRIPE_VERSION
 from bulkdisconnect.errors import UsageError
 from bulkdisconnect.model import CUSTOMER_ID_PATTERN
+from bulkdisconnect.store import is_shared_location
 
 DEFAULT_API_BASE = "https://api.stripe.com"
 JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -56,7 +57,8 @@ class RunConfig:
     customer: tuple[str, ...]  # with customers: a Stripe customers source
     customers: str | None
     column: str | None
-    state: Path
+    state: Path | str  # a SQLite file, or a PostgreSQL URL (which `join` needs)
+    join: bool  # work the job together with other `run --join` workers
     api_base: str
     api_key: Secret | None
     stripe_account: str | None
@@ -233,6 +235,7 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "column": (_text, None),
     "job": (_job_name, None),
     "state": (_text, None),
+    "join": (_bool, False),
     "api_base": (_api_base, DEFAULT_API_BASE),
     "stripe_account": (_stripe_account, None),
     "stripe_version": (_text, STRIPE_VERSION),
@@ -302,7 +305,12 @@ def build_run_config(
     # A dry run calls nothing, except the list calls a customers source needs.
     needs_key = not parsed["dry_run"] or (parsed["input"] is None and parsed["query"] is None)
     api_key = _api_key(raw.get("api_key_file"), env) if needs_key else None
-    state = Path(parsed.pop("state")) if parsed["state"] else default_state(job)
+    state = resolve_state(job, parsed.pop("state"))
+    if parsed["join"] and not is_shared_location(state):
+        raise raw["join"].fail(
+            "needs a store the workers share: --state postgresql://... "
+            "(several processes cannot share a SQLite file)"
+        )
     return RunConfig(**{**parsed, "job": job, "state": state, "api_key": api_key})
 
 
@@ -331,6 +339,15 @@ def _check_one_source(parsed: dict[str, Any]) -> None:
 def default_state(job: str) -> Path:
     """Where a job's store lives unless --state says otherwise."""
     return Path("state") / f"{job}.sqlite"
+
+
+def resolve_state(job: str, state: str | None) -> Path | str:
+    """The store --state names: a PostgreSQL URL as is, else a SQLite file path."""
+    if not state:
+        return default_state(job)
+    if is_shared_location(state):
+        return state
+    return Path(state.removeprefix("sqlite:///"))
 
 
 def _default_job_name(job_file: Path | None, input_path: str | None) -> str:

@@ -38,6 +38,9 @@ from bulkdisconnect.writer import ResultWriter
 
 log = structlog.get_logger("bulkdisconnect")
 
+JOIN_PAGE_SIZE = 100
+JOIN_POLL = 0.2  # seconds between heartbeats while a joining worker waits for its share
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunHooks:
@@ -93,13 +96,16 @@ async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
                 )
                 hooks.out.write(format_plan(config.job, counts, dry_run=True))
                 return ExitCode.OK
-            owner = uuid.uuid4().hex
-            await store.acquire_lock(config.job, owner, stale_after=config.lock_stale_after)
+            # The run ID names the lock holder, and marks the accounts this run claims.
+            run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+            await store.acquire_lock(
+                config.job, run_id, stale_after=config.lock_stale_after, join=config.join
+            )
             try:
-                return await _locked_run(run, owner)
+                return await _locked_run(run, run_id)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await store.release_lock(config.job, owner)
+                    await store.release_lock(config.job, run_id)
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()
@@ -132,15 +138,14 @@ def _retry_policy(config: RunConfig) -> RetryPolicy:
     )
 
 
-async def _locked_run(run: _Run, owner: str) -> ExitCode:
+async def _locked_run(run: _Run, run_id: str) -> ExitCode:
     config, store = run.config, run.store
-    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{owner[:8]}"
     await store.start_run(config.job, run_id)
     exit_code = ExitCode.INTERRUPTED
     message = "interrupted"
     metrics = _metrics_for(config)
     try:
-        async with _heartbeat(store, config, owner), _signals() as stopping:
+        async with _lease(store, config, run_id, run.limiter), _signals() as stopping:
             exit_code, message = await _plan_and_work(run, run_id, stopping, metrics)
     except BaseExceptionGroup as group:
         error = _single_error(group)
@@ -182,7 +187,7 @@ async def _plan_and_work(
 ) -> tuple[ExitCode, str]:
     config, store = run.config, run.store
     started = time.monotonic()
-    counts = await _plan(run, stopping)
+    counts = await _plan(run, run_id, stopping)
     if counts is None:
         return ExitCode.INTERRUPTED, "interrupted while planning; nothing was called"
     hooks = run.hooks
@@ -218,8 +223,23 @@ async def _plan_and_work(
     return exit_code, summary
 
 
-async def _plan(run: _Run, stopping: anyio.Event) -> PlanCounts | None:
+async def _plan(run: _Run, run_id: str, stopping: anyio.Event) -> PlanCounts | None:
     """Plan the input into the store; None if a signal came first (nothing merged).
+
+    Of the workers joining one job, the first plans and the others find the plan in place.
+    """
+    if not run.config.join:
+        return await _plan_input(run, stopping)
+    async with run.store.planning(run.config.job, run_id) as must_plan:
+        if must_plan:
+            return await _plan_input(run, stopping)
+    pending = (await run.store.counts(run.config.job)).get(None, 0)
+    log.info("bulkdisconnect.joined", job=run.config.job, run_id=run_id, pending=pending)
+    return PlanCounts(read=0, invalid=0, duplicates=0, already_done=0, to_call=pending)
+
+
+async def _plan_input(run: _Run, stopping: anyio.Event) -> PlanCounts | None:
+    """Stage the whole source, approve it, then merge it into the job.
 
     The whole source is read and counted before the job changes: --max-accounts and the
     live-key confirmation can still refuse it, leaving the job as it was.
@@ -249,7 +269,7 @@ async def _plan(run: _Run, stopping: anyio.Event) -> PlanCounts | None:
     except BulkDisconnectError:
         await store.discard_staged()
         raise
-    await store.commit_staged(config.job)
+    await store.commit_staged(config.job, retry_failed=config.retry_failed)
     for customer in run.listed:
         await store.mark_customer_listed(config.job, customer)
     return counts
@@ -298,8 +318,9 @@ async def _work(
         settings=PoolSettings(
             rate=config.rate,
             concurrency=config.concurrency,
-            retry_failed=config.retry_failed,
             policy=_retry_policy(config),
+            # Workers sharing a job end together better with smaller pages in hand.
+            page_size=JOIN_PAGE_SIZE if config.join else PoolSettings.page_size,
         ),
         stats=stats,
         stopping=stopping,
@@ -360,25 +381,50 @@ def _exit_code(counts: dict[str | None, int], *, interrupted: bool) -> ExitCode:
 
 
 @asynccontextmanager
-async def _heartbeat(store: Store, config: RunConfig, owner: str) -> AsyncIterator[None]:
-    """Keep the job's lock alive; if another run took it over, stop this one (exit 4)."""
-    lost: list[bool] = []
+async def _lease(
+    store: Store, config: RunConfig, run_id: str, limiter: RateLimiter
+) -> AsyncIterator[None]:
+    """Hold the job's lease and this worker's share of --rate while the body runs.
 
-    async def beat(scope: anyio.CancelScope) -> None:
+    A joining worker starts only once every other worker runs at its new, smaller share, so
+    the workers together never exceed --rate. A heartbeat that fails, or does not get
+    through within half the lease, stops the run (exit 4) before the lease can run out: by
+    then others may take over its accounts.
+    """
+    lease = config.lock_stale_after
+    beat = await store.heartbeat(config.job, run_id)
+    while beat is not None and not beat.ready:
+        await anyio.sleep(JOIN_POLL)
+        beat = await store.heartbeat(config.job, run_id)
+    if beat is None:
+        raise LockHeldError(f"job {config.job!r}: lost the lock's lease before starting")
+    limiter.share(beat.workers)
+    lost: list[bool] = []
+    # Joined workers re-divide the rate as others come and go: look often.
+    every = min(lease / 6, JOIN_POLL * 5) if config.join else lease / 6
+
+    async def renew(scope: anyio.CancelScope) -> None:
         while True:
-            await anyio.sleep(config.lock_stale_after / 6)
-            if not await store.heartbeat(config.job, owner):
+            await anyio.sleep(every)
+            renewed = None
+            with anyio.move_on_after(lease / 2):
+                renewed = await store.heartbeat(config.job, run_id)
+            if renewed is None:
                 lost.append(True)
                 scope.cancel()
                 return
+            limiter.share(renewed.workers)
 
     async with anyio.create_task_group() as tg:
         with anyio.CancelScope() as body:
-            tg.start_soon(beat, body)
+            tg.start_soon(renew, body)
             yield
         tg.cancel_scope.cancel()
     if lost:
-        raise LockHeldError(f"job {config.job!r}: another run took over the lock; stopped")
+        raise LockHeldError(
+            f"job {config.job!r}: lost the lock's lease (taken over, or no heartbeat got "
+            f"through for {lease / 2:g}s); stopped"
+        )
 
 
 @asynccontextmanager

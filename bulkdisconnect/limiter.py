@@ -41,12 +41,25 @@ class RateLimiter:
     """
 
     def __init__(self, rate: float) -> None:
-        self.rate = rate
+        self.cap = rate  # --rate: for all the job's workers together
+        self.rate = rate  # this worker's share of it
         self._limiter: AsyncLimiter | None = None
         if not math.isinf(rate):
-            credit = rate * CREDIT
-            leak = (rate - credit) / (1 + MARGIN)
-            self._limiter = AsyncLimiter(1 + credit, (1 + credit) / leak)
+            self._limiter = AsyncLimiter(*_bucket(rate))
+
+    def share(self, workers: int) -> None:
+        """Run at 1/workers of the cap, from now on (workers sharing one job)."""
+        rate = self.cap / max(1, workers)
+        if rate == self.rate or self._limiter is None:
+            return
+        limiter = self._limiter
+        # aiolimiter has no setter: settle the bucket at the old leak rate, then reshape it.
+        # A lower capacity only makes waiters wait longer; a scheduled wake-up that comes
+        # early just finds no room and waits again.
+        limiter.has_capacity()
+        limiter.max_rate, limiter.time_period = _bucket(rate)
+        limiter._rate_per_sec = limiter.max_rate / limiter.time_period
+        self.rate = rate
 
     async def __aenter__(self) -> None:
         if self._limiter is not None:
@@ -59,6 +72,13 @@ class RateLimiter:
         tb: TracebackType | None,
     ) -> None:
         return None
+
+
+def _bucket(rate: float) -> tuple[float, float]:
+    """The (capacity, period) of the leaky bucket that caps a sliding second at `rate`."""
+    credit = rate * CREDIT
+    leak = (rate - credit) / (1 + MARGIN)
+    return 1 + credit, (1 + credit) / leak
 
 
 class AdaptivePacer:
@@ -103,6 +123,11 @@ class AdaptivePacer:
 
     async def __aexit__(self, *_: object) -> None:
         return None
+
+    def set_cap(self, cap: float) -> None:
+        """Move the cap (this worker's share changed); a target at the cap follows it."""
+        self.current = cap if self.current >= self.cap else min(self.current, cap)
+        self.cap = cap
 
     def observe(self, *, rate_limited: bool) -> bool:
         """Account for one answer; True when this answer lowered the target."""

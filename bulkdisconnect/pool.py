@@ -38,13 +38,14 @@ MAX_CONCURRENCY = 256
 
 @dataclass(frozen=True, kw_only=True)
 class PoolSettings:
-    """The pool's shape: rate cap, requests in flight, claim page size, retry policy."""
+    """The pool's shape: rate cap, requests in flight, claim pages, retry policy."""
 
     rate: float
     concurrency: int | None  # None: adapt to the observed latency (Little's law)
     policy: RetryPolicy
-    retry_failed: bool = False
     page_size: int = 500
+    # How often to look again while other workers of the job hold all that is left.
+    poll_interval: float = 0.5
 
 
 class Pool:
@@ -70,7 +71,7 @@ class Pool:
         self._store = store
         self._client = client
         self._limiter = limiter or RateLimiter(settings.rate)
-        self._pacer = AdaptivePacer(settings.rate)
+        self._pacer = AdaptivePacer(self._limiter.rate)
         self._breaker = breaker
         self._writer = writer
         self._settings = settings
@@ -101,7 +102,14 @@ class Pool:
         async with anyio.create_task_group() as outer:
             if self._tuner is not None:
                 outer.start_soon(self._tune, self._tuner)
-            claims = _Claims(self._store, self._job, self._run_id, self._settings, outer)
+            claims = _Claims(
+                self._store,
+                job=self._job,
+                run_id=self._run_id,
+                settings=self._settings,
+                tg=outer,
+                stopping=self._stopping,
+            )
             async with anyio.create_task_group() as tg:
                 for _ in range(workers):
                     tg.start_soon(self._work, claims)
@@ -201,6 +209,8 @@ class Pool:
                 return None
 
     def _observe_rate(self, answer: Answer) -> None:
+        if self._pacer.cap != self._limiter.rate:  # workers joined or left the job
+            self._pacer.set_cap(self._limiter.rate)
         # lock_timeout is one object's lock, not the account's rate: it must not slow the run.
         limited = answer.status == 429 and answer.error_code != "lock_timeout"
         if self._pacer.observe(rate_limited=limited):
@@ -225,24 +235,28 @@ class _Claims:
     Handing out is synchronous while the page lasts, so a worker goes from an answer to its
     next request without a trip through the event loop; the next page is claimed in the
     background once the current one runs low, so workers never wait on the store. At most
-    two pages are in memory.
+    two pages are in memory. When nothing is left to claim but other workers of the job
+    still hold accounts, it keeps looking: a worker that dies leaves its accounts behind
+    once its lease runs out.
     """
 
     def __init__(
         self,
         store: Store,
+        *,
         job: str,
         run_id: str,
         settings: PoolSettings,
         tg: anyio.abc.TaskGroup,
+        stopping: anyio.Event,
     ) -> None:
         self._store = store
         self._job = job
         self._run_id = run_id
         self._settings = settings
         self._tg = tg
+        self._stopping = stopping
         self._page: deque[str] = deque()
-        self._after = 0  # rowid cursor: each pending account is claimed once per run
         self._exhausted = False
         self._refilled: anyio.Event | None = None  # set when the refill under way is done
 
@@ -264,19 +278,17 @@ class _Claims:
         return self._refilled
 
     async def _claim_page(self, done: anyio.Event) -> None:
+        store, job, run_id = self._store, self._job, self._run_id
         try:
-            page = await self._store.claim_pending(
-                self._job,
-                self._run_id,
-                after=self._after,
-                limit=self._settings.page_size,
-                retry_failed=self._settings.retry_failed,
-            )
-            if page:
-                self._after = page[-1][0]
-                self._page.extend(account_id for _, account_id in page)
-            else:
-                self._exhausted = True
+            while not (
+                page := await store.claim_pending(job, run_id, limit=self._settings.page_size)
+            ):
+                if self._stopping.is_set() or not await store.pending_elsewhere(job, run_id):
+                    self._exhausted = True
+                    return
+                with anyio.move_on_after(self._settings.poll_interval):
+                    await self._stopping.wait()
+            self._page.extend(page)
         finally:
             self._refilled = None
             done.set()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from bulkdisconnect.errors import ExitCode
 from bulkdisconnect.model import Outcome, RunStats
-from bulkdisconnect.store import PlanCounts, ReportRow, Store
+from bulkdisconnect.store import PlanCounts, ReportRow, Store, shown_location
 
 if TYPE_CHECKING:
     from bulkdisconnect.config import RunConfig
@@ -60,7 +60,10 @@ def format_summary(
             f" retries {stats.retries}, 429s {stats.rate_limited}"
         ),
         f"  job totals: {format_counts(job_counts)}",
-        f"  report: bulkdisconnect report --job {config.job} --state {config.state}",
+        (
+            f"  report: bulkdisconnect report --job {config.job} "
+            f"--state {shown_location(config.state)}"
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -89,15 +92,14 @@ async def write_status(store: Store, job: str, out: TextIO) -> None:
             else "did not finish (still running, or killed)"
         )
         out.write(f"  last run {run.run_id}: started {_when(run.started_at)}, {ended}\n")
-    lock = await store.lock_info(job)
-    if lock is None:
+    holders = await store.locks(job)
+    if not holders:
         out.write("  not running\n")
-    else:
+    for lock in holders:
         age = time.time() - lock.heartbeat_at
         state = "stale: the run is gone; the next run takes over" if age > lock.lease else "alive"
-        out.write(
-            f"  locked by pid {lock.pid} on {lock.host}, heartbeat {age:.0f}s ago ({state})\n"
-        )
+        held = "worked by --join worker" if lock.shared else "locked by"
+        out.write(f"  {held} pid {lock.pid} on {lock.host}, heartbeat {age:.0f}s ago ({state})\n")
 
 
 async def write_report(

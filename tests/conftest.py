@@ -6,10 +6,13 @@ import os
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+import asyncpg
 import pytest
 from click.testing import CliRunner
 
@@ -19,6 +22,24 @@ from bulkdisconnect.sandbox import SandboxThread
 API_KEY = "sk_test_4eC39HqLyjWDarjtT1zdp7dc"
 # Fast, deterministic runs: no backoff wait, no progress display.
 FAST = ["--retry-delay", "0", "--retry-max-delay", "0", "--no-progress"]
+# The PostgreSQL this machine runs (trust auth); each test gets its own schema in it.
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_state() -> Iterator[str]:
+    """A PostgreSQL store URL with a fresh schema of its own, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    yield f"{PG_URL}?schema={schema}"
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    anyio.run(drop, backend="asyncio")
 
 
 @pytest.fixture(scope="session")

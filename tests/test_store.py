@@ -1,7 +1,10 @@
-"""The SQLite store: planning, claiming, recording, reading, the job lock and run history."""
+"""The store suite, run against SQLite and PostgreSQL alike: planning, claiming, recording,
+reading, the job lock and run history. Then what only one of them has (the file, leases).
+"""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -10,12 +13,12 @@ from typing import Any
 
 import anyio
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bulkdisconnect.errors import InputError, LockHeldError
+from bulkdisconnect.errors import InputError, LockHeldError, UsageError
 from bulkdisconnect.model import ItemResult, Outcome, is_valid_account_id
-from bulkdisconnect.store import PlanCounts, ReportRow, Store, open_store
+from bulkdisconnect.store import Beat, PlanCounts, ReportRow, Store, open_store, stored_value
 
 JOB = "purge"
 HOSTILE = ["fca_../../v1/customers", "fca_1?x=1", "fca_a/b", "fca_a%2F", "fca_\u00e4", "FCA_1", ""]
@@ -27,10 +30,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a fresh store lives: a file in the test's folder, or a schema of its own."""
+    if request.param == "sqlite":
+        return str(tmp_path / "s.sqlite")
+    return str(request.getfixturevalue("pg_state"))
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    """A fresh SQLite store in the test's folder."""
-    opened = await open_store(tmp_path / "s.sqlite")
+async def store(location: str) -> AsyncIterator[Store]:
+    """A fresh store of each kind."""
+    opened = await open_store(location)
     try:
         yield opened
     finally:
@@ -55,17 +66,11 @@ async def all_rows(store: Store, job: str = JOB) -> list[ReportRow]:
     return [row async for row in store.rows(job)]
 
 
-async def claim_all(
-    store: Store, run_id: str, *, job: str = JOB, retry_failed: bool = False
-) -> list[str]:
+async def claim_all(store: Store, run_id: str, *, job: str = JOB) -> list[str]:
     """Claim every pending account of the job for a run, in pages."""
     claimed: list[str] = []
-    after = 0
-    while page := await store.claim_pending(
-        job, run_id, after=after, limit=3, retry_failed=retry_failed
-    ):
-        claimed.extend(account for _, account in page)
-        after = page[-1][0]
+    while page := await store.claim_pending(job, run_id, limit=3):
+        claimed.extend(page)
     return claimed
 
 
@@ -101,7 +106,7 @@ async def test_plan_counts_a_chunked_input(store: Store) -> None:
 async def test_replan_counts_already_done(store: Store) -> None:
     """A second plan counts values the job already finished as already_done, not to_call."""
     await plan(store, ["fca_a1", "fca_a2", "fca_a3", "bad"])
-    await store.claim_pending(JOB, "r1", after=0, limit=10, retry_failed=False)
+    await store.claim_pending(JOB, "r1", limit=10)
     await store.record(
         JOB,
         "r1",
@@ -124,7 +129,8 @@ async def test_invalid_values_are_recorded_and_never_claimed(store: Store) -> No
     await plan(store, ["fca_ok1", *HOSTILE, "fca_ok2"])
     claimed = await claim_all(store, "r1")
     assert claimed == ["fca_ok1", "fca_ok2"]
-    assert await claim_all(store, "r2", retry_failed=True) == ["fca_ok1", "fca_ok2"]
+    await plan(store, ["fca_ok1", *HOSTILE], retry_failed=True)
+    assert await claim_all(store, "r2") == ["fca_ok1", "fca_ok2"]
     invalid = [r for r in await all_rows(store) if r.outcome == "invalid_id"]
     assert sorted(r.account_id for r in invalid) == sorted(HOSTILE)
     assert all(r.error_code == "invalid_id" and r.error_message for r in invalid)
@@ -179,8 +185,8 @@ async def test_failing_input_leaves_no_rows(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_value_sqlite_cannot_store_leaves_store_usable(store: Store) -> None:
-    """A value SQLite cannot encode (a lone surrogate) fails the plan; the store stays usable."""
+async def test_value_that_cannot_be_encoded_leaves_store_usable(store: Store) -> None:
+    """A value UTF-8 cannot encode (a lone surrogate) fails the plan; the store stays usable."""
     with pytest.raises(UnicodeEncodeError):
         await plan(store, ["fca_a1", "fca_\udcff"])
     assert await store.counts(JOB) == {}
@@ -204,22 +210,15 @@ async def test_jobs_are_separate(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_claim_pending_pages_in_input_order(store: Store) -> None:
-    """claim_pending returns pages in input order, each starting after the given rowid."""
+    """claim_pending hands a run its pages in input order, each account once."""
     accounts = ids(10)
     await plan(store, accounts[:4], ["bad"], accounts[4:])
-    first = await store.claim_pending(JOB, "r1", after=0, limit=4, retry_failed=False)
-    assert [a for _, a in first] == accounts[:4]
-    second = await store.claim_pending(JOB, "r1", after=first[-1][0], limit=4, retry_failed=False)
-    assert [a for _, a in second] == accounts[4:8]
-    assert second[0][0] > first[-1][0]
-    third = await store.claim_pending(JOB, "r1", after=second[-1][0], limit=4, retry_failed=False)
-    assert [a for _, a in third] == accounts[8:]
-    assert (
-        await store.claim_pending(JOB, "r1", after=third[-1][0], limit=4, retry_failed=False) == []
-    )
-    # `after` is a position, not a count: from the middle on, only later accounts come back.
-    middle = await store.claim_pending(JOB, "r1", after=second[1][0], limit=100, retry_failed=False)
-    assert [a for _, a in middle] == accounts[6:]
+    assert await store.claim_pending(JOB, "r1", limit=4) == accounts[:4]
+    assert await store.claim_pending(JOB, "r1", limit=4) == accounts[4:8]
+    assert await store.claim_pending(JOB, "r1", limit=4) == accounts[8:]
+    assert await store.claim_pending(JOB, "r1", limit=4) == []
+    # Nothing is pending anywhere else: the run's own claims are not someone else's.
+    assert not await store.pending_elsewhere(JOB, "r1")
 
 
 @pytest.mark.anyio
@@ -294,7 +293,7 @@ async def test_release_outcomes_only_touches_this_run(store: Store) -> None:
     """release_outcomes returns this run's failed/not_found to pending; other runs are untouched."""
     a, b, c, d, e = ids(5)
     await plan(store, [a, b, c, d, e])
-    first = await store.claim_pending(JOB, "r1", after=0, limit=3, retry_failed=False)
+    await store.claim_pending(JOB, "r1", limit=3)
     await store.record(
         JOB,
         "r1",
@@ -304,7 +303,7 @@ async def test_release_outcomes_only_touches_this_run(store: Store) -> None:
             result(c, Outcome.DISCONNECTED),
         ],
     )
-    await store.claim_pending(JOB, "r2", after=first[-1][0], limit=3, retry_failed=False)
+    await store.claim_pending(JOB, "r2", limit=3)
     await store.record(JOB, "r2", [result(d, Outcome.FAILED), result(e, Outcome.NOT_FOUND)])
 
     released = await store.release_outcomes(JOB, "r1", ["failed", "not_found"])
@@ -317,17 +316,22 @@ async def test_release_outcomes_only_touches_this_run(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_retry_failed_makes_failed_claimable(store: Store) -> None:
-    """With retry_failed, failed accounts count as to_call and are claimed again; others not."""
+    """Planned with retry_failed, failed accounts count as to_call and are pending again."""
     a, b, c = ids(3)
     await plan(store, [a, b, c])
     await store.record(JOB, "r1", [result(a, Outcome.FAILED), result(b, Outcome.DISCONNECTED)])
     assert await claim_all(store, "r2") == [c]
-    assert await claim_all(store, "r2", retry_failed=True) == [a, c]
 
     plain = await plan(store, [a, b, c])
     assert (plain.already_done, plain.to_call) == (2, 1)
+    assert await store.counts(JOB) == {"failed": 1, "disconnected": 1, None: 1}
+    dry = await store.plan(JOB, chunks([a, b, c]), retry_failed=True, dry_run=True)
+    assert (dry.already_done, dry.to_call) == (1, 2)
+    assert await store.counts(JOB) == {"failed": 1, "disconnected": 1, None: 1}
     retrying = await plan(store, [a, b, c], retry_failed=True)
     assert (retrying.already_done, retrying.to_call) == (1, 2)
+    assert await store.counts(JOB) == {"disconnected": 1, None: 2}
+    assert await claim_all(store, "r3") == [a, c]
 
 
 @pytest.mark.anyio
@@ -369,19 +373,26 @@ async def test_rows_stream_every_account_in_input_order(store: Store) -> None:
 # -- lock -------------------------------------------------------------------------------------
 
 
+async def holder(store: Store, job: str = JOB) -> str | None:
+    """The owner of the job's only lock holder, or None."""
+    holders = await store.locks(job)
+    assert len(holders) <= 1
+    return holders[0].owner if holders else None
+
+
 @pytest.mark.anyio
-async def test_lock_is_exclusive_while_fresh(store: Store, tmp_path: Path) -> None:
+async def test_lock_is_exclusive_while_fresh(store: Store, location: str) -> None:
     """A second owner, even through another connection, is refused while the lock is fresh."""
     await store.acquire_lock(JOB, "owner-a", stale_after=30)
-    other = await open_store(tmp_path / "s.sqlite")
+    other = await open_store(location)
     try:
         with pytest.raises(LockHeldError, match=JOB):
             await other.acquire_lock(JOB, "owner-b", stale_after=30)
         with pytest.raises(LockHeldError):
             await store.acquire_lock(JOB, "owner-b", stale_after=30)
-        info = await other.lock_info(JOB)
-        assert info is not None
-        assert info.owner == "owner-a"
+        assert await holder(other) == "owner-a"
+        (info,) = await other.locks(JOB)
+        assert (info.pid, info.lease, info.shared) == (os.getpid(), 30, False)
         # Another job's lock is independent.
         await other.acquire_lock("other-job", "owner-b", stale_after=30)
     finally:
@@ -391,29 +402,34 @@ async def test_lock_is_exclusive_while_fresh(store: Store, tmp_path: Path) -> No
 @pytest.mark.anyio
 async def test_stale_lock_is_taken_over(store: Store) -> None:
     """Once the holder's heartbeat is older than stale_after, another owner takes the lock."""
-    await store.acquire_lock(JOB, "owner-a", stale_after=0.05)
-    assert await store.heartbeat(JOB, "owner-a")
-    await anyio.sleep(0.1)
-    await store.acquire_lock(JOB, "owner-b", stale_after=0.05)
-    info = await store.lock_info(JOB)
-    assert info is not None
-    assert info.owner == "owner-b"
-    assert not await store.heartbeat(JOB, "owner-a")
-    assert await store.heartbeat(JOB, "owner-b")
+    await store.acquire_lock(JOB, "owner-a", stale_after=0.2)
+    assert await store.heartbeat(JOB, "owner-a") is not None
+    await anyio.sleep(0.3)
+    await store.acquire_lock(JOB, "owner-b", stale_after=0.2)
+    assert await holder(store) == "owner-b"
+    assert await store.heartbeat(JOB, "owner-a") is None
+    assert await store.heartbeat(JOB, "owner-b") is not None
 
 
 @pytest.mark.anyio
 async def test_heartbeat_keeps_lock_fresh(store: Store) -> None:
     """A heartbeat makes an old lock fresh again, so it is not taken over."""
-    await store.acquire_lock(JOB, "owner-a", stale_after=30)
-    await anyio.sleep(0.5)
-    # Acquired 0.5 s ago: stale for a 0.25 s threshold, unless the heartbeat refreshed it.
-    assert await store.heartbeat(JOB, "owner-a")
+    await store.acquire_lock(JOB, "owner-a", stale_after=0.6)
+    await anyio.sleep(0.4)
+    assert await store.heartbeat(JOB, "owner-a") is not None
+    await anyio.sleep(0.4)
+    # Acquired 0.8 s ago with a 0.6 s lease: stale, unless the heartbeat refreshed it.
     with pytest.raises(LockHeldError):
-        await store.acquire_lock(JOB, "owner-b", stale_after=0.25)
-    info = await store.lock_info(JOB)
-    assert info is not None
-    assert info.owner == "owner-a"
+        await store.acquire_lock(JOB, "owner-b", stale_after=0.6)
+    assert await holder(store) == "owner-a"
+
+
+@pytest.mark.anyio
+async def test_missed_lease_is_lost_even_if_nobody_took_over(store: Store) -> None:
+    """A holder whose lease ran out cannot renew it: others may be working its claims."""
+    await store.acquire_lock(JOB, "owner-a", stale_after=0.2)
+    await anyio.sleep(0.3)
+    assert await store.heartbeat(JOB, "owner-a") is None
 
 
 @pytest.mark.anyio
@@ -421,13 +437,28 @@ async def test_release_only_by_owner(store: Store) -> None:
     """Only the lock's owner can release it; afterwards anyone may take it."""
     await store.acquire_lock(JOB, "owner-a", stale_after=30)
     await store.release_lock(JOB, "owner-b")
-    info = await store.lock_info(JOB)
-    assert info is not None
-    assert info.owner == "owner-a"
+    assert await holder(store) == "owner-a"
     await store.release_lock(JOB, "owner-a")
-    assert await store.lock_info(JOB) is None
+    assert await store.locks(JOB) == []
     await store.acquire_lock(JOB, "owner-b", stale_after=30)
-    assert not await store.heartbeat(JOB, "owner-a")
+    assert await store.heartbeat(JOB, "owner-a") is None
+
+
+@pytest.mark.anyio
+async def test_single_holder_has_the_whole_rate(store: Store) -> None:
+    """A lone holder's heartbeat gives it the whole rate at once."""
+    await store.acquire_lock(JOB, "owner-a", stale_after=30)
+    beat = await store.heartbeat(JOB, "owner-a")
+    assert beat is not None
+    assert (beat.workers, beat.ready) == (1, True)
+
+
+@pytest.mark.anyio
+async def test_lone_planner_plans(store: Store) -> None:
+    """A run alone on its job always plans its input."""
+    await store.acquire_lock(JOB, "owner-a", stale_after=30)
+    async with store.planning(JOB, "owner-a") as must_plan:
+        assert must_plan
 
 
 # -- runs and jobs ----------------------------------------------------------------------------
@@ -470,9 +501,13 @@ async def test_has_job(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_file_is_in_wal_mode(store: Store, tmp_path: Path) -> None:
+async def test_file_is_in_wal_mode(tmp_path: Path) -> None:
     """The store file uses WAL, so readers do not block the writer."""
-    await plan(store, ["fca_a1"])
+    store = await open_store(tmp_path / "s.sqlite")
+    try:
+        await plan(store, ["fca_a1"])
+    finally:
+        await store.aclose()
     with sqlite3.connect(tmp_path / "s.sqlite") as db:
         (mode,) = db.execute("PRAGMA journal_mode").fetchone()
     db.close()
@@ -492,10 +527,9 @@ async def test_sqlite_url_is_accepted(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
-    """Plans, outcomes, locks and runs are durable across closing and reopening the file."""
-    path = tmp_path / "s.sqlite"
-    first = await open_store(path)
+async def test_data_survives_close_and_reopen(location: str) -> None:
+    """Plans, outcomes, locks and runs are durable across closing and reopening the store."""
+    first = await open_store(location)
     await plan(first, ["fca_a1", "fca_a2", "bad"])
     await first.record(JOB, "r1", [result("fca_a1", Outcome.DISCONNECTED, attempts=2)])
     await first.acquire_lock(JOB, "owner-a", stale_after=30)
@@ -504,19 +538,157 @@ async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
     before = await all_rows(first)
     await first.aclose()
 
-    second = await open_store(path)
+    second = await open_store(location)
     try:
         assert await all_rows(second) == before
         assert await second.counts(JOB) == {"disconnected": 1, None: 1, "invalid_id": 1}
-        info = await second.lock_info(JOB)
-        assert info is not None
-        assert info.owner == "owner-a"
+        assert await holder(second) == "owner-a"
         run = await second.last_run(JOB)
         assert run is not None
         assert (run.run_id, run.exit_code, run.summary) == ("r1", 0, "ok")
         assert await claim_all(second, "r2") == ["fca_a2"]
     finally:
         await second.aclose()
+
+
+# -- PostgreSQL: workers sharing a job (run --join) ---------------------------------------------
+
+
+@pytest.fixture
+async def pg(pg_state: str) -> AsyncIterator[Store]:
+    """A fresh PostgreSQL store."""
+    opened = await open_store(pg_state)
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+@pytest.mark.anyio
+async def test_sqlite_refuses_join(tmp_path: Path) -> None:
+    """Only a shared store can be joined; SQLite says what to use instead."""
+    store = await open_store(tmp_path / "s.sqlite")
+    try:
+        with pytest.raises(UsageError, match="postgresql://"):
+            await store.acquire_lock(JOB, "w1", stale_after=30, join=True)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_join_workers_share_but_exclude_plain_runs(pg: Store) -> None:
+    """Joining workers hold the job together; a plain run is refused, and refuses them."""
+    await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)
+    await pg.acquire_lock(JOB, "w2", stale_after=30, join=True)
+    assert [(h.owner, h.shared) for h in await pg.locks(JOB)] == [("w1", True), ("w2", True)]
+    with pytest.raises(LockHeldError, match="--join"):
+        await pg.acquire_lock(JOB, "plain", stale_after=30)
+    await pg.release_lock(JOB, "w1")
+    await pg.release_lock(JOB, "w2")
+    await pg.acquire_lock(JOB, "plain", stale_after=30)
+    with pytest.raises(LockHeldError, match="locked by a run"):
+        await pg.acquire_lock(JOB, "w3", stale_after=30, join=True)
+
+
+@pytest.mark.anyio
+async def test_newcomer_waits_until_others_take_their_smaller_share(pg: Store) -> None:
+    """Shares are re-divided as workers join; a newcomer is ready only once all others did."""
+    await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)
+    assert await pg.heartbeat(JOB, "w1") == Beat(workers=1, ready=True)
+    await pg.acquire_lock(JOB, "w2", stale_after=30, join=True)
+    assert await pg.heartbeat(JOB, "w2") == Beat(workers=2, ready=False)  # w1 still at 1/1
+    assert await pg.heartbeat(JOB, "w1") == Beat(workers=2, ready=True)
+    assert await pg.heartbeat(JOB, "w2") == Beat(workers=2, ready=True)
+    await pg.release_lock(JOB, "w2")
+    assert await pg.heartbeat(JOB, "w1") == Beat(workers=1, ready=True)
+
+
+@pytest.mark.anyio
+async def test_claims_hold_while_the_lease_runs_then_pass_on(pg: Store) -> None:
+    """Live workers never get each other's accounts; a dead worker's go to the others."""
+    accounts = ids(6)
+    await plan(pg, accounts)
+    await pg.acquire_lock(JOB, "w1", stale_after=0.5, join=True)
+    await pg.acquire_lock(JOB, "w2", stale_after=30, join=True)
+    assert await pg.claim_pending(JOB, "w1", limit=2) == accounts[:2]
+    assert await pg.claim_pending(JOB, "w2", limit=2) == accounts[2:4]
+    assert await pg.claim_pending(JOB, "w2", limit=10) == accounts[4:]
+    assert await pg.claim_pending(JOB, "w2", limit=10) == []
+    assert await pg.pending_elsewhere(JOB, "w2")  # w1's two, still in its hands
+    await anyio.sleep(0.6)  # w1 is gone: its lease runs out
+    assert await pg.claim_pending(JOB, "w2", limit=10) == accounts[:2]
+    # w1 wakes up late with an answer: w2 holds the account now, so w1's write is dropped.
+    await pg.record(JOB, "w1", [result(accounts[0], Outcome.FAILED, http_status=500)])
+    await pg.record(JOB, "w2", [result(accounts[1], Outcome.DISCONNECTED)])
+    rows = {r.account_id: r for r in await all_rows(pg)}
+    assert rows[accounts[0]].outcome is None
+    assert rows[accounts[1]].outcome == "disconnected"
+
+
+@pytest.mark.anyio
+async def test_concurrent_claims_never_overlap(pg: Store, pg_state: str) -> None:
+    """Workers claiming at once through their own connections get disjoint pages."""
+    accounts = ids(2000)
+    await plan(pg, accounts)
+    stores = [await open_store(pg_state) for _ in range(4)]
+    claimed: dict[str, list[str]] = {}
+    try:
+        for n in range(4):
+            await stores[n].acquire_lock(JOB, f"w{n}", stale_after=30, join=True)
+
+        async def drain(n: int) -> None:
+            mine = claimed.setdefault(f"w{n}", [])
+            while page := await stores[n].claim_pending(JOB, f"w{n}", limit=37):
+                mine.extend(page)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(drain, n)
+    finally:
+        for opened in stores:
+            await opened.aclose()
+    everything = [a for pages in claimed.values() for a in pages]
+    assert sorted(everything) == accounts
+    assert all(claimed.values())  # every worker got some
+
+
+@pytest.mark.anyio
+async def test_input_is_planned_once_per_group_of_workers(pg: Store) -> None:
+    """The first live worker plans; the others find it planned; a later group plans again."""
+    await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)
+    await pg.acquire_lock(JOB, "w2", stale_after=30, join=True)
+    async with pg.planning(JOB, "w1") as must_plan:
+        assert must_plan
+    async with pg.planning(JOB, "w2") as must_plan:
+        assert not must_plan
+    await pg.release_lock(JOB, "w1")
+    await pg.acquire_lock(JOB, "w3", stale_after=30, join=True)
+    async with pg.planning(JOB, "w3") as must_plan:
+        assert not must_plan  # w2 is still live, and found the plan in place
+    await pg.release_lock(JOB, "w2")
+    await pg.release_lock(JOB, "w3")
+    await pg.acquire_lock(JOB, "w4", stale_after=30, join=True)
+    async with pg.planning(JOB, "w4") as must_plan:
+        assert must_plan
+
+
+@pytest.mark.anyio
+async def test_failed_planning_leaves_it_to_the_next_worker(pg: Store) -> None:
+    """A planner that fails does not mark the job planned."""
+    await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)
+    await pg.acquire_lock(JOB, "w2", stale_after=30, join=True)
+    with pytest.raises(InputError):
+        async with pg.planning(JOB, "w1"):
+            raise InputError("bad row")
+    async with pg.planning(JOB, "w2") as must_plan:
+        assert must_plan
+
+
+@pytest.mark.anyio
+async def test_bad_schema_name_is_a_usage_error(pg_state: str) -> None:
+    """The schema parameter is checked before anything is created."""
+    with pytest.raises(UsageError, match="schema="):
+        await open_store(pg_state.replace("?schema=", "?schema=Bad-"))
 
 
 # -- property: planning matches a simple model -------------------------------------------------
@@ -533,21 +705,21 @@ def expected_order(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(st.lists(VALUES, max_size=12), max_size=4))
-def test_plan_round_trips_any_input(
-    tmp_path_factory: pytest.TempPathFactory, parts: list[list[str]]
-) -> None:
+def test_plan_round_trips_any_input(location: str, parts: list[list[str]]) -> None:
     """For any chunked input, counts, stored rows and claimable accounts match a plain model."""
-    flat = [v for part in parts for v in part]
+    flat = [stored_value(v) for part in parts for v in part]
     unique = expected_order(flat)
     valid = [v for v in unique if is_valid_account_id(v)]
-    path = tmp_path_factory.mktemp("prop") / f"{uuid.uuid4().hex}.sqlite"
+    job = f"prop-{uuid.uuid4().hex}"  # one store for every example; a job of its own each
 
     async def check() -> None:
-        opened = await open_store(path)
+        opened = await open_store(location)
         try:
-            counts = await plan(opened, *parts)
+            counts = await plan(opened, *parts, job=job)
             assert counts == PlanCounts(
                 read=len(flat),
                 invalid=len(unique) - len(valid),
@@ -555,8 +727,8 @@ def test_plan_round_trips_any_input(
                 already_done=0,
                 to_call=len(valid),
             )
-            assert [r.account_id for r in await all_rows(opened)] == unique
-            assert await claim_all(opened, "r1") == valid
+            assert [r.account_id for r in await all_rows(opened, job)] == unique
+            assert await claim_all(opened, "r1", job=job) == valid
         finally:
             await opened.aclose()
 

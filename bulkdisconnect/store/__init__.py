@@ -1,17 +1,20 @@
 """The result store: one durable outcome per (job, account), the job's lock, and its runs.
 
-A store is picked by URL scheme from `STORES`; today only SQLite (`state/<job>.sqlite`).
+Two implementations with the same semantics, picked by the location's form: SQLite (a path,
+`state/<job>.sqlite` by default) for one process, and PostgreSQL (`postgresql://...`) which
+several `run --join` workers on several machines can share.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bulkdisconnect.model import ItemResult, Settled
+from bulkdisconnect.model import MAX_ACCOUNT_ID_LENGTH, ItemResult, Settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,15 @@ class LockInfo:
     host: str
     heartbeat_at: float
     lease: float  # seconds without a heartbeat after which another run may take it over
+    shared: bool  # a `run --join` worker, one of several sharing the job
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """What a heartbeat learned about the job's live lock holders."""
+
+    workers: int  # live holders, this one included: each takes 1/workers of --rate
+    ready: bool  # every other live holder already runs at (at most) that share
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +89,15 @@ class Store(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def acquire_lock(self, job: str, owner: str, *, stale_after: float) -> None: ...
-    async def heartbeat(self, job: str, owner: str) -> bool: ...
+    async def acquire_lock(
+        self, job: str, owner: str, *, stale_after: float, join: bool = False
+    ) -> None: ...
+    async def heartbeat(self, job: str, owner: str) -> Beat | None: ...
     async def release_lock(self, job: str, owner: str) -> None: ...
-    async def lock_info(self, job: str) -> LockInfo | None: ...
+    async def locks(self, job: str) -> list[LockInfo]: ...
+    # Entered by `run --join` workers around planning: yields whether this one must plan the
+    # input (the first of the live workers to get there); the others find it planned.
+    def planning(self, job: str, owner: str) -> AbstractAsyncContextManager[bool]: ...
 
     async def plan(
         self,
@@ -93,13 +110,14 @@ class Store(Protocol):
     async def stage(
         self, job: str, chunks: AsyncIterator[Sequence[str | Settled]], *, retry_failed: bool
     ) -> PlanCounts: ...
-    async def commit_staged(self, job: str) -> None: ...
+    async def commit_staged(self, job: str, *, retry_failed: bool) -> None: ...
     async def discard_staged(self) -> None: ...
     async def customer_listed(self, job: str, customer: str) -> bool: ...
     async def mark_customer_listed(self, job: str, customer: str) -> None: ...
-    async def claim_pending(
-        self, job: str, run_id: str, *, after: int, limit: int, retry_failed: bool
-    ) -> list[tuple[int, str]]: ...
+    async def claim_pending(self, job: str, run_id: str, *, limit: int) -> list[str]: ...
+    # Whether accounts are still to call that this run cannot claim now: held by another
+    # live worker, or by a dead one until its lease runs out.
+    async def pending_elsewhere(self, job: str, run_id: str) -> bool: ...
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None: ...
     async def release_outcomes(self, job: str, run_id: str, outcomes: Sequence[str]) -> int: ...
 
@@ -115,11 +133,33 @@ class Store(Protocol):
     async def has_job(self, job: str) -> bool: ...
 
 
+def stored_value(value: str) -> str:
+    """An input value as a store records it: at most 255 characters, NUL shown as U+FFFD.
+
+    Only invalid values can be long or hold a NUL (which PostgreSQL text cannot store); they
+    are kept for the audit, readable.
+    """
+    return value[:MAX_ACCOUNT_ID_LENGTH].replace("\0", "\ufffd")
+
+
+def is_shared_location(location: str | Path) -> bool:
+    """Whether a store location is a PostgreSQL URL (shareable by `run --join` workers)."""
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def shown_location(location: str | Path) -> str:
+    """A store location fit for output and logs: a URL's password masked."""
+    from bulkdisconnect.sources.sql import mask_url
+
+    return mask_url(str(location)) if is_shared_location(location) else str(location)
+
+
 async def open_store(location: str | Path) -> Store:
-    """Open the store at a path (SQLite) or URL; created if missing."""
+    """Open the store at a path or sqlite:/// URL, or a PostgreSQL URL; created if missing."""
+    if is_shared_location(location):
+        from bulkdisconnect.store.postgres import PostgresStore
+
+        return await PostgresStore.open(str(location))
     from bulkdisconnect.store.sqlite import SQLiteStore
 
-    text = str(location)
-    if text.startswith("sqlite:///"):
-        text = text.removeprefix("sqlite:///")
-    return await SQLiteStore.open(Path(text))
+    return await SQLiteStore.open(Path(str(location).removeprefix("sqlite:///")))

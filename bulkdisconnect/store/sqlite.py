@@ -7,7 +7,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -17,13 +17,20 @@ import anyio.to_thread
 
 from bulkdisconnect.errors import LockHeldError, UsageError
 from bulkdisconnect.model import (
-    MAX_ACCOUNT_ID_LENGTH,
     ItemResult,
     Outcome,
     Settled,
     is_valid_account_id,
 )
-from bulkdisconnect.store import Confirmation, LockInfo, PlanCounts, ReportRow, RunInfo
+from bulkdisconnect.store import (
+    Beat,
+    Confirmation,
+    LockInfo,
+    PlanCounts,
+    ReportRow,
+    RunInfo,
+    stored_value,
+)
 
 T = TypeVar("T")
 
@@ -87,12 +94,17 @@ WHERE job = ? AND account_id = ?
 
 
 class SQLiteStore:
-    """The SQLite implementation of `Store`; every call runs on one connection in a thread."""
+    """The SQLite implementation of `Store`; every call runs on one connection in a thread.
+
+    One process works a job at a time (`run --join` needs PostgreSQL), so a run claims its
+    pages with a cursor over the input order rather than with leases.
+    """
 
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db = connection
         self._path = path
         self._lock = anyio.Lock()
+        self._claimed_up_to: dict[str, int] = {}  # run_id -> rowid of its last claimed account
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
@@ -120,12 +132,16 @@ class SQLiteStore:
 
     # -- lock ---------------------------------------------------------------------------------
 
-    async def acquire_lock(self, job: str, owner: str, *, stale_after: float) -> None:
+    async def acquire_lock(
+        self, job: str, owner: str, *, stale_after: float, join: bool = False
+    ) -> None:
         """Take the job's lock, or take over one whose holder missed its own lease.
 
         `stale_after` is this run's lease: it heartbeats well within it, and another run may
         take the lock over once no heartbeat came for that long.
         """
+        if join:
+            raise UsageError("--join needs a shared store: --state postgresql://...")
 
         def acquire(db: sqlite3.Connection) -> LockInfo | None:
             now = time.time()
@@ -135,7 +151,7 @@ class SQLiteStore:
                     (job,),
                 ).fetchone()
                 if row is not None and now - row[3] < row[4]:
-                    return LockInfo(*row)
+                    return _lock_info(row)
                 db.execute(
                     "INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (job, owner, os.getpid(), socket.gethostname(), now, now, stale_after),
@@ -149,18 +165,20 @@ class SQLiteStore:
                 f"alive {time.time() - holder.heartbeat_at:.0f}s ago; wait for it to finish"
             )
 
-    async def heartbeat(self, job: str, owner: str) -> bool:
-        """Show the lock holder is alive; False if the lock was taken over."""
+    async def heartbeat(self, job: str, owner: str) -> Beat | None:
+        """Renew the lock's lease; None if it ran out (even if nobody took over) or was taken."""
 
         def beat(db: sqlite3.Connection) -> bool:
             with _immediate(db):
+                now = time.time()
                 cursor = db.execute(
-                    "UPDATE locks SET heartbeat_at = ? WHERE job = ? AND owner = ?",
-                    (time.time(), job, owner),
+                    "UPDATE locks SET heartbeat_at = ? "
+                    "WHERE job = ? AND owner = ? AND ? - heartbeat_at < lease",
+                    (now, job, owner, now),
                 )
             return cursor.rowcount == 1
 
-        return await self._call(beat)
+        return Beat(workers=1, ready=True) if await self._call(beat) else None
 
     async def release_lock(self, job: str, owner: str) -> None:
         """Drop the lock if this owner still holds it."""
@@ -171,16 +189,21 @@ class SQLiteStore:
 
         await self._call(release)
 
-    async def lock_info(self, job: str) -> LockInfo | None:
+    async def locks(self, job: str) -> list[LockInfo]:
         """The job's lock holder, if any (fresh or stale)."""
 
-        def read(db: sqlite3.Connection) -> LockInfo | None:
-            row = db.execute(
+        def read(db: sqlite3.Connection) -> list[LockInfo]:
+            rows = db.execute(
                 "SELECT owner, pid, host, heartbeat_at, lease FROM locks WHERE job = ?", (job,)
-            ).fetchone()
-            return None if row is None else LockInfo(*row)
+            ).fetchall()
+            return [_lock_info(row) for row in rows]
 
         return await self._call(read)
+
+    @asynccontextmanager
+    async def planning(self, job: str, owner: str) -> AsyncIterator[bool]:
+        """No other worker can share a SQLite job: this one always plans."""
+        yield True
 
     # -- planning and work --------------------------------------------------------------------
 
@@ -197,7 +220,7 @@ class SQLiteStore:
         if dry_run:
             await self.discard_staged()
         else:
-            await self.commit_staged(job)
+            await self.commit_staged(job, retry_failed=retry_failed)
         return counts
 
     async def stage(
@@ -221,10 +244,13 @@ class SQLiteStore:
                 await self.discard_staged()
             raise
 
-    async def commit_staged(self, job: str) -> None:
-        """Merge the staged input into the job in one transaction."""
+    async def commit_staged(self, job: str, *, retry_failed: bool) -> None:
+        """Merge the staged input into the job in one transaction.
+
+        With `retry_failed`, the job's failed accounts become pending again in it.
+        """
         try:
-            await self._call(partial(_merge, job=job))
+            await self._call(partial(_merge, job=job, retry_failed=retry_failed))
         finally:
             with anyio.CancelScope(shield=True):
                 await self.discard_staged()
@@ -255,16 +281,18 @@ class SQLiteStore:
 
         await self._call(mark)
 
-    async def claim_pending(
-        self, job: str, run_id: str, *, after: int, limit: int, retry_failed: bool
-    ) -> list[tuple[int, str]]:
-        """Mark the next page of accounts still to call (after rowid `after`) as this run's."""
+    async def claim_pending(self, job: str, run_id: str, *, limit: int) -> list[str]:
+        """Mark the run's next page of accounts still to call, in input order, as its own.
+
+        Each account is handed to a run once: the next page starts after this run's last.
+        """
+        after = self._claimed_up_to.get(run_id, 0)
 
         def claim(db: sqlite3.Connection) -> list[tuple[int, str]]:
             rows: list[tuple[int, str]] = db.execute(
                 "SELECT rowid, account_id FROM accounts WHERE job = ? AND rowid > ? "
-                "AND (outcome IS NULL OR (? AND outcome = 'failed')) ORDER BY rowid LIMIT ?",
-                (job, after, retry_failed, limit),
+                "AND outcome IS NULL ORDER BY rowid LIMIT ?",
+                (job, after, limit),
             ).fetchall()
             if rows:
                 with _immediate(db):
@@ -274,7 +302,14 @@ class SQLiteStore:
                     )
             return rows
 
-        return await self._call_here(claim)
+        rows = await self._call_here(claim)
+        if rows:
+            self._claimed_up_to[run_id] = rows[-1][0]
+        return [account_id for _, account_id in rows]
+
+    async def pending_elsewhere(self, job: str, run_id: str) -> bool:
+        """Never: the run holding a SQLite job's lock is its only worker."""
+        return False
 
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
         """Record a batch of outcomes in one transaction."""
@@ -446,6 +481,11 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _lock_info(row: tuple[str, int, str, float, float]) -> LockInfo:
+    owner, pid, host, heartbeat_at, lease = row
+    return LockInfo(owner, pid, host, heartbeat_at, lease, shared=False)
+
+
 @contextmanager
 def _immediate(db: sqlite3.Connection) -> Iterator[None]:
     """A write transaction taken with BEGIN IMMEDIATE, committed or rolled back on exit."""
@@ -469,7 +509,7 @@ def _create_staging(db: sqlite3.Connection) -> None:
 
 def _stage(db: sqlite3.Connection, *, chunk: Sequence[str | Settled]) -> None:
     rows = [
-        (v[:MAX_ACCOUNT_ID_LENGTH], is_valid_account_id(v), None)
+        (stored_value(v), is_valid_account_id(v), None)
         if isinstance(v, str)
         else (v.account_id, is_valid_account_id(v.account_id), v.outcome.value)
         for v in chunk
@@ -509,9 +549,14 @@ def _count(db: sqlite3.Connection, *, job: str, read: int, retry_failed: bool) -
     )
 
 
-def _merge(db: sqlite3.Connection, *, job: str) -> None:
+def _merge(db: sqlite3.Connection, *, job: str, retry_failed: bool) -> None:
     now = time.time()
     with _immediate(db):
+        if retry_failed:
+            db.execute(
+                "UPDATE accounts SET outcome = NULL WHERE job = ? AND outcome = ?",
+                (job, Outcome.FAILED.value),
+            )
         # Invalid values are recorded invalid_id; settled ones (a Stripe list showed them
         # disconnected already) with their outcome and no call; the rest are to call.
         db.execute(
