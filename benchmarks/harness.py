@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -10,13 +11,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
+
 API_KEY = "sk_test_bench0000000000000000"
 WORK = Path(__file__).parent / ".work"
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @dataclass
@@ -145,6 +150,108 @@ def _high_water_kb(pid: int) -> int:
         return 0
     match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
     return int(match.group(1)) if match else 0
+
+
+def bulkdisconnect_workers(
+    count: int, *args: str, url: str, state: str, job: str = "bench"
+) -> list[Timed]:
+    """Run `count` identical `bulkdisconnect run --join` processes at once; their results."""
+    command = [
+        sys.executable,
+        "-m",
+        "bulkdisconnect",
+        "run",
+        "--join",
+        "--job",
+        job,
+        *args,
+        "--state",
+        state,
+        "--no-progress",
+    ]
+    env = {"STRIPE_API_KEY": API_KEY, "STRIPE_API_BASE": url}
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: timed(command, env=env), range(count)))
+
+
+def postgres_available() -> bool:
+    """Whether the benchmark's PostgreSQL answers."""
+
+    async def ping() -> None:
+        conn = await asyncpg.connect(PG_URL, timeout=3)
+        await conn.close()
+
+    try:
+        asyncio.run(ping())
+    except (OSError, asyncpg.PostgresError):
+        return False
+    return True
+
+
+@contextmanager
+def postgres_state(name: str) -> Iterator[str]:
+    """A store URL with a fresh schema, dropped afterwards."""
+    schema = f"{name}_{time.time_ns()}"
+    try:
+        yield f"{PG_URL}?schema={schema}"
+    finally:
+        asyncio.run(drop_schema(schema))
+
+
+async def drop_schema(schema: str) -> None:
+    """Drop a benchmark's schema and everything in it."""
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def claiming_cost(count: int) -> tuple[float, float, float]:
+    """µs per account to claim and to record through a PostgreSQL store; to claim in SQLite."""
+    from bulkdisconnect.model import ItemResult, Outcome
+    from bulkdisconnect.store import Store, open_store
+
+    accounts = [f"fca_claim{n:09d}" for n in range(count)]
+
+    async def chunks() -> AsyncIterator[list[str]]:
+        yield accounts
+
+    async def drain(store: Store, page: int) -> tuple[float, float]:
+        """Claim a page, record it, and again, as a worker does; seconds in each, per account."""
+        await store.plan("bench", chunks(), retry_failed=False, dry_run=False)
+        claiming = recording = 0.0
+        done = 0
+        while True:
+            started = time.perf_counter()
+            batch = await store.claim_pending("bench", "r1", limit=page)
+            claiming += time.perf_counter() - started
+            if not batch:
+                break
+            results = [ItemResult(a, Outcome.DISCONNECTED, attempts=1) for a in batch]
+            started = time.perf_counter()
+            await store.record("bench", "r1", results)
+            recording += time.perf_counter() - started
+            done += len(batch)
+        assert done == count
+        return claiming / count * 1e6, recording / count * 1e6
+
+    async def measure() -> tuple[float, float, float]:
+        schema = f"claims_{time.time_ns()}"
+        pg = await open_store(f"{PG_URL}?schema={schema}")
+        try:
+            claim, record = await drain(pg, 100)
+        finally:
+            await pg.aclose()
+            await drop_schema(schema)
+        lite = await open_store(fresh_state("claims"))
+        try:
+            sqlite_claim, _ = await drain(lite, 500)
+        finally:
+            await lite.aclose()
+        return claim, record, sqlite_claim
+
+    return asyncio.run(measure())
 
 
 def bulkdisconnect(
