@@ -191,7 +191,6 @@ async def _plan_and_work(
     if counts is None:
         return ExitCode.INTERRUPTED, "interrupted while planning; nothing was called"
     hooks = run.hooks
-    hooks.out.write(format_plan(config.job, counts, dry_run=False))
     stats = RunStats(planned=counts.to_call)
     log.info(
         "bulkdisconnect.run.start",
@@ -228,13 +227,15 @@ async def _plan(run: _Run, run_id: str, stopping: anyio.Event) -> PlanCounts | N
 
     Of the workers joining one job, the first plans and the others find the plan in place.
     """
+    job = run.config.job
     if not run.config.join:
         return await _plan_input(run, stopping)
-    async with run.store.planning(run.config.job, run_id) as must_plan:
+    async with run.store.planning(job, run_id) as must_plan:
         if must_plan:
             return await _plan_input(run, stopping)
-    pending = (await run.store.counts(run.config.job)).get(None, 0)
-    log.info("bulkdisconnect.joined", job=run.config.job, run_id=run_id, pending=pending)
+    pending = (await run.store.counts(job)).get(None, 0)
+    run.hooks.out.write(f"joined job {job}: planned by another worker, {pending} to call\n")
+    log.info("bulkdisconnect.joined", job=job, run_id=run_id, pending=pending)
     return PlanCounts(read=0, invalid=0, duplicates=0, already_done=0, to_call=pending)
 
 
@@ -272,6 +273,7 @@ async def _plan_input(run: _Run, stopping: anyio.Event) -> PlanCounts | None:
     await store.commit_staged(config.job, retry_failed=config.retry_failed)
     for customer in run.listed:
         await store.mark_customer_listed(config.job, customer)
+    run.hooks.out.write(format_plan(config.job, counts, dry_run=False))
     return counts
 
 

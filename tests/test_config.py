@@ -319,6 +319,24 @@ def test_default_state_path() -> None:
     assert build({"job": "j", "state": "elsewhere/x.db"}).state == Path("elsewhere/x.db")
 
 
+def test_state_may_be_a_sqlite_url_or_a_postgresql_url() -> None:
+    """sqlite:/// names a file; a PostgreSQL URL is kept whole for the shared store."""
+    assert build({"job": "j", "state": "sqlite:///s/x.db"}).state == Path("s/x.db")
+    url = "postgresql://bd@db.internal:5432/ops?schema=purges"
+    assert build({"job": "j", "state": url}).state == url
+
+
+def test_join_needs_a_postgresql_store(tmp_path: Path) -> None:
+    """--join (or join in a job file) with a SQLite store is refused, naming where it came from."""
+    with pytest.raises(UsageError, match=r"^--join needs .*postgresql://"):
+        build({"job": "j", "join": True})
+    path = job_file(tmp_path, "join = true\n")
+    with pytest.raises(UsageError, match=r"join in .*purge.toml.*postgresql://"):
+        build(job_file=path)
+    url = "postgresql://bd@db.internal/ops"
+    assert build({"job": "j", "join": True, "state": url}).join
+
+
 def test_concurrency_adapts_unless_given() -> None:
     """Without --concurrency the in-flight cap is left to adapt (None)."""
     assert build({"rate": 100.0}).concurrency is None

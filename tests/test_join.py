@@ -65,12 +65,16 @@ def workers(
     return procs
 
 
-def finish(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[int]:
-    """Wait for every process; their exit codes."""
+def finish(
+    procs: list[subprocess.Popen[str]], timeout: float = 120, outputs: list[str] | None = None
+) -> list[int]:
+    """Wait for every process; their exit codes (and their stdout into `outputs`)."""
     codes = []
     for proc in procs:
         try:
-            proc.communicate(timeout=timeout)
+            out, _ = proc.communicate(timeout=timeout)
+            if outputs is not None:
+                outputs.append(out)
         except subprocess.TimeoutExpired:
             proc.kill()
             _out, err = proc.communicate()
@@ -90,19 +94,25 @@ def test_four_workers_share_a_job_and_its_rate(
     ws.write("ids.txt", ids)
     rate = 1000
     procs = workers(ws, started, pg_state, 4, "--rate", str(rate), "--concurrency", "16")
-    assert finish(procs) == [0, 0, 0, 0]
+    outputs: list[str] = []
+    assert finish(procs, outputs=outputs) == [0, 0, 0, 0]
+    # One worker planned the input; the others found it planned.
+    assert sum("plan for job shared: read 20000" in out for out in outputs) == 1
+    assert sum("joined job shared: planned by another worker" in out for out in outputs) == 3
 
     assert outcomes(pg_state) == {"disconnected": 20_000}
     journal = sandbox.sandbox.journal_snapshot()
     calls = account_calls(journal)
     assert set(calls) == set(ids)
     assert max(calls.values()) == 1
-    # Over two-second windows: four processes, the sandbox and PostgreSQL share two cores
-    # here, and a scheduling stall bunches a few arrivals into the next second (seen: up to
-    # 1.3 % over the cap in a one-second window, never over it in two).
+    # The sandbox stamps a request when its handler runs. Sharing two cores with four
+    # workers and PostgreSQL, it stalls now and then, and the requests in flight meanwhile
+    # (at most 4 x 16) get stamped together: seen as a dip then a burst, up to 1,030 in a
+    # one-second window that holds 970 on either side. Over two seconds, dip and burst
+    # cancel out, and the total stays strictly under the cap.
     arrivals = [e.at for e in journal]
     assert max_in_window(arrivals, window=2.0) <= 2 * rate
-    assert max_in_window(arrivals) <= rate * 1.02
+    assert max_in_window(arrivals) <= rate + 4 * 16
     # Every worker did a share of the work: the job was really split, not run by one.
     by_run = stored(pg_state, "SELECT run_id, COUNT(*) FROM accounts GROUP BY run_id")
     assert len(by_run) == 4
