@@ -40,19 +40,32 @@ class ResultWriter:
                 await self._room.wait()
 
     async def run(self) -> None:
-        """Flush whenever a batch fills or the interval passes; runs until cancelled."""
+        """Write a batch whenever one fills or the interval passes; runs until cancelled."""
         while True:
             with anyio.move_on_after(self._interval):
                 await self._full.wait()
             self._full = anyio.Event()
-            await self.flush()
+            await self._write_batch()
 
     async def flush(self) -> None:
         """Write everything buffered so far."""
         while self._buffer:
-            batch = self._buffer[: self._batch_size * 4]
+            await self._write_batch()
+
+    async def _write_batch(self) -> None:
+        """Write what is buffered now (up to four batches' worth), in one transaction.
+
+        One write, not a loop until the buffer is empty: results keep arriving while a
+        write yields, and chasing them wrote ~11 rows per transaction (measured: 1,750
+        transactions for 20,000 accounts instead of 40).
+        """
+        batch = self._buffer[: self._batch_size * 4]
+        if batch:
             # Shielded so a batch is either written and dropped from the buffer, or kept.
             with anyio.CancelScope(shield=True):
                 await self._store.record(self._job, self._run_id, batch)
                 del self._buffer[: len(batch)]
-        self._room.set()
+        if len(self._buffer) < 4 * self._batch_size:
+            self._room.set()
+        if len(self._buffer) >= self._batch_size:
+            self._full.set()
