@@ -118,16 +118,22 @@ def _answer(status: int, headers: Any, body: bytes) -> Answer:
 
 def _parse(status: int, headers: Any, body: bytes) -> tuple[Answer, dict[str, Any]]:
     """The answer, and the decoded JSON object (empty when the body is not one)."""
-    should_retry = headers.get("Stripe-Should-Retry")
-    common: dict[str, Any] = {
-        "request_id": headers.get("Request-Id"),
-        "should_retry": None if should_retry is None else should_retry == "true",
-        "rate_limited_reason": headers.get("Stripe-Rate-Limited-Reason"),
-    }
+    request_id = headers.get("Request-Id")
     try:
         payload = orjson.loads(body)
     except ValueError:
         payload = None
+    if status == 200 and isinstance(payload, dict) and "error" not in payload:
+        # The common case, kept short: a 200 carries no retry or rate-limit headers to read.
+        status_field = payload.get("status")
+        account_status = status_field if isinstance(status_field, str) else None
+        return Answer(status, account_status, request_id=request_id), payload
+    should_retry = headers.get("Stripe-Should-Retry")
+    common: dict[str, Any] = {
+        "request_id": request_id,
+        "should_retry": None if should_retry is None else should_retry == "true",
+        "rate_limited_reason": headers.get("Stripe-Rate-Limited-Reason"),
+    }
     if not isinstance(payload, dict):
         return Answer(status=status, transport_error="UnreadableBody", **common), {}
     error = payload.get("error")

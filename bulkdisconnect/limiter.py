@@ -68,9 +68,13 @@ class RateLimiter:
             limiter._level = max(limiter._level, limiter.max_rate)
         self.rate = rate
 
-    async def __aenter__(self) -> None:
+    async def acquire(self) -> None:
+        """Wait until one more request fits under the cap."""
         if self._limiter is not None:
             await self._limiter.acquire()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
 
     async def __aexit__(
         self,
@@ -119,8 +123,11 @@ class AdaptivePacer:
         self._started = clock()
 
     async def __aenter__(self) -> None:
-        if self.current >= self.cap:
-            return
+        if self.current < self.cap:
+            await self.wait()
+
+    async def wait(self) -> None:
+        """Wait for the next slot at the current target (below the cap)."""
         now = self._clock()
         # A little slack so that a late wake-up does not lose its slot for good.
         slot = max(self._next_slot, now - 0.01)

@@ -8,7 +8,6 @@ included, so a retry storm cannot push the request rate above --rate.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import deque
@@ -81,9 +80,8 @@ class Pool:
         # A fixed --concurrency is enforced by the number of workers alone; an adaptive one
         # by a resizable limiter in front of the request, below MAX_CONCURRENCY workers.
         self._tuner: ConcurrencyTuner | None = None
-        self._in_flight: anyio.CapacityLimiter | contextlib.nullcontext[None]
+        self._in_flight: anyio.CapacityLimiter | None = None
         if settings.concurrency:
-            self._in_flight = contextlib.nullcontext()
             stats.concurrency = settings.concurrency
         else:
             in_flight = anyio.CapacityLimiter(initial_concurrency(settings.rate))
@@ -121,14 +119,16 @@ class Pool:
             await anyio.sleep(0.25)
 
     async def _work(self, claims: _Claims) -> None:
-        while not self._stopping.is_set():
-            account_id = await claims.next()
+        stopping, writer = self._stopping, self._writer
+        while not stopping.is_set():
+            account_id = claims.take() or await claims.next()
             if account_id is None:
                 return
             result = await self._disconnect(account_id)
             if result is None:  # stopped while waiting to retry: stays pending
                 return
-            await self._writer.add(result)
+            if writer.put(result):
+                await writer.room()
             self._stats.outcomes[result.outcome] += 1
             if self._metrics is not None:
                 self._metrics.outcome(result.outcome)
@@ -146,19 +146,23 @@ class Pool:
         stats = self._stats
         first_attempt_at = time.time()
         attempts = 0
+        in_flight, pacer = self._in_flight, self._pacer
         while True:
-            async with self._in_flight:
-                async with self._pacer, self._limiter:
-                    stats.requests += 1
-                    sent = time.monotonic()
-                    answer = await self._client.disconnect(account_id, key)
-                latency = time.monotonic() - sent
-                if self._tuner is not None:
-                    self._tuner.observe_latency(latency)
-                if self._metrics is not None:
-                    self._metrics.request(latency, status=answer.status)
+            # Plain awaits rather than three nested `async with`: this runs once per request.
+            if in_flight is not None:
+                await in_flight.acquire()
+            try:
+                if pacer.current < pacer.cap:
+                    await pacer.wait()
+                await self._limiter.acquire()
+                stats.requests += 1
+                sent = time.monotonic()
+                answer = await self._client.disconnect(account_id, key)
+            finally:
+                if in_flight is not None:
+                    in_flight.release()
             attempts += 1
-            self._observe_rate(answer)
+            self._observe(answer, time.monotonic() - sent)
             decision = classify(answer)
             if decision.action is Action.FATAL:
                 raise _refusal(answer)
@@ -208,7 +212,12 @@ class Pool:
             if self._stopping.is_set():
                 return None
 
-    def _observe_rate(self, answer: Answer) -> None:
+    def _observe(self, answer: Answer, latency: float) -> None:
+        """Feed one answer to the meters: latency to the tuner and metrics, 429s to the pacer."""
+        if self._tuner is not None:
+            self._tuner.observe_latency(latency)
+        if self._metrics is not None:
+            self._metrics.request(latency, status=answer.status)
         if self._pacer.cap != self._limiter.rate:  # workers joined or left the job
             self._pacer.set_cap(self._limiter.rate)
         # lock_timeout is one object's lock, not the account's rate: it must not slow the run.
@@ -259,6 +268,15 @@ class _Claims:
         self._page: deque[str] = deque()
         self._exhausted = False
         self._refilled: anyio.Event | None = None  # set when the refill under way is done
+
+    def take(self) -> str | None:
+        """The next account of the page in hand, or None when it is empty (then: `next`)."""
+        page = self._page
+        if not page:
+            return None
+        if len(page) <= self._settings.page_size // 2 and not self._exhausted:
+            self._refill()
+        return page.popleft()
 
     async def next(self) -> str | None:
         """The next account to work, or None when none is pending."""

@@ -58,12 +58,15 @@ _JITTER = random.Random()
 NO_WAIT = RetryPolicy(initial_delay=0.0, max_delay=0.0)
 
 
+DISCONNECTED = Decision(Action.FINAL, Outcome.DISCONNECTED)  # the common verdict, made once
+
+
 def classify(answer: Answer) -> Decision:
     """Decide what an answer means: final outcome, retry, or stop the run."""
     status = answer.status
     if status == 200 and answer.transport_error is None:
         if answer.account_status == "disconnected":
-            return Decision(Action.FINAL, Outcome.DISCONNECTED)
+            return DISCONNECTED
         return Decision(
             Action.FINAL,
             Outcome.FAILED,

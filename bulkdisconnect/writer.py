@@ -32,12 +32,25 @@ class ResultWriter:
 
     async def add(self, result: ItemResult) -> None:
         """Queue one result; waits only when the store has fallen far behind."""
-        self._buffer.append(result)
-        if len(self._buffer) >= self._batch_size:
-            self._full.set()
-            if len(self._buffer) >= 4 * self._batch_size:
-                self._room = anyio.Event()
-                await self._room.wait()
+        if self.put(result):
+            await self.room()
+
+    def put(self, result: ItemResult) -> bool:
+        """Queue one result without waiting; True if the caller should wait for `room`."""
+        buffer = self._buffer
+        buffer.append(result)
+        if len(buffer) < self._batch_size:
+            return False
+        self._full.set()
+        if len(buffer) < 4 * self._batch_size:
+            return False
+        if self._room.is_set():
+            self._room = anyio.Event()
+        return True
+
+    async def room(self) -> None:
+        """Wait until the buffer is back under its high-water mark."""
+        await self._room.wait()
 
     async def run(self) -> None:
         """Write a batch whenever one fills or the interval passes; runs until cancelled."""

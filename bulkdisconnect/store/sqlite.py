@@ -89,7 +89,6 @@ RECORD = """
 UPDATE accounts SET outcome = ?, attempts = attempts + ?, http_status = ?, error_code = ?,
     error_message = ?, request_id = ?, first_attempt_at = COALESCE(first_attempt_at, ?),
     updated_at = ?, run_id = ?
-WHERE job = ? AND account_id = ?
 """
 
 
@@ -105,6 +104,7 @@ class SQLiteStore:
         self._path = path
         self._lock = anyio.Lock()
         self._claimed_up_to: dict[str, int] = {}  # run_id -> rowid of its last claimed account
+        self._rowids: dict[tuple[str, str], int] = {}  # claimed (job, account) -> rowid
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
@@ -282,9 +282,10 @@ class SQLiteStore:
         await self._call(mark)
 
     async def claim_pending(self, job: str, run_id: str, *, limit: int) -> list[str]:
-        """Mark the run's next page of accounts still to call, in input order, as its own.
+        """The run's next page of accounts still to call, in input order.
 
         Each account is handed to a run once: the next page starts after this run's last.
+        Nothing is written: the job's lock already makes the run its only worker.
         """
         after = self._claimed_up_to.get(run_id, 0)
 
@@ -294,17 +295,13 @@ class SQLiteStore:
                 "AND outcome IS NULL ORDER BY rowid LIMIT ?",
                 (job, after, limit),
             ).fetchall()
-            if rows:
-                with _immediate(db):
-                    db.executemany(
-                        "UPDATE accounts SET run_id = ? WHERE rowid = ?",
-                        [(run_id, rowid) for rowid, _ in rows],
-                    )
             return rows
 
         rows = await self._call_here(claim)
         if rows:
             self._claimed_up_to[run_id] = rows[-1][0]
+            # Recorded by rowid later: an integer key, cheaper than (job, account_id).
+            self._rowids.update(((job, account_id), rowid) for rowid, account_id in rows)
         return [account_id for _, account_id in rows]
 
     async def pending_elsewhere(self, job: str, run_id: str) -> bool:
@@ -314,8 +311,10 @@ class SQLiteStore:
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
         """Record a batch of outcomes in one transaction."""
         now = time.time()
-        params = [
-            (
+        rowids = self._rowids
+        by_rowid, by_name = [], []
+        for r in results:
+            values = (
                 r.outcome.value,
                 r.attempts,
                 r.http_status,
@@ -325,15 +324,19 @@ class SQLiteStore:
                 r.first_attempt_at,
                 now,
                 run_id,
-                job,
-                r.account_id,
             )
-            for r in results
-        ]
+            rowid = rowids.pop((job, r.account_id), None)
+            if rowid is None:
+                by_name.append((*values, job, r.account_id))
+            else:
+                by_rowid.append((*values, rowid))
 
         def write(db: sqlite3.Connection) -> None:
             with _immediate(db):
-                db.executemany(RECORD, params)
+                if by_rowid:
+                    db.executemany(RECORD + "WHERE rowid = ?", by_rowid)
+                if by_name:
+                    db.executemany(RECORD + "WHERE job = ? AND account_id = ?", by_name)
 
         await self._call_here(write)
 
