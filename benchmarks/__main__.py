@@ -306,7 +306,7 @@ def workers(box: Sandbox, quick: bool) -> list[str]:
         "| sandbox latency | IDs | workers | requests/s | scaling |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for latency, count in ((50, 2_000 if quick else 6_000), (0, 4_000 if quick else 20_000)):
+    for latency, count in ((50, 2_000 if quick else 5_000), (0, 4_000 if quick else 10_000)):
         ids = ids_file(count)
         single = 0.0
         for n in (1, 2, 4):

@@ -81,7 +81,11 @@ def sandbox() -> Iterator[Sandbox]:
         yield Sandbox(match.group(0), process)
     finally:
         process.send_signal(signal.SIGINT)
-        process.communicate(timeout=10)
+        try:
+            process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a slow shutdown must not cost the figures
+            process.kill()
+            process.communicate()
 
 
 def ids_file(count: int, *, name: str | None = None) -> Path:

@@ -227,3 +227,19 @@ def test_status_lists_the_workers(
     status = ws.run("status", "--job", JOB, "--state", pg_state)
     assert "not running" in status.stdout
     assert "disconnected 1500" in status.stdout
+
+
+def test_state_password_is_never_shown(
+    ws: Workspace, sandbox: SandboxThread, pg_state: str
+) -> None:
+    """A password in the PostgreSQL state URL stays out of output, logs and the store."""
+    ws.write("ids.txt", ws.ids(5))
+    secret_url = pg_state.replace("postgres@", "postgres:s3cretpw@")
+    result = ws.run("run", "--job", JOB, "--input", "ids.txt", "--state", secret_url, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "postgres:***@127.0.0.1" in result.stdout
+    status = ws.run("status", "--job", "nope", "--state", secret_url)
+    assert status.exit_code == 2
+    summaries = stored(pg_state, "SELECT summary FROM runs")
+    for text in (result.stdout, result.stderr, status.stderr, *(row[0] for row in summaries)):
+        assert "s3cretpw" not in text
