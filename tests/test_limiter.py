@@ -104,6 +104,31 @@ async def test_hard_cap_admits_no_burst_at_start() -> None:
     assert admitted <= 26
 
 
+@pytest.mark.anyio
+async def test_shared_limiter_runs_at_its_share_without_a_burst() -> None:
+    """share(n) gives 1/n of the cap (2 % less), with no burst even after a lower share."""
+    limiter = RateLimiter(200)
+    with anyio.move_on_after(0.3):  # at the whole cap first: the bucket fills
+        while True:
+            await limiter.acquire()
+    limiter.share(4)
+    assert limiter.rate == pytest.approx(200 / 4 * 0.98)
+    admitted = 0
+    with anyio.move_on_after(0.5):
+        while True:
+            await limiter.acquire()
+            admitted += 1
+    assert 20 <= admitted <= 26  # ~49/s for half a second, none of the old share's credit
+    limiter.share(1)
+    assert limiter.rate == 200
+    admitted = 0
+    with anyio.move_on_after(0.25):
+        while True:
+            await limiter.acquire()
+            admitted += 1
+    assert admitted >= 40  # back to the whole cap at once
+
+
 def test_concurrency_follows_rate_times_latency() -> None:
     """The in-flight cap is about rate x latency x 1.5, within its bounds."""
     limiter = anyio.CapacityLimiter(4)
