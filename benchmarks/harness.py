@@ -214,7 +214,7 @@ async def drop_schema(schema: str) -> None:
 def claiming_cost(count: int) -> tuple[float, float, float]:
     """µs per account to claim and to record through a PostgreSQL store; to claim in SQLite."""
     from bulkdisconnect.model import ItemResult, Outcome
-    from bulkdisconnect.store import Store, open_store
+    from bulkdisconnect.store import Store, open_store, plan_input
 
     accounts = [f"fca_claim{n:09d}" for n in range(count)]
 
@@ -223,7 +223,7 @@ def claiming_cost(count: int) -> tuple[float, float, float]:
 
     async def drain(store: Store, page: int) -> tuple[float, float]:
         """Claim a page, record it, and again, as a worker does; seconds in each, per account."""
-        await store.plan("bench", chunks(), retry_failed=False, dry_run=False)
+        await plan_input(store, "bench", chunks(), retry_failed=False, dry_run=False)
         claiming = recording = 0.0
         done = 0
         while True:

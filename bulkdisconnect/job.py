@@ -33,7 +33,7 @@ from bulkdisconnect.progress import show_progress
 from bulkdisconnect.report import format_plan, format_summary
 from bulkdisconnect.retry import RetryPolicy
 from bulkdisconnect.sources import Source, open_run_source
-from bulkdisconnect.store import PlanCounts, Store, open_store
+from bulkdisconnect.store import PlanCounts, Store, open_store, plan_input
 from bulkdisconnect.writer import ResultWriter
 
 log = structlog.get_logger("bulkdisconnect")
@@ -94,7 +94,8 @@ async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
             )
             run = _Run(config, hooks, store, client, limiter, source, listed)
             if config.dry_run:
-                counts = await store.plan(
+                counts = await plan_input(
+                    store,
                     config.job,
                     source.chunks(PLAN_CHUNK),
                     retry_failed=config.retry_failed,

@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 
 from bulkdisconnect.errors import InputError, LockHeldError, UsageError
 from bulkdisconnect.model import ItemResult, Outcome, is_valid_account_id
-from bulkdisconnect.store import Beat, PlanCounts, ReportRow, Store, open_store, stored_value
+from bulkdisconnect.store import (
+    Beat,
+    PlanCounts,
+    ReportRow,
+    Store,
+    open_store,
+    plan_input,
+    stored_value,
+)
 
 JOB = "purge"
 HOSTILE = ["fca_../../v1/customers", "fca_1?x=1", "fca_a/b", "fca_a%2F", "fca_\u00e4", "FCA_1", ""]
@@ -58,7 +66,7 @@ async def plan(
     store: Store, *parts: Sequence[str], job: str = JOB, retry_failed: bool = False
 ) -> PlanCounts:
     """Plan chunks into the job for real."""
-    return await store.plan(job, chunks(*parts), retry_failed=retry_failed, dry_run=False)
+    return await plan_input(store, job, chunks(*parts), retry_failed=retry_failed, dry_run=False)
 
 
 async def all_rows(store: Store, job: str = JOB) -> list[ReportRow]:
@@ -153,12 +161,14 @@ async def test_dry_run_plan_leaves_store_unchanged(store: Store) -> None:
     """A dry-run plan reports its counts but writes nothing."""
     await plan(store, ["fca_a1"])
     before = await all_rows(store)
-    counts = await store.plan(
-        JOB, chunks(["fca_a1", "fca_a2", "bad", "fca_a2"]), retry_failed=False, dry_run=True
+    counts = await plan_input(
+        store, JOB, chunks(["fca_a1", "fca_a2", "bad", "fca_a2"]), retry_failed=False, dry_run=True
     )
     assert counts == PlanCounts(read=4, invalid=1, duplicates=1, already_done=0, to_call=2)
     assert await all_rows(store) == before
-    fresh = await store.plan("other", chunks(["fca_b1", "x"]), retry_failed=False, dry_run=True)
+    fresh = await plan_input(
+        store, "other", chunks(["fca_b1", "x"]), retry_failed=False, dry_run=True
+    )
     assert fresh == PlanCounts(read=2, invalid=1, duplicates=0, already_done=0, to_call=1)
     assert not await store.has_job("other")
     assert await store.counts("other") == {}
@@ -174,7 +184,7 @@ async def test_failing_input_leaves_no_rows(store: Store) -> None:
         raise InputError("line 3 of ids.csv: unterminated quote")
 
     with pytest.raises(InputError, match="line 3"):
-        await store.plan(JOB, broken(), retry_failed=False, dry_run=False)
+        await plan_input(store, JOB, broken(), retry_failed=False, dry_run=False)
     assert await store.counts(JOB) == {}
     assert not await store.has_job(JOB)
     # The store is still usable, and the aborted input left nothing staged behind.
@@ -325,7 +335,7 @@ async def test_retry_failed_makes_failed_claimable(store: Store) -> None:
     plain = await plan(store, [a, b, c])
     assert (plain.already_done, plain.to_call) == (2, 1)
     assert await store.counts(JOB) == {"failed": 1, "disconnected": 1, None: 1}
-    dry = await store.plan(JOB, chunks([a, b, c]), retry_failed=True, dry_run=True)
+    dry = await plan_input(store, JOB, chunks([a, b, c]), retry_failed=True, dry_run=True)
     assert (dry.already_done, dry.to_call) == (1, 2)
     assert await store.counts(JOB) == {"failed": 1, "disconnected": 1, None: 1}
     retrying = await plan(store, [a, b, c], retry_failed=True)

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from bulkdisconnect.errors import UsageError
 from bulkdisconnect.model import ItemResult, Outcome
-from bulkdisconnect.store import ReportRow, Store, open_store
+from bulkdisconnect.store import ReportRow, Store, open_store, plan_input
 from bulkdisconnect.webhook import (
     DISCONNECTED,
     SIGNATURE_TOLERANCE,
@@ -55,7 +55,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     """A real SQLite store holding a finished job: every account planned and disconnected."""
     opened = await open_store(tmp_path / "s.sqlite")
     try:
-        await opened.plan(JOB, chunks(), retry_failed=False, dry_run=False)
+        await plan_input(opened, JOB, chunks(), retry_failed=False, dry_run=False)
         await opened.record(
             JOB,
             "run1",

@@ -99,14 +99,6 @@ class Store(Protocol):
     # input (the first of the live workers to get there); the others find it planned.
     def planning(self, job: str, owner: str) -> AbstractAsyncContextManager[bool]: ...
 
-    async def plan(
-        self,
-        job: str,
-        chunks: AsyncIterator[Sequence[str | Settled]],
-        *,
-        retry_failed: bool,
-        dry_run: bool,
-    ) -> PlanCounts: ...
     async def stage(
         self, job: str, chunks: AsyncIterator[Sequence[str | Settled]], *, retry_failed: bool
     ) -> PlanCounts: ...
@@ -131,6 +123,23 @@ class Store(Protocol):
     async def finish_run(self, run_id: str, exit_code: int, summary: str) -> None: ...
     async def last_run(self, job: str) -> RunInfo | None: ...
     async def has_job(self, job: str) -> bool: ...
+
+
+async def plan_input(
+    store: Store,
+    job: str,
+    chunks: AsyncIterator[Sequence[str | Settled]],
+    *,
+    retry_failed: bool,
+    dry_run: bool,
+) -> PlanCounts:
+    """Stage an input and count it, then merge it into the job (or, dry, discard it)."""
+    counts = await store.stage(job, chunks, retry_failed=retry_failed)
+    if dry_run:
+        await store.discard_staged()
+    else:
+        await store.commit_staged(job, retry_failed=retry_failed)
+    return counts
 
 
 def stored_value(value: str) -> str:

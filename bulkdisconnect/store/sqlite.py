@@ -209,22 +209,6 @@ class SQLiteStore:
 
     # -- planning and work --------------------------------------------------------------------
 
-    async def plan(
-        self,
-        job: str,
-        chunks: AsyncIterator[Sequence[str | Settled]],
-        *,
-        retry_failed: bool,
-        dry_run: bool,
-    ) -> PlanCounts:
-        """Stage the input and count it, then merge it into the job (or, dry, discard it)."""
-        counts = await self.stage(job, chunks, retry_failed=retry_failed)
-        if dry_run:
-            await self.discard_staged()
-        else:
-            await self.commit_staged(job, retry_failed=retry_failed)
-        return counts
-
     async def stage(
         self, job: str, chunks: AsyncIterator[Sequence[str | Settled]], *, retry_failed: bool
     ) -> PlanCounts:
