@@ -6,6 +6,7 @@ so an error can say "rate in jobs/purge.toml must be > 0" or "--rate must be > 0
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import re
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 from bulkdisconnect.client import STRIPE_VERSION
 from bulkdisconnect.errors import UsageError
 from bulkdisconnect.model import CUSTOMER_ID_PATTERN
+from bulkdisconnect.sources.sql import mask_url
 from bulkdisconnect.store import is_shared_location
 
 DEFAULT_API_BASE = "https://api.stripe.com"
@@ -87,6 +89,21 @@ class RunConfig:
         if self.input is not None:
             return "file"
         return "sql" if self.query is not None else "customers"
+
+    @property
+    def source_fingerprint(self) -> str:
+        """A digest of the arguments that pick the accounts: workers joining a job must agree."""
+        parts = (
+            self.input,
+            mask_url(self.db) if self.db else None,  # no digest of a password in the store
+            self.query,
+            sorted(self.params.items()),
+            self.customer,
+            self.customers,
+            self.column,
+            self.retry_failed,
+        )
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     @property
     def is_live(self) -> bool:

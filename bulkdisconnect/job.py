@@ -106,7 +106,11 @@ async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
             # The run ID names the lock holder, and marks the accounts this run claims.
             run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
             await store.acquire_lock(
-                config.job, run_id, stale_after=config.lock_stale_after, join=config.join
+                config.job,
+                run_id,
+                stale_after=config.lock_stale_after,
+                join=config.join,
+                source=config.source_fingerprint,
             )
             try:
                 return await _locked_run(run, run_id)

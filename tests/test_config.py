@@ -337,6 +337,14 @@ def test_join_needs_a_postgresql_store(tmp_path: Path) -> None:
     assert build({"job": "j", "join": True, "state": url}).join
 
 
+def test_source_fingerprint_follows_the_source_arguments_only() -> None:
+    """Workers agree on the fingerprint when their source arguments agree, whatever the rest."""
+    base = build({"job": "j"}).source_fingerprint
+    assert build({"job": "j", "rate": 5.0, "concurrency": 3}).source_fingerprint == base
+    assert build({"job": "j", "input": "other.txt"}).source_fingerprint != base
+    assert build({"job": "j", "retry_failed": True}).source_fingerprint != base
+
+
 def test_concurrency_adapts_unless_given() -> None:
     """Without --concurrency the in-flight cap is left to adapt (None)."""
     assert build({"rate": 100.0}).concurrency is None

@@ -198,6 +198,12 @@ def test_plain_run_refused_while_workers_hold_the_job(
     plain = ws.run("run", "--job", JOB, "--input", "ids.txt", "--state", pg_state, *FAST)
     assert plain.exit_code == 4
     assert "--join" in plain.stderr
+    ws.write("other.txt", ws.ids(10, prefix="other"))
+    stray = ws.run(
+        "run", "--join", "--job", JOB, "--input", "other.txt", "--state", pg_state, *FAST
+    )
+    assert stray.exit_code == 4
+    assert "another input" in stray.stderr
     proc.send_signal(signal.SIGTERM)
     assert finish([proc]) == [3]
 

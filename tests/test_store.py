@@ -601,6 +601,18 @@ async def test_join_workers_share_but_exclude_plain_runs(pg: Store) -> None:
 
 
 @pytest.mark.anyio
+async def test_worker_on_another_input_cannot_join(pg: Store) -> None:
+    """Joining needs the same source arguments as the live workers: no joining by mistake."""
+    await pg.acquire_lock(JOB, "w1", stale_after=30, join=True, source="ids-a")
+    with pytest.raises(LockHeldError, match="another input"):
+        await pg.acquire_lock(JOB, "w2", stale_after=30, join=True, source="ids-b")
+    await pg.acquire_lock(JOB, "w2", stale_after=30, join=True, source="ids-a")
+    await pg.release_lock(JOB, "w1")
+    await pg.release_lock(JOB, "w2")
+    await pg.acquire_lock(JOB, "w3", stale_after=30, join=True, source="ids-b")
+
+
+@pytest.mark.anyio
 async def test_newcomer_waits_until_others_take_their_smaller_share(pg: Store) -> None:
     """Shares are re-divided as workers join; a newcomer is ready only once all others did."""
     await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)

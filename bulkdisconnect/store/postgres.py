@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS locks (
     shared BOOLEAN NOT NULL,  -- a `run --join` worker
     share_of INTEGER NOT NULL,  -- the holder runs at (at most) --rate / share_of
     planned BOOLEAN NOT NULL DEFAULT false,  -- the holder planned, or found planned, the input
+    source TEXT NOT NULL DEFAULT '',  -- a joining worker's source arguments, fingerprinted
     PRIMARY KEY (job, owner)
 );
 -- Holders whose lease still runs, by the server's clock: their claims hold.
@@ -195,12 +196,13 @@ class PostgresStore:
     # -- lock ---------------------------------------------------------------------------------
 
     async def acquire_lock(
-        self, job: str, owner: str, *, stale_after: float, join: bool = False
+        self, job: str, owner: str, *, stale_after: float, join: bool = False, source: str = ""
     ) -> None:
         """Take the job's lock, or join its `run --join` workers; stale holders are dropped.
 
         A run without `join` needs no live holder at all; a joining worker needs every live
-        holder to be a joining worker too.
+        holder to be a joining worker started on the same `source` (a fingerprint of the
+        source arguments), so that a worker given another input cannot join by mistake.
         """
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _key("lock", job))
@@ -213,9 +215,17 @@ class PostgresStore:
                 [h.owner for h in holders if h not in live],
             )
             _check_can_hold(job, live, join=join)
+            others = await conn.fetchval(
+                "SELECT COUNT(*) FROM live_locks WHERE job = $1 AND source <> $2", job, source
+            )
+            if others:
+                raise LockHeldError(
+                    f"job {job!r} is being worked by --join workers started on another input "
+                    "(file, query or customers): start every worker with the same arguments"
+                )
             await conn.execute(
                 "INSERT INTO locks (job, owner, pid, host, acquired_at, heartbeat_at, lease, "
-                "shared, share_of) VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)",
+                "shared, share_of, source) VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8, $9)",
                 job,
                 owner,
                 os.getpid(),
@@ -224,6 +234,7 @@ class PostgresStore:
                 stale_after,
                 join,
                 len(live) + 1,
+                source,
             )
 
     async def heartbeat(self, job: str, owner: str) -> Beat | None:

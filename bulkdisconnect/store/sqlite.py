@@ -135,7 +135,7 @@ class SQLiteStore:
     # -- lock ---------------------------------------------------------------------------------
 
     async def acquire_lock(
-        self, job: str, owner: str, *, stale_after: float, join: bool = False
+        self, job: str, owner: str, *, stale_after: float, join: bool = False, source: str = ""
     ) -> None:
         """Take the job's lock, or take over one whose holder missed its own lease.
 
