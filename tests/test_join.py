@@ -16,6 +16,7 @@ from bulkdisconnect.model import idempotency_key
 from bulkdisconnect.sandbox import SandboxThread
 from bulkdisconnect.sandbox.journal import account_calls, max_in_window
 from tests.conftest import FAST, PG_URL, Workspace
+from tests.test_process import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -136,10 +137,7 @@ def test_killed_workers_accounts_are_finished_by_the_others(
     procs = workers(
         ws, started, pg_state, 3, "--rate", "300", "--concurrency", "8", "--lock-stale-after", lease
     )
-    deadline = time.monotonic() + 30
-    while outcomes(pg_state).get("disconnected", 0) < 600:
-        assert time.monotonic() < deadline, "the workers made no progress"
-        time.sleep(0.1)
+    wait_for(lambda: outcomes(pg_state).get("disconnected", 0) >= 600, timeout=30)
     victim = procs[0]
     (victim_run,) = (
         row[0] for row in stored(pg_state, "SELECT owner FROM locks WHERE pid = $1", victim.pid)
@@ -191,10 +189,7 @@ def test_plain_run_refused_while_workers_hold_the_job(
     ws.write("ids.txt", ws.ids(2000))
     sandbox.sandbox.configure(latency_ms=20)
     (proc,) = workers(ws, started, pg_state, 1, "--rate", "200", "--concurrency", "4")
-    deadline = time.monotonic() + 30
-    while not outcomes(pg_state).get("disconnected"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: outcomes(pg_state).get("disconnected", 0) > 0, timeout=30)
     plain = ws.run("run", "--job", JOB, "--input", "ids.txt", "--state", pg_state, *FAST)
     assert plain.exit_code == 4
     assert "--join" in plain.stderr
@@ -222,10 +217,7 @@ def test_status_lists_the_workers(
     ws.write("ids.txt", ws.ids(1500))
     sandbox.sandbox.configure(latency_ms=20)
     procs = workers(ws, started, pg_state, 2, "--rate", "200", "--concurrency", "4")
-    deadline = time.monotonic() + 30
-    while len(stored(pg_state, "SELECT 1 FROM locks WHERE share_of = 2")) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: len(stored(pg_state, "SELECT 1 FROM locks WHERE share_of = 2")) == 2)
     status = ws.run("status", "--job", JOB, "--state", pg_state)
     assert status.exit_code == 0, status.stderr
     assert status.stdout.count("worked by --join worker") == 2

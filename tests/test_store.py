@@ -49,6 +49,12 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 async def store(location: str) -> AsyncIterator[Store]:
     """A fresh store of each kind."""
+    async for opened in _opened(location):
+        yield opened
+
+
+async def _opened(location: str) -> AsyncIterator[Store]:
+    """The store at `location`, closed once the caller is done with it."""
     opened = await open_store(location)
     try:
         yield opened
@@ -566,12 +572,9 @@ async def test_data_survives_close_and_reopen(location: str) -> None:
 
 @pytest.fixture
 async def pg(pg_state: str) -> AsyncIterator[Store]:
-    """A fresh PostgreSQL store."""
-    opened = await open_store(pg_state)
-    try:
+    """A fresh PostgreSQL store (the `store` fixture, without SQLite)."""
+    async for opened in _opened(pg_state):
         yield opened
-    finally:
-        await opened.aclose()
 
 
 @pytest.mark.anyio
