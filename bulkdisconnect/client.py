@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from bulkdisconnect import __version__
 from bulkdisconnect.model import CUSTOMER_ID_PATTERN, is_valid_account_id
@@ -59,7 +60,7 @@ class StripeClient:
 
     def __init__(self, session: aiohttp.ClientSession, settings: ClientSettings) -> None:
         self._session = session
-        self._base = settings.api_base.rstrip("/")
+        self._base = URL(settings.api_base.rstrip("/") + "/")
         self._headers = {
             "Authorization": f"Bearer {settings.api_key}",
             "Content-Type": FORM,
@@ -77,10 +78,16 @@ class StripeClient:
         # a plain account ID may ever be put into a URL path.
         if not is_valid_account_id(account_id):
             raise ValueError(f"refusing to call the API with an invalid account ID {account_id!r}")
-        url = f"{self._base}/v1/financial_connections/accounts/{account_id}/disconnect"
+        # Built from parts already known safe, so yarl neither parses nor quotes it again; and
+        # no `data`: aiohttp then sends the same empty body (Content-Length: 0) without
+        # building a payload object. Both measured in benchmarks/PROFILE.md.
+        url = self._base.with_path(
+            f"{self._base.path}v1/financial_connections/accounts/{account_id}/disconnect",
+            encoded=True,
+        )
         headers = {**self._headers, "Idempotency-Key": idempotency_key}
         try:
-            async with self._session.post(url, headers=headers, data=b"") as response:
+            async with self._session.post(url, headers=headers) as response:
                 body = await response.read()
                 return _answer(response.status, response.headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -97,7 +104,7 @@ class StripeClient:
         params = {"account_holder[customer]": customer, "limit": str(limit)}
         if starting_after is not None:
             params["starting_after"] = starting_after
-        url = f"{self._base}/v1/financial_connections/accounts"
+        url = self._base / "v1/financial_connections/accounts"
         try:
             async with self._session.get(url, headers=self._get_headers, params=params) as response:
                 body = await response.read()
@@ -177,4 +184,10 @@ def make_session(settings: ClientSettings) -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(
         total=settings.total_timeout, sock_connect=settings.connect_timeout
     )
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+    # Stripe's API keeps no cookies; a real jar would filter and store them on every request.
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        raise_for_status=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )

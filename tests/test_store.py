@@ -238,6 +238,19 @@ async def test_claim_pending_pages_in_input_order(store: Store) -> None:
 
 
 @pytest.mark.anyio
+async def test_claims_see_only_their_job_when_jobs_interleave(store: Store) -> None:
+    """A job planned, another planned after it, then the first grown: each claims its own."""
+    first, second, grown = ids(5, "x"), ids(4, "y"), ids(3, "z")
+    await plan(store, second, job="other-before")
+    await plan(store, first)
+    await plan(store, second, job="other-after")
+    await plan(store, first, grown)
+    assert await claim_all(store, "r1") == first + grown
+    assert await claim_all(store, "r2", job="other-after") == second
+    assert await claim_all(store, "r3", job="no-such-job") == []
+
+
+@pytest.mark.anyio
 async def test_claim_skips_accounts_with_outcomes(store: Store) -> None:
     """Accounts with a recorded outcome are not claimed again."""
     accounts = ids(4)

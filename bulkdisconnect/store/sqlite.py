@@ -278,13 +278,19 @@ class SQLiteStore:
         Each account is handed to a run once: the next page starts after this run's last.
         Nothing is written: the job's lock already makes the run its only worker.
         """
-        after = self._claimed_up_to.get(run_id, 0)
+        after = self._claimed_up_to.get(run_id)
 
         def claim(db: sqlite3.Connection) -> list[tuple[int, str]]:
+            start = after
+            if start is None:  # the job's first row, found once through the (job, ...) index
+                first = db.execute("SELECT min(rowid) FROM accounts WHERE job = ?", (job,))
+                start = (first.fetchone()[0] or 1) - 1
+            # A range scan of rowids, not the (job, account_id) index: through that index
+            # every page would visit all of the job's rows and sort them (quadratic in N).
             rows: list[tuple[int, str]] = db.execute(
-                "SELECT rowid, account_id FROM accounts WHERE job = ? AND rowid > ? "
-                "AND outcome IS NULL ORDER BY rowid LIMIT ?",
-                (job, after, limit),
+                "SELECT rowid, account_id FROM accounts NOT INDEXED WHERE rowid > ? "
+                "AND job = ? AND outcome IS NULL ORDER BY rowid LIMIT ?",
+                (start, job, limit),
             ).fetchall()
             return rows
 
