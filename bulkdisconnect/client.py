@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
-import orjson
+import msgspec
 from yarl import URL
 
 from bulkdisconnect import __version__
@@ -108,52 +108,65 @@ class StripeClient:
         try:
             async with self._session.get(url, headers=self._get_headers, params=params) as response:
                 body = await response.read()
-                answer, payload = _parse(response.status, response.headers, body)
+                answer = _answer(response.status, response.headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return ListAnswer(Answer(status=0, transport_error=type(exc).__name__))
         if answer.status != 200 or answer.transport_error is not None:
             return ListAnswer(answer)
-        page = _page(payload)
+        payload = _list_payload(body)
+        page = None if payload is None else _page(payload)
         if page is None:  # a 200 that is not a list of accounts: retried like an unreadable body
             return ListAnswer(replace(answer, transport_error="UnreadableBody"))
         return ListAnswer(answer, *page)
 
 
+class _Body(msgspec.Struct):
+    """The two fields of an answer body the tool reads; the rest are skipped, not built."""
+
+    status: Any = None  # the account object's status
+    error: Any = None  # Stripe's error envelope
+
+
+_BODY = msgspec.json.Decoder(_Body)
+
+
 def _answer(status: int, headers: Any, body: bytes) -> Answer:
-    return _parse(status, headers, body)[0]
-
-
-def _parse(status: int, headers: Any, body: bytes) -> tuple[Answer, dict[str, Any]]:
-    """The answer, and the decoded JSON object (empty when the body is not one)."""
+    """The answer an HTTP exchange amounts to (an unreadable body is a transport error)."""
     request_id = headers.get("Request-Id")
     try:
-        payload = orjson.loads(body)
-    except ValueError:
-        payload = None
-    if status == 200 and isinstance(payload, dict) and "error" not in payload:
+        decoded: _Body | None = _BODY.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # not JSON, or not a JSON object
+        decoded = None
+    if status == 200 and decoded is not None and decoded.error is None:
         # The common case, kept short: a 200 carries no retry or rate-limit headers to read.
-        status_field = payload.get("status")
-        account_status = status_field if isinstance(status_field, str) else None
-        return Answer(status, account_status, request_id=request_id), payload
+        return Answer(status, _text(decoded.status), request_id=request_id)
     should_retry = headers.get("Stripe-Should-Retry")
     common: dict[str, Any] = {
         "request_id": request_id,
         "should_retry": None if should_retry is None else should_retry == "true",
         "rate_limited_reason": headers.get("Stripe-Rate-Limited-Reason"),
     }
-    if not isinstance(payload, dict):
-        return Answer(status=status, transport_error="UnreadableBody", **common), {}
-    error = payload.get("error")
+    if decoded is None:
+        return Answer(status=status, transport_error="UnreadableBody", **common)
+    error = decoded.error
     if isinstance(error, dict):
-        answer = Answer(
+        return Answer(
             status=status,
             error_type=_text(error.get("type")),
             error_code=_text(error.get("code")),
             error_message=_text(error.get("message")),
             **common,
         )
-        return answer, payload
-    return Answer(status=status, account_status=_text(payload.get("status")), **common), payload
+    return Answer(status=status, account_status=_text(decoded.status), **common)
+
+
+def _list_payload(body: bytes) -> dict[str, Any] | None:
+    """The decoded JSON object of a list page, or None if the body is not one."""
+    try:
+        payload = msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 def _page(payload: dict[str, Any]) -> tuple[list[tuple[str, str]], bool] | None:

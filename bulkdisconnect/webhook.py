@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import orjson
+import msgspec
 import structlog
 from aiohttp import web
 
@@ -133,8 +133,8 @@ def _received(result: str) -> web.Response:
 def _event(payload: bytes) -> dict[str, Any] | None:
     """The event object in a body, or None if it is not a JSON object with string id and type."""
     try:
-        event = orjson.loads(payload)  # orjson caps nesting depth: no RecursionError
-    except orjson.JSONDecodeError:
+        event = msgspec.json.decode(payload)
+    except (msgspec.DecodeError, RecursionError):  # not JSON, or nested too deep to decode
         return None
     if not isinstance(event, dict):
         return None

@@ -102,6 +102,17 @@ def test_wire_disconnected() -> None:
     assert classify(answer).outcome is Outcome.DISCONNECTED
 
 
+@pytest.mark.parametrize("status", [None, 7, {"value": "disconnected"}])
+def test_wire_status_that_is_not_a_string_is_not_a_disconnect(status: object) -> None:
+    """Only the string "disconnected" counts; any other JSON value fails the account."""
+    body = account("disconnected").replace(
+        b'"status": "disconnected"', f'"status": {json.dumps(status)}'.encode()
+    )
+    assert body != account("disconnected")
+    decision = classify(wire(200, body))
+    assert (decision.action, decision.outcome) == (Action.FINAL, Outcome.FAILED)
+
+
 def test_wire_still_active() -> None:
     """A 200 with an active account body is final failed with unexpected_account_status."""
     decision = classify(wire(200, account("active")))
@@ -109,7 +120,17 @@ def test_wire_still_active() -> None:
     assert decision.error_code == "unexpected_account_status"
 
 
-@pytest.mark.parametrize("body", [b"", b"<html>502 Bad Gateway</html>", b"[1, 2]", b'"x"'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"<html>502 Bad Gateway</html>",
+        b"[1, 2]",
+        b'"x"',
+        b'{"status": "disconnected"',  # cut off
+        b'{"status": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # nested too deep to decode
+    ],
+)
 def test_wire_unreadable_200_is_retried(body: bytes) -> None:
     """A 200 whose body is not a JSON object is not trusted as a result: it is retried."""
     answer = wire(200, body)

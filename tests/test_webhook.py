@@ -331,6 +331,7 @@ async def test_other_event_types_are_ignored(
         b'{"id": "evt_1", "type": null}',
         b'{"id": "", "type": "financial_connections.account.disconnected"}',
         b"[" * 5000,
+        b"[" * 5000 + b"]" * 5000,  # well-formed, nested past any decoder's depth limit
     ],
 )
 async def test_signed_body_that_is_not_an_event_is_rejected(
