@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import aiohttp
 import msgspec
@@ -18,9 +18,11 @@ FORM = "application/x-www-form-urlencoded"
 MAX_PAGE = 100  # Stripe's largest list page
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """What one HTTP attempt produced; `status` is 0 when no HTTP answer arrived."""
+class Answer(NamedTuple):
+    """What one HTTP attempt produced; `status` is 0 when no HTTP answer arrived.
+
+    A NamedTuple, like ItemResult: one is made per request.
+    """
 
     status: int
     account_status: str | None = None
@@ -116,7 +118,7 @@ class StripeClient:
         payload = _list_payload(body)
         page = None if payload is None else _page(payload)
         if page is None:  # a 200 that is not a list of accounts: retried like an unreadable body
-            return ListAnswer(replace(answer, transport_error="UnreadableBody"))
+            return ListAnswer(answer._replace(transport_error="UnreadableBody"))
         return ListAnswer(answer, *page)
 
 

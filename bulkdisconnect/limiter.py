@@ -68,6 +68,20 @@ class RateLimiter:
             limiter._level = max(limiter._level, limiter.max_rate)
         self.rate = rate
 
+    def try_acquire(self) -> bool:
+        """Take a token now if one is free and nobody waits for one; False: call `acquire`.
+
+        What aiolimiter's `acquire` does when it need not wait, without a coroutine: this
+        runs once per request.
+        """
+        limiter = self._limiter
+        if limiter is None:
+            return True
+        if limiter._waiters or not limiter.has_capacity():
+            return False
+        limiter._level += 1
+        return True
+
     async def acquire(self) -> None:
         """Wait until one more request fits under the cap."""
         if self._limiter is not None:

@@ -6,6 +6,7 @@ import enum
 import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 ACCOUNT_ID_PATTERN = re.compile(r"fca_[A-Za-z0-9]+")
 CUSTOMER_ID_PATTERN = re.compile(r"cus_[A-Za-z0-9]+")
@@ -44,9 +45,12 @@ class Settled:
     outcome: Outcome
 
 
-@dataclass(frozen=True, slots=True)
-class ItemResult:
-    """What one account's work ended with, as the store records it."""
+class ItemResult(NamedTuple):
+    """What one account's work ended with, as the store records it.
+
+    A NamedTuple rather than a frozen dataclass: one is made per account, and a frozen
+    dataclass sets each field through object.__setattr__ (measured: 0.37 vs 1.1 us).
+    """
 
     account_id: str
     outcome: Outcome

@@ -146,7 +146,7 @@ class Pool:
         stats = self._stats
         first_attempt_at = time.time()
         attempts = 0
-        in_flight, pacer = self._in_flight, self._pacer
+        in_flight, pacer, limiter = self._in_flight, self._pacer, self._limiter
         while True:
             # Plain awaits rather than three nested `async with`: this runs once per request.
             if in_flight is not None:
@@ -154,7 +154,8 @@ class Pool:
             try:
                 if pacer.current < pacer.cap:
                     await pacer.wait()
-                await self._limiter.acquire()
+                if not limiter.try_acquire():
+                    await limiter.acquire()
                 stats.requests += 1
                 sent = time.monotonic()
                 answer = await self._client.disconnect(account_id, key)
@@ -195,22 +196,26 @@ class Pool:
                     request_id=answer.request_id,
                     first_attempt_at=first_attempt_at,
                 )
-            stats.retries += 1
-            if self._metrics is not None:
-                self._metrics.retry()
-            delay = policy.delay(attempts)
-            log.debug(
-                "bulkdisconnect.retry",
-                account_id=account_id,
-                attempt=attempts,
-                status=answer.status,
-                code=answer.error_code or answer.transport_error,
-                delay=round(delay, 3),
-            )
-            with anyio.move_on_after(delay):
-                await self._stopping.wait()
-            if self._stopping.is_set():
+            if not await self._back_off(account_id, answer, attempts):
                 return None
+
+    async def _back_off(self, account_id: str, answer: Answer, attempts: int) -> bool:
+        """Wait before the next attempt; False if the run stopped meanwhile."""
+        self._stats.retries += 1
+        if self._metrics is not None:
+            self._metrics.retry()
+        delay = self._settings.policy.delay(attempts)
+        log.debug(
+            "bulkdisconnect.retry",
+            account_id=account_id,
+            attempt=attempts,
+            status=answer.status,
+            code=answer.error_code or answer.transport_error,
+            delay=round(delay, 3),
+        )
+        with anyio.move_on_after(delay):
+            await self._stopping.wait()
+        return not self._stopping.is_set()
 
     def _observe(self, answer: Answer, latency: float) -> None:
         """Feed one answer to the meters: latency to the tuner and metrics, 429s to the pacer."""

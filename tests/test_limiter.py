@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from bulkdisconnect.limiter import COOLDOWN, AdaptivePacer, ConcurrencyTuner, RateLimiter
@@ -102,6 +103,29 @@ async def test_hard_cap_admits_no_burst_at_start() -> None:
             async with limiter:
                 admitted += 1
     assert admitted <= 26
+
+
+@pytest.mark.anyio
+async def test_tokens_taken_without_waiting_count_against_the_cap() -> None:
+    """try_acquire takes from the same bucket: many tasks mixing it with acquire stay capped."""
+    limiter = RateLimiter(100)
+    admitted: list[float] = []
+
+    async def worker() -> None:
+        while True:
+            if not limiter.try_acquire():
+                await limiter.acquire()
+            admitted.append(anyio.current_time())
+            await anyio.lowlevel.checkpoint()
+
+    started = anyio.current_time()
+    with anyio.move_on_after(1.2):
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(worker)
+    assert 100 <= len(admitted) <= 121  # ~99/s, and the first second no more than the cap
+    assert sum(1 for t in admitted if t - started < 1.0) <= 100
+    assert RateLimiter(float("inf")).try_acquire()
 
 
 @pytest.mark.anyio
