@@ -1,22 +1,30 @@
 """The alternatives bulkdisconnect is measured against, each run as its own process.
 
-python -m benchmarks.contenders bare|sdk URL IDS_FILE CONCURRENCY
+python -m benchmarks.contenders bare|bare-tuned|sdk URL IDS_FILE CONCURRENCY
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from benchmarks.harness import API_KEY
 
 PATH = "/v1/financial_connections/accounts/{}/disconnect"
 
 
-async def bare_loop(url: str, ids: list[str], concurrency: int) -> None:
-    """The ceiling of this stack: aiohttp and nothing else (no store, no limiter, no retry)."""
+async def bare_loop(url: str, ids: list[str], concurrency: int, *, tuned: bool = False) -> None:
+    """The ceiling of this stack: aiohttp and nothing else (no store, no limiter, no retry).
+
+    `tuned` sends the same bytes the way bulkdisconnect's client does: no cookie jar, the URL
+    built without reparsing, no body payload object (aiohttp still sends Content-Length: 0).
+    """
     import aiohttp
+    import yarl
 
     headers = {
         "Authorization": f"Bearer {API_KEY}",
@@ -26,15 +34,23 @@ async def bare_loop(url: str, ids: list[str], concurrency: int) -> None:
     }
     pending = iter(ids)
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    jar = aiohttp.DummyCookieJar() if tuned else None
+    base = yarl.URL(url)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as session:
 
         async def worker() -> None:
             for account in pending:
                 # The same wire request as everyone else's, idempotency key included: the
                 # sandbox does more work for a keyed request, and that must not skew the ratio.
                 keyed = {**headers, "Idempotency-Key": f"bare-{account}"}
-                async with session.post(url + PATH.format(account), headers=keyed, data=b"") as r:
-                    await r.read()
+                if tuned:
+                    target = base.with_path(PATH.format(account), encoded=True)
+                    async with session.post(target, headers=keyed) as r:
+                        await r.read()
+                else:
+                    plain = url + PATH.format(account)
+                    async with session.post(plain, headers=keyed, data=b"") as r:
+                        await r.read()
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -62,8 +78,12 @@ def main() -> None:
     """Run one contender to completion."""
     kind, url, ids_path, concurrency = sys.argv[1:5]
     ids = Path(ids_path).read_text().split()
-    contender = {"bare": bare_loop, "sdk": stripe_sdk}[kind]
-    asyncio.run(contender(url, ids, int(concurrency)))
+    contenders: dict[str, Callable[[str, list[str], int], Coroutine[Any, Any, None]]] = {
+        "bare": bare_loop,
+        "bare-tuned": functools.partial(bare_loop, tuned=True),
+        "sdk": stripe_sdk,
+    }
+    asyncio.run(contenders[kind](url, ids, int(concurrency)))
 
 
 if __name__ == "__main__":
