@@ -156,8 +156,8 @@ async def _locked_run(run: _Run, run_id: str) -> ExitCode:
     message = "interrupted"
     metrics = _metrics_for(config)
     try:
-        async with _lease(store, config, run_id, run.limiter), _signals() as stopping:
-            exit_code, message = await _plan_and_work(run, run_id, stopping, metrics)
+        async with _lease(store, config, run_id, run.limiter), _signals() as stop:
+            exit_code, message = await _plan_and_work(run, run_id, stop, metrics)
     except BaseExceptionGroup as group:
         error = _single_error(group)
         if isinstance(error, BulkDisconnectError):
@@ -194,10 +194,11 @@ async def _publish_metrics(metrics: RunMetrics, stats: RunStats, every: float) -
 
 
 async def _plan_and_work(
-    run: _Run, run_id: str, stopping: anyio.Event, metrics: RunMetrics | None
+    run: _Run, run_id: str, stop: _Stop, metrics: RunMetrics | None
 ) -> tuple[ExitCode, str]:
     config, store = run.config, run.store
     started = time.monotonic()
+    stopping = stop.requested
     counts = await _plan(run, run_id, stopping)
     if counts is None:
         return ExitCode.INTERRUPTED, "interrupted while planning; nothing was called"
@@ -212,7 +213,7 @@ async def _plan_and_work(
         concurrency=config.concurrency or "adaptive",
     )
     if counts.to_call:
-        await _work(run, run_id, stats, stopping, metrics)
+        await _work(run, run_id, stats, stop, metrics)
     job_counts = await store.counts(config.job)
     if metrics is not None:
         metrics.set_progress(pending=job_counts.get(None, 0), target_rate=stats.current_rate)
@@ -311,7 +312,7 @@ async def _work(
     run: _Run,
     run_id: str,
     stats: RunStats,
-    stopping: anyio.Event,
+    stop: _Stop,
     metrics: RunMetrics | None,
 ) -> None:
     """Call the API for every pending account; flush every outcome however this ends."""
@@ -338,7 +339,7 @@ async def _work(
             page_size=JOIN_PAGE_SIZE if config.join else PoolSettings.page_size,
         ),
         stats=stats,
-        stopping=stopping,
+        stopping=stop.requested,
         metrics=metrics,
     )
     error: BaseException | None = None
@@ -350,7 +351,7 @@ async def _work(
             if run.hooks.progress:
                 tg.start_soon(show_progress, stats)
             with anyio.CancelScope() as pool_scope:
-                tg.start_soon(_cancel_after_grace, stopping, pool_scope, config.grace)
+                tg.start_soon(_cancel_after_grace, stop, pool_scope, config.grace)
                 await pool.run()
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -368,12 +369,12 @@ async def _work(
         raise error
 
 
-async def _cancel_after_grace(
-    stopping: anyio.Event, scope: anyio.CancelScope, grace: float
-) -> None:
-    """After a stop signal, give in-flight requests `grace` seconds, then cancel them."""
-    await stopping.wait()
-    await anyio.sleep(grace)
+async def _cancel_after_grace(stop: _Stop, scope: anyio.CancelScope, grace: float) -> None:
+    """After a stop signal, give in-flight requests `grace` seconds (or until a second signal),
+    then cancel them."""
+    await stop.requested.wait()
+    with anyio.move_on_after(grace):
+        await stop.hurry.wait()
     scope.cancel()
 
 
@@ -442,21 +443,35 @@ async def _lease(
         )
 
 
+@dataclass(frozen=True)
+class _Stop:
+    """What SIGINT/SIGTERM asked for: the first stops intake, the second cancels what is in
+    flight at once (the run still flushes and prints its summary)."""
+
+    requested: anyio.Event
+    hurry: anyio.Event
+
+
 @asynccontextmanager
-async def _signals() -> AsyncIterator[anyio.Event]:
-    """An event set by the first SIGINT/SIGTERM; a second one stops at once."""
-    stopping = anyio.Event()
+async def _signals() -> AsyncIterator[_Stop]:
+    """Watch SIGINT/SIGTERM for the body; a third signal abandons the body altogether."""
+    stop = _Stop(requested=anyio.Event(), hurry=anyio.Event())
 
     async def watch(scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                if stopping.is_set():
+                name = signal.Signals(signum).name
+                if stop.hurry.is_set():
                     scope.cancel()
                     return
-                log.warning("bulkdisconnect.stopping", signal=signal.Signals(signum).name)
-                stopping.set()
+                if stop.requested.is_set():
+                    log.warning("bulkdisconnect.stopping.now", signal=name)
+                    stop.hurry.set()
+                    continue
+                log.warning("bulkdisconnect.stopping", signal=name)
+                stop.requested.set()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch, tg.cancel_scope)
-        yield stopping
+        yield stop
         tg.cancel_scope.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -77,6 +78,7 @@ class Pool:
         self._stats = stats
         self._stopping = stopping
         self._metrics = metrics
+        self._waiting: set[anyio.CancelScope] = set()  # workers waiting at a meter
         # A fixed --concurrency is enforced by the number of workers alone; an adaptive one
         # by a resizable limiter in front of the request, below MAX_CONCURRENCY workers.
         self._tuner: ConcurrencyTuner | None = None
@@ -98,6 +100,7 @@ class Pool:
         # with an adaptive one it holds no request slot.
         workers = self._settings.concurrency or MAX_CONCURRENCY
         async with anyio.create_task_group() as outer:
+            outer.start_soon(self._stop_waiting)
             if self._tuner is not None:
                 outer.start_soon(self._tune, self._tuner)
             claims = _Claims(
@@ -146,16 +149,11 @@ class Pool:
         stats = self._stats
         first_attempt_at = time.time()
         attempts = 0
-        in_flight, pacer, limiter = self._in_flight, self._pacer, self._limiter
+        in_flight = self._in_flight
         while True:
-            # Plain awaits rather than three nested `async with`: this runs once per request.
-            if in_flight is not None:
-                await in_flight.acquire()
+            if not await self._admit():  # stopped before this attempt went out: stays pending
+                return None
             try:
-                if pacer.current < pacer.cap:
-                    await pacer.wait()
-                if not limiter.try_acquire():
-                    await limiter.acquire()
                 stats.requests += 1
                 sent = time.monotonic()
                 answer = await self._client.disconnect(account_id, key)
@@ -198,6 +196,48 @@ class Pool:
                 )
             if not await self._back_off(account_id, answer, attempts):
                 return None
+
+    async def _admit(self) -> bool:
+        """Wait for a request slot, the pacer and a rate token, in that order.
+
+        False, holding nothing, when the run stops first: a worker still waiting at a meter
+        has sent nothing, and must not send once a stop is asked for. Only the slow paths
+        (an actual wait) pay for a cancel scope; this runs once per request.
+        """
+        in_flight = self._in_flight
+        if in_flight is not None:
+            try:
+                in_flight.acquire_nowait()
+            except anyio.WouldBlock:
+                if not await self._unless_stopped(in_flight.acquire):
+                    return False
+        pacer, limiter = self._pacer, self._limiter
+        admitted = (
+            (pacer.current >= pacer.cap or await self._unless_stopped(pacer.wait))
+            and (limiter.try_acquire() or await self._unless_stopped(limiter.acquire))
+            and not self._stopping.is_set()
+        )
+        if not admitted and in_flight is not None:
+            in_flight.release()
+        return admitted
+
+    async def _unless_stopped(self, wait: Callable[[], Awaitable[None]]) -> bool:
+        """Await `wait()` unless the run stops first; True if it completed."""
+        if self._stopping.is_set():
+            return False
+        with anyio.CancelScope() as scope:
+            self._waiting.add(scope)
+            try:
+                await wait()
+            finally:
+                self._waiting.discard(scope)
+        return not scope.cancelled_caught
+
+    async def _stop_waiting(self) -> None:
+        """Once a stop is asked for, wake every worker still waiting at a meter."""
+        await self._stopping.wait()
+        for scope in list(self._waiting):
+            scope.cancel()
 
     async def _back_off(self, account_id: str, answer: Answer, attempts: int) -> bool:
         """Wait before the next attempt; False if the run stopped meanwhile."""

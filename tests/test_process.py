@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -191,3 +194,77 @@ def test_the_key_appears_nowhere(ws: Workspace, sandbox: SandboxThread) -> None:
     assert all(API_KEY not in t for t in texts)
     assert API_KEY.encode() not in stored
     assert API_KEY[8:].encode() not in stored
+
+
+@pytest.mark.parametrize("concurrency", [[], ["--concurrency", "8"]], ids=["adaptive", "fixed"])
+def test_a_stop_signal_sends_nothing_more(
+    ws: Workspace, sandbox: SandboxThread, concurrency: list[str]
+) -> None:
+    """After SIGINT no new request goes out: workers waiting at a meter give up their turn.
+
+    At --rate 4 requests leave every 250 ms, so at most one can be on its way while the
+    signal is sent; the old behaviour let every waiting worker send (one per slot, for the
+    whole --grace).
+    """
+    ids = ws.ids(200)
+    ws.write("ids.txt", ids)
+    sandbox.sandbox.configure(latency_ms=600)
+    proc = ws.spawn("run", "--input", "ids.txt", "--rate", "4", *concurrency, *FAST)
+    wait_for(lambda: len(sandbox.sandbox.journal_snapshot()) >= 4)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 3, stderr
+    journal = sandbox.sandbox.journal_snapshot()
+    after = [e for e in journal if e.at > signalled]
+    assert len(after) <= 1, f"{len(after)} requests reached the server after the signal"
+    # What was on the wire got its answer recorded; the rest stays pending for a rerun.
+    outcomes = ws.outcomes("ids")
+    assert {e.account_id for e in journal if e.status == 200} == {
+        a for a, o in outcomes.items() if o == "disconnected"
+    }
+    assert sum(o is None for o in outcomes.values()) == 200 - len(journal)
+    assert "run of job ids ended with exit code 3" in stdout
+
+
+def test_a_second_signal_cancels_in_flight_and_still_prints_the_summary(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """A second SIGINT does not wait out --grace: in-flight requests are dropped (their
+    accounts stay pending), the summary is printed, and the run exits 3."""
+    ids = ws.ids(50)
+    ws.write("ids.txt", ids)
+    sandbox.sandbox.configure(p_hang=1.0, hang_seconds=30.0)  # journaled on arrival
+    log = ws.root / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bulkdisconnect",
+                "run",
+                "--input",
+                "ids.txt",
+                "--rate",
+                "50",
+                "--concurrency",
+                "5",
+                "--grace",
+                "60",
+                *FAST,
+            ],
+            cwd=ws.root,
+            env={**os.environ, **ws.env()},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        wait_for(lambda: len(sandbox.sandbox.journal_snapshot()) >= 5)
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "bulkdisconnect.stopping" in log.read_text())
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 3, log.read_text()
+    assert "run of job ids ended with exit code 3" in stdout
+    assert len(sandbox.sandbox.journal_snapshot()) == 5
+    assert set(ws.outcomes("ids").values()) == {None}
