@@ -60,6 +60,42 @@ def test_sql_source_disconnects_what_the_query_yields(
     assert ws.outcomes("purge") == dict.fromkeys(ids[0::2], "disconnected")
 
 
+def test_sql_source_reads_the_account_id_column_not_the_first(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """A query returning another fca_ column first disconnects the account_id column's
+    accounts; with no such column and several to choose from, it exits 2 calling nothing."""
+    ids = ws.ids(6)
+    url = make_sqlite(ws, ids)
+    query = "SELECT 'fca_other' || id AS old_account_id, fca AS account_id FROM bank ORDER BY id"
+    result = ws.run("run", "--db", url, "--query", query, "--job", "pick", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert disconnects(sandbox) == ids
+    ambiguous = "SELECT 'fca_other' || id AS old_id, fca FROM bank"
+    refused = ws.run("run", "--db", url, "--query", ambiguous, "--job", "amb", *FAST)
+    assert refused.exit_code == 2
+    assert "(columns: old_id, fca)" in refused.stderr
+    assert "--column" in refused.stderr
+    assert disconnects(sandbox) == ids
+
+
+def test_an_empty_id_is_recorded_invalid_in_every_source(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """An empty or NULL ID in a SQL row, or an empty CSV cell, is recorded invalid_id (shown
+    empty) and the rest of the job runs; the run exits 1."""
+    ids = ws.ids(4)
+    url = make_sqlite(ws, ids)
+    with sqlite3.connect(ws.root / "app.db") as db:
+        db.execute("INSERT INTO bank (fca, offboarded_days) VALUES (NULL, 1), ('', 1)")
+    sql = ws.run("run", "--db", url, "--query", "SELECT fca FROM bank", "--job", "s", *FAST)
+    (ws.root / "ids.csv").write_text(f"account_id,n\n{ids[0]},1\n,2\n")
+    csv = ws.run("run", "--input", "ids.csv", "--job", "c", *FAST)
+    for job, result, good in (("s", sql, ids), ("c", csv, ids[:1])):
+        assert result.exit_code == 1, result.stderr
+        assert ws.outcomes(job) == {**dict.fromkeys(good, "disconnected"), "": "invalid_id"}
+
+
 @pytest.fixture
 def pg_table() -> Iterator[str]:
     """A uniquely named PostgreSQL table, dropped afterwards."""

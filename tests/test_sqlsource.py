@@ -131,7 +131,7 @@ async def test_a_named_column_is_read_among_several(db: tuple[str, str]) -> None
     url, t = db
     query = f"SELECT id, offboarded_at AS note, account_id FROM {t} ORDER BY id"
     assert await read(url, query, column="account_id") == [v.strip() for _, v, _ in ROWS]
-    with pytest.raises(UsageError, match=r"no column 'acct' \(id, note, account_id\)"):
+    with pytest.raises(UsageError, match=r"no column 'acct' \(columns: id, note, account_id\)"):
         await read(url, query, column="acct")
 
 
@@ -157,16 +157,59 @@ async def test_a_query_cannot_write(db: tuple[str, str]) -> None:
 
 
 @pytest.mark.anyio
-async def test_null_and_non_text_values_are_input_errors(db: tuple[str, str]) -> None:
-    """A NULL or a number where an ID belongs stops the read naming the row."""
+async def test_null_and_empty_values_are_read_as_empty_ids(db: tuple[str, str]) -> None:
+    """A NULL or blank ID is read as an empty value (recorded invalid_id), not a stop."""
     url, _ = db
-    rows = "SELECT 'fca_1' AS a, 1 AS n UNION ALL SELECT NULL, 2 UNION ALL SELECT 'fca_3', 3"
-    query = f"SELECT a, n FROM ({rows}) AS r ORDER BY n"
-    with pytest.raises(InputError, match=r"row 2: NULL account ID$") as null:
-        await read(url, query)
-    assert type(null.value) is InputError
+    rows = (
+        "SELECT 'fca_1' AS account_id, 1 AS n UNION ALL SELECT NULL, 2 "
+        "UNION ALL SELECT '  ', 3 UNION ALL SELECT 'fca_4', 4"
+    )
+    query = f"SELECT account_id, n FROM ({rows}) AS r ORDER BY n"
+    assert await read(url, query) == ["fca_1", "", "", "fca_4"]
+
+
+@pytest.mark.anyio
+async def test_non_text_values_are_input_errors(db: tuple[str, str]) -> None:
+    """A number where an ID belongs stops the read naming the row."""
+    url, _ = db
+    query = "SELECT 1 AS n"
     with pytest.raises(InputError, match=r"row 1: account ID is int 1, not text"):
-        await read(url, query, column="n")
+        await read(url, query)
+
+
+@pytest.mark.anyio
+async def test_the_account_id_column_is_read_wherever_it_stands(db: tuple[str, str]) -> None:
+    """Without --column the column named account_id is read, not the first one."""
+    url, t = db
+    query = f"SELECT 'fca_other' || id AS customer, account_id FROM {t} ORDER BY id"
+    assert await read(url, query) == [r[1].strip() for r in ROWS]
+
+
+@pytest.mark.anyio
+async def test_a_single_column_is_read_whatever_its_name(db: tuple[str, str]) -> None:
+    """A query returning one column needs no --column."""
+    url, t = db
+    assert await read(url, f"SELECT account_id AS acct FROM {t} ORDER BY id") == [
+        r[1].strip() for r in ROWS
+    ]
+
+
+@pytest.mark.anyio
+async def test_several_columns_without_account_id_ask_for_column(db: tuple[str, str]) -> None:
+    """Several columns, none named account_id: exit 2 listing them and asking for --column."""
+    url, t = db
+    query = f"SELECT account_id AS old_account_id, account_id AS new_id FROM {t}"
+    with pytest.raises(UsageError, match=r"\(columns: old_account_id, new_id\).*--column NAME"):
+        await read(url, query)
+
+
+@pytest.mark.anyio
+async def test_a_column_differing_in_case_gets_a_hint(db: tuple[str, str]) -> None:
+    """A query column named Account_ID is pointed at, not guessed."""
+    url, t = db
+    query = f'SELECT account_id AS "Account_ID", id FROM {t}'
+    with pytest.raises(UsageError, match="did you mean --column 'Account_ID'"):
+        await read(url, query)
 
 
 @pytest.mark.anyio

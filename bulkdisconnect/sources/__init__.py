@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from bulkdisconnect.errors import InputError
 from bulkdisconnect.model import Settled
 
 if TYPE_CHECKING:
@@ -21,6 +22,40 @@ if TYPE_CHECKING:
     from bulkdisconnect.config import RunConfig
     from bulkdisconnect.limiter import RateLimiter
     from bulkdisconnect.retry import RetryPolicy
+
+
+# The column (CSV), field (JSONL) or query column read when --column does not name one.
+DEFAULT_COLUMN = "account_id"
+
+
+def choose_column(names: Sequence[str], column: str | None, *, where: str) -> int:
+    """The index of the column holding account IDs among `names`.
+
+    `column` when given; else the one named `account_id`; else the only one. Anything else is
+    ambiguous, and guessing could disconnect the wrong accounts (another column of `fca_`
+    IDs): ask for --column, listing the columns.
+    """
+    shown = ", ".join(name[:40] for name in names[:20]) + (", ..." if len(names) > 20 else "")
+    if column is not None:
+        if column in names:
+            return list(names).index(column)
+        raise InputError(
+            f"{where}: no column {column!r} (columns: {shown}){case_hint(column, names)}"
+        )
+    if DEFAULT_COLUMN in names:
+        return list(names).index(DEFAULT_COLUMN)
+    if len(names) == 1:
+        return 0
+    raise InputError(
+        f"{where}: no column named {DEFAULT_COLUMN!r} (columns: {shown})"
+        f"{case_hint(DEFAULT_COLUMN, names)}; pick the one holding account IDs with --column NAME"
+    )
+
+
+def case_hint(wanted: str, names: Sequence[str]) -> str:
+    """' (did you mean --column X?)' when a name differs from `wanted` only in case."""
+    close = [name for name in names if name.casefold() == wanted.casefold()]
+    return f"; did you mean --column {close[0]!r}?" if close else ""
 
 
 class Source(Protocol):

@@ -25,8 +25,8 @@ import anyio.to_thread
 
 from bulkdisconnect.errors import InputError
 from bulkdisconnect.model import ACCOUNT_ID_PATTERN
+from bulkdisconnect.sources import DEFAULT_COLUMN, case_hint, choose_column
 
-DEFAULT_FIELD = "account_id"
 # Bounds the memory one line can take; an ID row is ~30 bytes, so only junk comes near it.
 MAX_LINE_BYTES = 1 << 20
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
@@ -106,7 +106,7 @@ def _txt_format(path: str, column: str | None, compressed: bool) -> Parser:
 
 
 def _jsonl_format(path: str, column: str | None, compressed: bool) -> Parser:
-    return functools.partial(_jsonl_values, field=column or DEFAULT_FIELD)
+    return functools.partial(_jsonl_values, field=column or DEFAULT_COLUMN)
 
 
 def _csv_format(path: str, column: str | None, compressed: bool) -> Parser:
@@ -116,25 +116,11 @@ def _csv_format(path: str, column: str | None, compressed: bool) -> Parser:
     if header is None:  # an empty file: nothing to read, nothing to resolve
         return functools.partial(_csv_values, index=0, label="value", skip_header=False)
     header = [cell.strip() for cell in header]
-    columns = ", ".join(cell[:40] for cell in header[:20]) + (", ..." if len(header) > 20 else "")
-    if column is not None:
-        if column not in header:
-            raise InputError(f"{path}: no column {column!r} (columns: {columns})")
-        name = column
-    elif DEFAULT_FIELD in header:
-        name = DEFAULT_FIELD
-    elif len(header) == 1:
-        if ACCOUNT_ID_PATTERN.fullmatch(header[0]):  # no header row: the first row is data
-            return functools.partial(_csv_values, index=0, label="value", skip_header=False)
-        name = header[0]
-    else:
-        raise InputError(
-            f"{path}: no column named {DEFAULT_FIELD!r} (columns: {columns});"
-            " pick the one holding account IDs with --column NAME"
-        )
-    return functools.partial(
-        _csv_values, index=header.index(name), label=_clip(name), skip_header=True
-    )
+    if column is None and len(header) == 1 and ACCOUNT_ID_PATTERN.fullmatch(header[0]):
+        # A single column whose first cell is an account ID: no header row, that is data.
+        return functools.partial(_csv_values, index=0, label="value", skip_header=False)
+    index = choose_column(header, column, where=path)
+    return functools.partial(_csv_values, index=index, label=_clip(header[index]), skip_header=True)
 
 
 FORMATS: dict[str, Callable[[str, str | None, bool], Parser]] = {
@@ -166,13 +152,13 @@ def _csv_values(
         if skip_header:
             _first_row(reader)
         for row in reader:
-            value = row[index].strip() if index < len(row) else ""
-            if value:
-                yield value
+            if index < len(row):
+                # An empty cell in a row with others filled is an ID that is missing: it is
+                # recorded invalid_id (shown empty), as in every source.
+                if (value := row[index].strip()) or any(cell.strip() for cell in row):
+                    yield value
             elif any(cell.strip() for cell in row):
                 where = f"{description} line {reader.line_num}"
-                if index < len(row):
-                    raise InputError(f"{where}: empty {label}")
                 raise InputError(f"{where}: {len(row)} cell(s), but {label} is cell {index + 1}")
     except csv.Error as exc:
         raise InputError(f"{description} line {reader.line_num}: bad CSV ({exc})") from None
@@ -195,17 +181,18 @@ def _jsonl_values(lines: Iterator[bytes], description: str, *, field: str) -> It
                 f"{description} line {lineno}: not valid JSON ({reason}): {_clip(text.strip())}"
             ) from None
         value = obj.get(field) if isinstance(obj, dict) else None
-        if not isinstance(value, str):
-            where = f"{description} line {lineno}"
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object, got {_json_type(obj)}")
-            if field not in obj:
-                raise InputError(f"{where}: no {field!r} field")
-            raise InputError(f"{where}: {field!r} is {_json_type(value)}, expected a string")
-        value = value.strip()
-        if not value:
-            raise InputError(f"{description} line {lineno}: empty {field!r}")
-        yield value
+        if isinstance(value, str):
+            yield value.strip()  # empty: recorded invalid_id, as in every source
+            continue
+        where = f"{description} line {lineno}"
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object, got {_json_type(obj)}")
+        if field not in obj:
+            raise InputError(f"{where}: no {field!r} field{case_hint(field, list(obj))}")
+        if value is None:
+            yield ""  # null: an ID that is missing, like an empty one
+            continue
+        raise InputError(f"{where}: {field!r} is {_json_type(value)}, expected a string")
 
 
 def _open_file(path: str, compressed: bool) -> _LineReader:

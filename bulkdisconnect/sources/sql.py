@@ -23,6 +23,7 @@ import anyio
 import anyio.to_thread
 
 from bulkdisconnect.errors import InputError, UsageError
+from bulkdisconnect.sources import choose_column
 
 SCHEMES = ("sqlite", "postgresql", "postgres")
 CONNECT_TIMEOUT = 10.0  # seconds: an unreachable server fails the check instead of hanging
@@ -134,28 +135,20 @@ class SqlSource(abc.ABC):
                 row += len(values)
 
     def _account_id(self, value: object, row: int) -> str:
-        if isinstance(value, str) and (trimmed := value.strip()):
-            return trimmed
-        where = f"{self.description} row {row}"
-        if value is None:
-            raise InputError(f"{where}: NULL account ID")
         if isinstance(value, str):
-            raise InputError(f"{where}: empty account ID")
+            return value.strip()  # empty: recorded invalid_id, as in every source
+        if value is None:
+            return ""  # NULL: an ID that is missing, like an empty one
         shown = repr(value)[:40] + ("..." if len(repr(value)) > 40 else "")
         raise InputError(
-            f"{where}: account ID is {type(value).__name__} {shown}, not text;"
-            " select a text column (or cast it to text)"
+            f"{self.description} row {row}: account ID is {type(value).__name__} {shown},"
+            " not text; select a text column (or cast it to text)"
         )
 
     def _column_index(self, names: Sequence[str]) -> int:
         if not names:
             raise UsageError(f"query on {self.description} returns no columns; select the IDs")
-        if self.column is None:
-            return 0
-        if self.column in names:
-            return list(names).index(self.column)
-        columns = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-        raise UsageError(f"query on {self.description} has no column {self.column!r} ({columns})")
+        return choose_column(names, self.column, where=f"query on {self.description}")
 
     @contextlib.contextmanager
     def _errors(self, kinds: tuple[type[Exception], ...]) -> Iterator[None]:
