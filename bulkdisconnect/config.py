@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from bulkdisconnect.client import STRIPE_VERSION
 from bulkdisconnect.errors import UsageError
 from bulkdisconnect.model import CUSTOMER_ID_PATTERN
+from bulkdisconnect.sources.files import takes_column
 from bulkdisconnect.sources.sql import mask_url
 from bulkdisconnect.store import is_shared_location
 
@@ -115,6 +116,11 @@ class RunConfig:
 class _Value:
     value: Any
     origin: str  # "--rate", "rate in jobs/x.toml", "STRIPE_API_BASE"
+
+    @property
+    def from_flag(self) -> bool:
+        """Whether the command line gave this value."""
+        return self.origin.startswith("--")
 
     def fail(self, problem: str) -> UsageError:
         return UsageError(f"{self.origin} {problem}")
@@ -312,6 +318,7 @@ def build_run_config(
     for name, value in flags.items():
         if value is not None and value != ():  # repeatable flags give () when absent
             raw[name] = _Value(value, f"--{name.replace('_', '-')}")
+    _drop_job_file_column(raw)
 
     parsed: dict[str, Any] = {}
     for name, (parse, default) in FIELDS.items():
@@ -329,6 +336,16 @@ def build_run_config(
             "(several processes cannot share a SQLite file)"
         )
     return RunConfig(**{**parsed, "job": job, "state": state, "api_key": api_key})
+
+
+def _drop_job_file_column(raw: dict[str, _Value]) -> None:
+    """A job file's `column` is for its own input: an --input without columns (.txt, stdin)
+    given on the command line overrides both. A --column flag there stays an error."""
+    column, input_ = raw.get("column"), raw.get("input")
+    if column is None or input_ is None or column.from_flag or not input_.from_flag:
+        return
+    if not isinstance(input_.value, str) or not takes_column(input_.value):
+        del raw["column"]
 
 
 def _check_one_source(parsed: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from bulkdisconnect.model import idempotency_key
 from bulkdisconnect.sandbox import SandboxThread, max_concurrent, max_in_window
@@ -398,3 +399,19 @@ def test_every_command_has_help(ws: Workspace) -> None:
         result = ws.run(*command, "--help")
         assert result.exit_code == 0
         assert "Usage" in result.stdout
+
+
+def test_a_job_files_column_does_not_apply_to_a_txt_input_from_the_command_line(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """The shipped example (column = "account_id") runs with --input other.txt; a --column
+    flag with a .txt input stays an error."""
+    example = Path(__file__).parent.parent / "jobs" / "example.toml"
+    ids = ws.ids(3)
+    ws.write("other.txt", ids)
+    result = ws.run("run", str(example), "--input", "other.txt", "--rate", "1000", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert ws.outcomes("example") == dict.fromkeys(ids, "disconnected")
+    flagged = ws.run("run", "--input", "other.txt", "--column", "account_id", *FAST)
+    assert flagged.exit_code == 2
+    assert "--column applies only to .csv and .jsonl inputs" in flagged.stderr

@@ -99,6 +99,12 @@ def open_source(
     return StreamSource(path, parse, functools.partial(_open_file, path, compressed), owned=True)
 
 
+def takes_column(path: str) -> bool:
+    """Whether an input's format has columns or fields to pick from (.csv, .jsonl)."""
+    name = PurePath(path).name.lower().removesuffix(".gz")
+    return FORMATS.get(PurePath(name).suffix) in (_csv_format, _jsonl_format)
+
+
 def _txt_format(path: str, column: str | None, compressed: bool) -> Parser:
     if column is not None:
         raise InputError(f"{path}: --column applies only to .csv and .jsonl inputs")
