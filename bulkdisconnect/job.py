@@ -56,6 +56,26 @@ class RunHooks:
     confirm: Callable[[str], bool] | None = None
 
 
+class _CustomerBook:
+    """The customers a plan lists: skipped when an earlier plan of the job listed them,
+    recorded as listed once this plan is merged (`store` is set once it is open)."""
+
+    def __init__(self, job: str) -> None:
+        self.job = job
+        self.store: Store | None = None
+        self.listed: list[str] = []
+        self.skipped = 0
+
+    async def was_listed(self, customer: str) -> bool:
+        assert self.store is not None, "the store opens before the source is read"
+        listed = await self.store.customer_listed(self.job, customer)
+        self.skipped += listed
+        return listed
+
+    async def add(self, customer: str) -> None:
+        self.listed.append(customer)
+
+
 @dataclass
 class _Run:
     """What the phases of one run share."""
@@ -66,33 +86,32 @@ class _Run:
     client: StripeClient | None
     limiter: RateLimiter
     source: Source
-    listed: list[str]  # customers listed by this plan, recorded once it is merged
+    customers: _CustomerBook
 
 
 async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
-    """Run the job once and return its exit code; raises BulkDisconnectError for 2, 4 and 5."""
-    store = await open_store(config.state)
-    try:
-        async with _client(config) as client:
-            limiter = RateLimiter(config.rate)  # list calls and disconnects share it
-            listed: list[str] = []
+    """Run the job once and return its exit code; raises BulkDisconnectError for 2, 4 and 5.
 
-            async def skip_customer(customer: str) -> bool:
-                return await store.customer_listed(config.job, customer)
-
-            async def customer_listed(customer: str) -> None:
-                listed.append(customer)  # recorded once the plan is merged
-
-            source = open_run_source(
-                config,
-                stdin=hooks.stdin,
-                client=client,
-                limiter=limiter,
-                policy=_retry_policy(config),
-                skip_customer=skip_customer,
-                customer_listed=customer_listed,
-            )
-            run = _Run(config, hooks, store, client, limiter, source, listed)
+    The source is opened and checked before the store: a run refused for its input or its
+    configuration leaves no store behind, and a dry run writes none.
+    """
+    async with _client(config) as client:
+        limiter = RateLimiter(config.rate)  # list calls and disconnects share it
+        customers = _CustomerBook(config.job)
+        source = open_run_source(
+            config,
+            stdin=hooks.stdin,
+            client=client,
+            limiter=limiter,
+            policy=_retry_policy(config),
+            skip_customer=customers.was_listed,
+            customer_listed=customers.add,
+        )
+        await source.check()
+        store = await open_store(config.state, create=not config.dry_run)
+        customers.store = store
+        try:
+            run = _Run(config, hooks, store, client, limiter, source, customers)
             if config.dry_run:
                 counts = await plan_input(
                     store,
@@ -102,6 +121,7 @@ async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
                     dry_run=True,
                 )
                 hooks.out.write(format_plan(config.job, counts, dry_run=True))
+                _warn_if_empty(run, counts)
                 return ExitCode.OK
             # The run ID names the lock holder, and marks the accounts this run claims.
             run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
@@ -117,9 +137,18 @@ async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
             finally:
                 with anyio.CancelScope(shield=True):
                     await store.release_lock(config.job, run_id)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await store.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.aclose()
+
+
+def _warn_if_empty(run: _Run, counts: PlanCounts) -> None:
+    """Say so when the source yielded nothing: an empty export or a query matching no row is
+    more often a mistake than a job with nothing to do."""
+    if counts.read or run.customers.skipped:  # customers listed before: nothing new, rightly
+        return
+    run.hooks.out.write(f"0 accounts read from {run.source.description}\n")
+    log.warning("bulkdisconnect.empty_source", job=run.config.job, source=run.source.description)
 
 
 @asynccontextmanager
@@ -285,9 +314,10 @@ async def _plan_input(run: _Run, stopping: anyio.Event) -> PlanCounts | None:
         await store.discard_staged()
         raise
     await store.commit_staged(config.job, retry_failed=config.retry_failed)
-    for customer in run.listed:
+    for customer in run.customers.listed:
         await store.mark_customer_listed(config.job, customer)
     run.hooks.out.write(format_plan(config.job, counts, dry_run=False))
+    _warn_if_empty(run, counts)
     return counts
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sqlite3
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -314,7 +315,35 @@ def test_dry_run_calls_nothing_and_writes_nothing(ws: Workspace, sandbox: Sandbo
     assert result.exit_code == 0, result.stderr
     assert "read 10, invalid 1, duplicates 1, already done 0, to call 8" in result.stdout
     assert sandbox.sandbox.journal_snapshot() == []
-    assert ws.outcomes("ids") == {}
+    assert not (ws.root / "state").exists()
+
+
+def test_a_run_refused_before_planning_leaves_no_store(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """A missing input, an unusable SQL query or a missing key exits 2 and creates no store."""
+    ws.write("ids.txt", ws.ids(2))
+    assert ws.run("run", "--input", "nope.txt", *FAST).exit_code == 2
+    db = ws.root / "app.db"
+    sqlite3.connect(db).close()
+    url = f"sqlite:///{db}"
+    for query in ("SELECT x FROM missing_table", "SELECT 'fca_1' AS a, 'fca_2' AS b"):
+        assert ws.run("run", "--db", url, "--query", query, "--job", "q", *FAST).exit_code == 2
+    assert (
+        ws.run("run", "--input", "ids.txt", *FAST, env={"STRIPE_API_BASE": ws.api_base}).exit_code
+        == 2
+    )
+    assert not (ws.root / "state").exists()
+    assert sandbox.sandbox.journal_snapshot() == []
+
+
+def test_an_empty_source_says_so(ws: Workspace, sandbox: SandboxThread) -> None:
+    """An input with no account ID finishes 0 but says `0 accounts read` and warns."""
+    ws.write("ids.txt", [])
+    result = ws.run("run", "--input", "ids.txt", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "0 accounts read from ids.txt" in result.stdout
+    assert "bulkdisconnect.empty_source" in result.stderr
 
 
 def test_malformed_row_is_a_clear_error_with_nothing_called(

@@ -153,7 +153,7 @@ def test_a_broken_query_is_exit_2_before_any_call(ws: Workspace, sandbox: Sandbo
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert sandbox.sandbox.journal_snapshot() == []
-    assert ws.outcomes("purge") == {}
+    assert not ws.state("purge").exists()
 
 
 def test_max_accounts_refuses_a_large_plan_and_leaves_the_job_untouched(
@@ -196,7 +196,7 @@ def test_plan_reads_everything_and_disconnects_nothing(
     assert result.exit_code == 0, result.stderr
     assert "read 8, invalid 1, duplicates 1, already done 0, to call 6" in result.stdout
     assert sandbox.sandbox.journal_snapshot() == []
-    assert ws.outcomes("ids") == {}
+    assert not ws.state("ids").exists()
 
 
 def test_customers_source_lists_and_disconnects_and_is_resumable(

@@ -67,6 +67,10 @@ class Source(Protocol):
 
     description: str
 
+    async def check(self) -> None:
+        """Check what can be checked before the store is touched; UsageError if it fails."""
+        ...
+
     def chunks(self, size: int = 1000) -> AsyncIterator[Sequence[str | Settled]]:
         """Yield sequences of 1 to `size` values; raise InputError naming a malformed row."""
         ...

@@ -64,6 +64,9 @@ class CustomersSource:
         self._skip = skip
         self._listed = listed
 
+    async def check(self) -> None:
+        """Nothing to check before listing: the customer IDs were checked when given."""
+
     async def chunks(self, size: int = 1000) -> AsyncIterator[Sequence[str | Settled]]:
         """Yield lists of 1 to `size` accounts (IDs, or `Settled` when already disconnected)."""
         if size < 1:

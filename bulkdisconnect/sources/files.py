@@ -52,6 +52,9 @@ class StreamSource:
         self.open = open_
         self.owned = owned
 
+    async def check(self) -> None:
+        """Nothing more to check: `open_source` checked the file and its header."""
+
     async def chunks(self, size: int = 1000) -> AsyncIterator[list[str]]:
         """Yield lists of up to `size` values; an owned file is closed however iteration ends."""
         if size < 1:

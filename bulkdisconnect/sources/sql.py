@@ -176,9 +176,21 @@ class SqliteSource(SqlSource):
         self.path = Path(path)
 
     async def check(self) -> None:
-        """Connect and EXPLAIN the query (the column is resolved when the rows are read)."""
+        """Connect, EXPLAIN the query and resolve its column without reading a row."""
         async with self._cursor() as cursor:
             await anyio.to_thread.run_sync(self._execute, cursor, "EXPLAIN ")
+            names = await anyio.to_thread.run_sync(self._column_names, cursor)
+        if names is not None:
+            self._column_index(names)
+
+    def _column_names(self, cursor: sqlite3.Cursor) -> list[str] | None:
+        """The query's column names, from a LIMIT 0 wrapper (SQLite reads no row for it);
+        None if the query cannot be wrapped (a trailing `;`): resolved when read instead."""
+        try:
+            cursor.execute(f"SELECT * FROM (\n{self.query}\n) LIMIT 0", self.params)  # noqa: S608 - the user's own query, read-only
+        except _SQLITE_ERRORS:
+            return None
+        return [column[0] for column in cursor.description or ()]
 
     async def _values(self, size: int) -> AsyncGenerator[list[object], None]:
         async with self._cursor() as cursor:

@@ -163,12 +163,16 @@ def shown_location(location: str | Path) -> str:
     return mask_url(str(location)) if is_shared_location(location) else str(location)
 
 
-async def open_store(location: str | Path) -> Store:
-    """Open the store at a path or sqlite:/// URL, or a PostgreSQL URL; created if missing."""
+async def open_store(location: str | Path, *, create: bool = True) -> Store:
+    """Open the store at a path or sqlite:/// URL, or a PostgreSQL URL; created if missing.
+
+    With `create` false a missing SQLite file is not created: an empty store in memory
+    stands in for it (a dry run compares its input with nothing, and writes nothing).
+    """
     if is_shared_location(location):
         from bulkdisconnect.store.postgres import PostgresStore
 
         return await PostgresStore.open(str(location))
     from bulkdisconnect.store.sqlite import SQLiteStore
 
-    return await SQLiteStore.open(Path(str(location).removeprefix("sqlite:///")))
+    return await SQLiteStore.open(Path(str(location).removeprefix("sqlite:///")), create=create)

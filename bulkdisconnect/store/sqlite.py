@@ -118,9 +118,10 @@ class SQLiteStore:
         self._staged: _Staged | None = None  # what the staged input needs merged
 
     @classmethod
-    async def open(cls, path: Path) -> SQLiteStore:
-        """Open (creating if needed) the store file and its schema."""
-        return cls(await anyio.to_thread.run_sync(_connect, path), path)
+    async def open(cls, path: Path, *, create: bool = True) -> SQLiteStore:
+        """Open (creating if needed) the store file and its schema; without `create`, a
+        missing file is left alone and an empty store in memory stands in for it."""
+        return cls(await anyio.to_thread.run_sync(_connect, path, create), path)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn in a worker thread: for work that may take long (planning, reports)."""
@@ -490,8 +491,10 @@ class SQLiteStore:
 REPORT_PAGE = 5000
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, create: bool) -> sqlite3.Connection:
     try:
+        if not create and not path.exists():
+            path = Path(":memory:")
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout = 10000")
