@@ -27,6 +27,21 @@ class ExitCode(enum.IntEnum):
     LOCKED = 4  # another run holds this job's lock
     REFUSED = 5  # the API refused the run as a whole; fix the key/config and rerun
 
+    @property
+    def meaning(self) -> str:
+        """What happened, in the words a summary shows next to the number."""
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    ExitCode.OK: "every valid account disconnected or not found",
+    ExitCode.SOME_FAILED: "some accounts failed or were invalid",
+    ExitCode.USAGE: "usage, configuration or input error",
+    ExitCode.INTERRUPTED: "interrupted; a rerun resumes",
+    ExitCode.LOCKED: "another run holds the job, or this run lost its lease",
+    ExitCode.REFUSED: "the API refused the run",
+}
+
 
 class BulkDisconnectError(Exception):
     """Base of every error with an exit code."""

@@ -53,7 +53,7 @@ def format_summary(
     this_run = ", ".join(f"{o.value} {n}" for o, n in stats.outcomes.items())
     rate = stats.requests / elapsed if elapsed > 0 else 0.0
     lines = [
-        f"run of job {config.job} ended with exit code {int(exit_code)} ({exit_code.name})",
+        f"run of job {config.job} ended with exit code {int(exit_code)} ({exit_code.meaning})",
         f"  this run: {this_run}",
         (
             f"  requests {stats.requests} in {elapsed:.1f}s ({rate:.1f}/s, cap {config.rate:g}/s),"

@@ -79,6 +79,8 @@ def test_hostile_and_invalid_ids_are_recorded_but_never_sent(
     ws.write("ids.txt", ["fca_good1", *hostile, "fca_good2"])
     result = ws.run("run", "--input", "ids.txt", *FAST)
     assert result.exit_code == 1
+    # The summary names what happened (no account failed: some were invalid).
+    assert "exit code 1 (some accounts failed or were invalid)" in result.stdout
     outcomes = ws.outcomes("ids")
     assert {v: outcomes[v] for v in hostile} == dict.fromkeys(hostile, "invalid_id")
     paths = [e.path for e in sandbox.sandbox.journal_snapshot()]
