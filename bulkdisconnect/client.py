@@ -33,6 +33,9 @@ class Answer(NamedTuple):
     should_retry: bool | None = None  # Stripe-Should-Retry, when present
     rate_limited_reason: str | None = None  # Stripe-Rate-Limited-Reason, when present
     transport_error: str | None = None  # exception name for a failed exchange or bad body
+    # Why no connection could be made at all (refused, DNS, TLS, connect timeout), naming
+    # the host: a run whose requests all end here is misconfigured, not unlucky.
+    connect_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +96,7 @@ class StripeClient:
                 body = await response.read()
                 return _answer(response.status, response.headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return Answer(status=0, transport_error=type(exc).__name__)
+            return _failed_exchange(exc)
 
     async def list_accounts(
         self, customer: str, *, starting_after: str | None = None, limit: int = MAX_PAGE
@@ -112,7 +115,7 @@ class StripeClient:
                 body = await response.read()
                 answer = _answer(response.status, response.headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return ListAnswer(Answer(status=0, transport_error=type(exc).__name__))
+            return ListAnswer(_failed_exchange(exc))
         if answer.status != 200 or answer.transport_error is not None:
             return ListAnswer(answer)
         payload = _list_payload(body)
@@ -120,6 +123,14 @@ class StripeClient:
         if page is None:  # a 200 that is not a list of accounts: retried like an unreadable body
             return ListAnswer(answer._replace(transport_error="UnreadableBody"))
         return ListAnswer(answer, *page)
+
+
+def _failed_exchange(exc: BaseException) -> Answer:
+    """The answer for an exchange that raised: which exception, and why no connection if so."""
+    connect_error = None
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        connect_error = " ".join(str(exc).split()) or type(exc).__name__
+    return Answer(status=0, transport_error=type(exc).__name__, connect_error=connect_error)
 
 
 class _Body(msgspec.Struct):

@@ -7,6 +7,7 @@
     └── RunRefusedError            the API refused the run as a whole (exit 5)
         ├── AuthenticationError    401 / 403 / expired key: fix the key
         ├── WrongModeError         the key's mode (test/live) is not the accounts' mode
+        ├── UnreachableError       no connection to the API could be made at all
         └── BreakerTrippedError    most answers were failures or resource_missing
 
 Interruption by a signal is not an exception: the runner returns ExitCode.INTERRUPTED.
@@ -77,6 +78,10 @@ class AuthenticationError(RunRefusedError):
 
 class WrongModeError(RunRefusedError):
     """The key's mode (test/live) does not match the accounts' mode."""
+
+
+class UnreachableError(RunRefusedError):
+    """No request of the run ever reached the API (refused, DNS, TLS, connect timeout)."""
 
 
 class BreakerTrippedError(RunRefusedError):

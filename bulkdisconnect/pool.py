@@ -20,7 +20,12 @@ import structlog
 
 from bulkdisconnect.breaker import FailureBreaker
 from bulkdisconnect.client import Answer, StripeClient
-from bulkdisconnect.errors import AuthenticationError, BreakerTrippedError, WrongModeError
+from bulkdisconnect.errors import (
+    AuthenticationError,
+    BreakerTrippedError,
+    UnreachableError,
+    WrongModeError,
+)
 from bulkdisconnect.limiter import AdaptivePacer, ConcurrencyTuner, RateLimiter
 from bulkdisconnect.metrics import RunMetrics
 from bulkdisconnect.model import ItemResult, Outcome, RunStats, idempotency_key
@@ -79,6 +84,7 @@ class Pool:
         self._stopping = stopping
         self._metrics = metrics
         self._waiting: set[anyio.CancelScope] = set()  # workers waiting at a meter
+        self._reached = False  # whether any request of this run got an HTTP answer
         # A fixed --concurrency is enforced by the number of workers alone; an adaptive one
         # by a resizable limiter in front of the request, below MAX_CONCURRENCY workers.
         self._tuner: ConcurrencyTuner | None = None
@@ -182,6 +188,11 @@ class Pool:
             if answer.status == 429:
                 stats.rate_limited += 1
             if attempts >= policy.max_attempts:
+                if answer.connect_error is not None and not self._reached:
+                    raise UnreachableError(
+                        f"cannot reach the API: {answer.connect_error}; check --api-base "
+                        "(STRIPE_API_BASE), DNS, proxy and network; nothing was marked failed"
+                    )
                 _log_failure(account_id, answer, attempts)
                 return ItemResult(
                     account_id=account_id,
@@ -259,6 +270,8 @@ class Pool:
 
     def _observe(self, answer: Answer, latency: float) -> None:
         """Feed one answer to the meters: latency to the tuner and metrics, 429s to the pacer."""
+        if answer.status:
+            self._reached = True
         if self._tuner is not None:
             self._tuner.observe_latency(latency)
         if self._metrics is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import sqlite3
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -446,3 +447,18 @@ def test_a_job_files_column_does_not_apply_to_a_txt_input_from_the_command_line(
     flagged = ws.run("run", "--input", "other.txt", "--column", "account_id", *FAST)
     assert flagged.exit_code == 2
     assert "--column applies only to .csv and .jsonl inputs" in flagged.stderr
+
+
+def test_an_unreachable_api_is_a_configuration_error(ws: Workspace) -> None:
+    """Connection refused on every request: exit 5 naming the host, no account marked failed."""
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ids = ws.ids(30)
+    ws.write("ids.txt", ids)
+    env = ws.env(STRIPE_API_BASE=f"http://127.0.0.1:{port}")
+    result = ws.run("run", "--input", "ids.txt", "--rate", "1000", *FAST, env=env)
+    assert result.exit_code == 5, result.stderr
+    assert f"cannot reach the API: Cannot connect to host 127.0.0.1:{port}" in result.stderr
+    assert set(ws.outcomes("ids").values()) == {None}
+

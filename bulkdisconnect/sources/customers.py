@@ -156,6 +156,8 @@ def _refusal(customer: str, answer: Answer, action: Action) -> BulkDisconnectErr
 
 
 def _describe(answer: Answer) -> str:
+    if answer.connect_error is not None:
+        return f"cannot reach the API: {answer.connect_error}"
     code = answer.error_code or answer.error_type or answer.transport_error or "no code"
     text = f"HTTP {answer.status} {code}"
     return f"{text}: {answer.error_message}" if answer.error_message else text
