@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
@@ -15,7 +15,13 @@ import click
 from bulkdisconnect import __version__
 from bulkdisconnect.errors import BulkDisconnectError, ExitCode, UsageError
 
+if TYPE_CHECKING:
+    from bulkdisconnect.store import Store
+
 T = TypeVar("T")
+
+# Not stripe-mock's 12111, which users of Stripe's tooling often have running.
+SANDBOX_PORT = 12180
 
 
 def _run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -35,7 +41,9 @@ def main() -> None:
     """Disconnect Stripe Financial Connections accounts in bulk, resumably, within a rate limit."""
 
 
-_RUN_OPTIONS = [
+# Options a plan needs (the source, the job, and what listing customers through the API
+# takes); the same names as the job file's keys.
+_PLAN_OPTIONS = [
     click.argument("job_file", required=False, type=click.Path(path_type=Path)),
     click.option(
         "--input", "input_", metavar="PATH", help=".txt, .csv, .jsonl (optionally .gz); - = stdin."
@@ -55,24 +63,30 @@ _RUN_OPTIONS = [
         "--state", metavar="PATH|URL", help="SQLite file or postgresql://… [state/<job>.sqlite]."
     ),
     click.option(
-        "--join", is_flag=True, default=None, help="Work the job with other --join workers (PG)."
+        "--retry-failed", is_flag=True, default=None, help="Call the failed accounts again."
     ),
     click.option("--api-base", metavar="URL", help="[env STRIPE_API_BASE, else api.stripe.com]"),
     click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
     click.option("--stripe-account", metavar="ID", help="Send Stripe-Account (Connect)."),
     click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
     click.option("--rate", type=float, help="Max requests per second [20]."),
-    click.option("--concurrency", type=int, help="Max requests in flight [adapts to latency]."),
-    click.option("--max-attempts", type=int, help="Attempts per account, first included [5]."),
-    click.option("--dry-run", is_flag=True, default=None, help="Plan only: no disconnect."),
-    click.option("--retry-failed", is_flag=True, default=None, help="Retry accounts that failed."),
-    click.option("--yes", is_flag=True, default=None, help="Go ahead with a live key, no prompt."),
-    click.option("--max-accounts", type=int, help="Refuse if more accounts than this are to call."),
+    click.option("--max-attempts", type=int, help="Attempts per request, first included [5]."),
     click.option("--timeout", type=float, help="Total seconds per request [30]."),
     click.option("--connect-timeout", type=float, help="Seconds to connect [10]."),
-    click.option("--grace", type=float, help="Seconds in flight get after a stop signal [10]."),
     click.option("--retry-delay", type=float, help="First backoff delay in seconds [0.5]."),
     click.option("--retry-max-delay", type=float, help="Longest backoff delay in seconds [20]."),
+    click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto"),
+]
+# Options that only a run that disconnects uses.
+_RUN_ONLY_OPTIONS = [
+    click.option("--dry-run", is_flag=True, default=None, help="Plan only: no disconnect."),
+    click.option("--yes", is_flag=True, default=None, help="Go ahead with a live key, no prompt."),
+    click.option("--max-accounts", type=int, help="Refuse if more accounts than this are to call."),
+    click.option(
+        "--join", is_flag=True, default=None, help="Work the job with other --join workers (PG)."
+    ),
+    click.option("--concurrency", type=int, help="Max requests in flight [adapts to latency]."),
+    click.option("--grace", type=float, help="Seconds in flight get after a stop signal [10]."),
     click.option(
         "--breaker-min-sample", type=int, help="Answers before the breaker may trip [100]."
     ),
@@ -80,20 +94,40 @@ _RUN_OPTIONS = [
     click.option("--lock-stale-after", type=float, help="Seconds without heartbeat: stale [30]."),
     click.option("--metrics-file", metavar="PATH", help="Prometheus textfile (node_exporter)."),
     click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics here."),
-    click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto"),
     click.option("--progress/--no-progress", default=True, help="Progress bar or log lines."),
 ]
 
 
-def _run_options(command: Callable[..., None]) -> Callable[..., None]:
-    """The options `run` and `plan` share (the same names as the job file's keys)."""
-    for option in reversed(_RUN_OPTIONS):
-        command = option(command)
-    return command
+def _with(options: list[Callable[[Any], Any]]) -> Callable[[Callable[..., None]], Any]:
+    """Apply click options to a command, in the order listed."""
+
+    def decorate(command: Callable[..., None]) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
-@main.command()
-@_run_options
+_RUN_EPILOG = """\b
+Examples:
+  bulkdisconnect run --input offboarded.csv --job offboarding-2026-11 --rate 50
+  bulkdisconnect run jobs/retention-purge.toml --yes
+  bulkdisconnect run --db sqlite:///app.db --query "SELECT account_id FROM bank" --job purge
+
+\b
+Exit codes:
+  0  every valid account ended disconnected or not_found
+  1  finished; some accounts failed or were invalid (see report; --retry-failed)
+  2  usage, configuration or input error; nothing was called
+  3  interrupted by SIGINT/SIGTERM; a rerun resumes
+  4  another run holds the job, or this run lost its lease
+  5  the API refused the run (key, mode, breaker) or cannot be reached; nothing marked failed
+"""
+
+
+@main.command(epilog=_RUN_EPILOG)
+@_with(_PLAN_OPTIONS + _RUN_ONLY_OPTIONS)
 def run(
     job_file: Path | None, input_: str | None, log_format: str, progress: bool, **flags: Any
 ) -> None:
@@ -101,17 +135,22 @@ def run(
     _run_job(job_file, {**flags, "input": input_}, log_format=log_format, progress=progress)
 
 
-@main.command()
-@_run_options
-def plan(
-    job_file: Path | None, input_: str | None, log_format: str, progress: bool, **flags: Any
-) -> None:
+@main.command(
+    epilog="""\b
+Examples:
+  bulkdisconnect plan --input offboarded.csv --job offboarding-2026-11
+  bulkdisconnect plan jobs/retention-purge.toml
+  bulkdisconnect plan --customers offboarded-customers.txt --job offboarding
+"""
+)
+@_with(_PLAN_OPTIONS)
+def plan(job_file: Path | None, input_: str | None, log_format: str, **flags: Any) -> None:
     """Read the whole source and print the plan (same as run --dry-run): no disconnect.
 
     A customers source still makes its list calls.
     """
     flags = {**flags, "input": input_, "dry_run": True}
-    _run_job(job_file, flags, log_format=log_format, progress=progress)
+    _run_job(job_file, flags, log_format=log_format, progress=False)
 
 
 def _run_job(
@@ -138,18 +177,25 @@ def _run_job(
     sys.exit(int(_run_async(go)))
 
 
-def _state_for(job: str, state: str | None, *, must_exist: bool = True) -> Path | str:
+def _state_for(job: str, state: str | None) -> Path | str:
     from bulkdisconnect.config import JOB_NAME, resolve_state
 
     if not JOB_NAME.fullmatch(job):
         raise UsageError(f"--job must be letters, digits, '.', '_' or '-', got {job!r}")
     location = resolve_state(job, state)
-    if must_exist and isinstance(location, Path) and not location.is_file():
+    if isinstance(location, Path) and not location.is_file():
         raise UsageError(f"no state store at {location}: has job {job!r} ever run? (see --state)")
     return location
 
 
-@main.command()
+@main.command(
+    epilog="""\b
+Examples:
+  bulkdisconnect report --job offboarding-2026-11 --format csv --output report.csv
+  bulkdisconnect report --job offboarding-2026-11 --unconfirmed
+  bulkdisconnect report --job purge --state postgresql://bd@db/ops | gzip > purge.jsonl.gz
+"""
+)
 @click.option("--job", required=True, metavar="NAME")
 @click.option("--state", metavar="PATH|URL", help="[state/<job>.sqlite]")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
@@ -160,45 +206,64 @@ def _state_for(job: str, state: str | None, *, must_exist: bool = True) -> Path 
 def report(job: str, state: str | None, fmt: str, output: Path | None, unconfirmed: bool) -> None:
     """One row per account: outcome, attempts, HTTP status, error, request ID, times."""
     from bulkdisconnect.report import write_report
-    from bulkdisconnect.store import open_store, shown_location
 
     async def go() -> None:
-        store = await open_store(_state_for(job, state))
-        try:
-            if not await store.has_job(job):
-                raise UsageError(f"job {job!r} is not in {shown_location(_state_for(job, state))}")
+        async with _job_store(job, state) as store:
             if output is None:
                 await write_report(store, job, sys.stdout, fmt, unconfirmed=unconfirmed)
                 return
             tmp = output.with_name(output.name + ".partial")
-            with tmp.open("w", encoding="utf-8", newline="") as out:
-                rows = await write_report(store, job, out, fmt, unconfirmed=unconfirmed)
-            tmp.replace(output)
+            try:
+                with tmp.open("w", encoding="utf-8", newline="") as out:
+                    rows = await write_report(store, job, out, fmt, unconfirmed=unconfirmed)
+                tmp.replace(output)
+            except OSError as exc:
+                raise UsageError(f"cannot write the report to {output}: {exc.strerror}") from None
             click.echo(f"wrote {rows} rows to {output}", err=True)
-        finally:
-            await store.aclose()
 
     _run_async(go)
 
 
-@main.command()
+@main.command(
+    epilog="""\b
+Examples:
+  bulkdisconnect status --job offboarding-2026-11
+  bulkdisconnect status --job purge --state postgresql://bd@db/ops?schema=bulkdisconnect
+"""
+)
 @click.option("--job", required=True, metavar="NAME")
 @click.option("--state", metavar="PATH|URL", help="[state/<job>.sqlite]")
 def status(job: str, state: str | None) -> None:
-    """Counts per outcome, the last run, and whether a run holds the job now."""
+    """Counts per outcome, webhook confirmations, the last run, who holds the job now."""
     from bulkdisconnect.report import write_status
-    from bulkdisconnect.store import open_store, shown_location
 
     async def go() -> None:
-        store = await open_store(_state_for(job, state))
-        try:
-            if not await store.has_job(job):
-                raise UsageError(f"job {job!r} is not in {shown_location(_state_for(job, state))}")
+        async with _job_store(job, state) as store:
             await write_status(store, job, sys.stdout)
-        finally:
-            await store.aclose()
 
     _run_async(go)
+
+
+@contextlib.asynccontextmanager
+async def _job_store(job: str, state: str | None, *, planned: bool = False) -> AsyncIterator[Store]:
+    """The store holding `job`; UsageError if it does not (with `planned`: no account yet)."""
+    from bulkdisconnect.store import open_store, shown_location
+
+    location = _state_for(job, state)
+    store = await open_store(location)
+    try:
+        where = shown_location(location)
+        if not await store.has_job(job):
+            raise UsageError(f"job {job!r} is not in {where}: check --job and --state")
+        if planned and not sum((await store.counts(job)).values()):
+            raise UsageError(
+                f"job {job!r} has no accounts in {where} yet: start the receiver once its "
+                "first run has planned it (Stripe retries the deliveries that failed meanwhile)"
+            )
+        yield store
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()
 
 
 def _first_webhook_secret() -> str:
@@ -210,7 +275,18 @@ def _first_webhook_secret() -> str:
         raise click.UsageError(str(exc)) from None
 
 
-@main.command()
+@main.command(
+    epilog="""\b
+Examples:
+  STRIPE_WEBHOOK_SECRET=whsec_… bulkdisconnect webhook --job offboarding-2026-11 --port 8080
+  bulkdisconnect webhook --job purge --state postgresql://bd@db/ops --host 0.0.0.0 --port 8080
+
+\b
+The job must have been planned by a run first: a receiver for a job the store does not
+hold (a mistyped --job) would acknowledge every event and lose it. SIGINT or SIGTERM stops
+it after the deliveries in progress, logging what it received.
+"""
+)
 @click.option("--job", required=True, metavar="NAME")
 @click.option("--state", metavar="PATH|URL", help="[state/<job>.sqlite]")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -224,37 +300,57 @@ def webhook(job: str, state: str | None, host: str, port: int, path: str) -> Non
     import structlog
 
     from bulkdisconnect import logs
-    from bulkdisconnect.store import open_store
+    from bulkdisconnect.serving import STOP_SIGNALS
     from bulkdisconnect.webhook import WebhookReceiver, parse_secrets, serve_webhook
 
     logs.configure()
 
+    listening: list[str] = []
+
     def ready(url: str) -> None:
+        listening.append(url)
         click.echo(f"webhook listening on {url}")
         sys.stdout.flush()
 
     async def go() -> None:
         secrets = parse_secrets(os.environ.get("STRIPE_WEBHOOK_SECRET"))
-        # The store may not exist yet: the receiver is often started before the run.
-        store = await open_store(_state_for(job, state, must_exist=False))
-        receiver = WebhookReceiver(store, job, secrets)
-        try:
-            await serve_webhook(receiver, host=host, port=port, path=path, ready=ready)
-        finally:
-            # What the receiver saw, including events for accounts outside the job.
-            structlog.get_logger("bulkdisconnect").info(
-                "bulkdisconnect.webhook.stopped", job=job, **dict(receiver.counts)
-            )
-            with anyio.CancelScope(shield=True):
-                await store.aclose()
+        async with _job_store(job, state, planned=True) as store:
+            receiver = WebhookReceiver(store, job, secrets)
+            signal_name = None
+            try:
+                signal_name = await serve_webhook(
+                    receiver,
+                    host=host,
+                    port=port,
+                    path=path,
+                    ready=ready,
+                    stop_signals=STOP_SIGNALS,
+                )
+            finally:
+                if listening:  # what it received, including events for accounts outside the job
+                    structlog.get_logger("bulkdisconnect").info(
+                        "bulkdisconnect.webhook.stopped",
+                        job=job,
+                        signal=signal_name,
+                        **dict(receiver.counts),
+                    )
 
     with contextlib.suppress(KeyboardInterrupt):
         _run_async(go)
 
 
-@main.command()
+@main.command(
+    epilog="""\b
+Examples:
+  bulkdisconnect sandbox --latency-ms 40 --p500 0.01
+  bulkdisconnect sandbox --port 0 --rate-limit 100 --p429 0.02
+  STRIPE_WEBHOOK_SECRET=whsec_… bulkdisconnect sandbox --webhook-url http://127.0.0.1:8080/webhook
+"""
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=12111, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--port", type=int, default=SANDBOX_PORT, show_default=True, help="0 picks a free port."
+)
 @click.option("--latency-ms", type=float, default=0.0, show_default=True)
 @click.option("--jitter-ms", type=float, default=0.0, show_default=True)
 @click.option("--p500", type=float, default=0.0, show_default=True, help="Share of 500 answers.")
@@ -297,6 +393,7 @@ def sandbox(
 ) -> None:
     """A local stand-in for Stripe's disconnect endpoint, with fault knobs."""
     from bulkdisconnect.sandbox import SandboxConfig, load_account_ids, serve
+    from bulkdisconnect.serving import STOP_SIGNALS
 
     config = SandboxConfig(
         accounts=load_account_ids(accounts) if accounts else None,
@@ -311,4 +408,6 @@ def sandbox(
         sys.stdout.flush()
 
     with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(lambda: serve(config, host=host, port=port, ready=ready))
+        _run_async(
+            lambda: serve(config, host=host, port=port, ready=ready, stop_signals=STOP_SIGNALS)
+        )

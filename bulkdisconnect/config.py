@@ -403,7 +403,7 @@ def _api_key(key_file: _Value | None, env: Mapping[str, str]) -> Secret:
         try:
             key, origin = path.read_text(encoding="utf-8").strip(), f"the key in {path}"
         except OSError as exc:
-            raise key_file.fail(f"cannot be read: {exc.strerror}") from None
+            raise key_file.fail(f"cannot be read ({path}: {exc.strerror})") from None
     elif env.get("STRIPE_API_KEY"):
         key, origin = env["STRIPE_API_KEY"].strip(), "STRIPE_API_KEY"
     else:

@@ -81,8 +81,10 @@ async def write_status(store: Store, job: str, out: TextIO) -> None:
     out.write(f"job {job}: {sum(counts.values())} accounts\n  {format_counts(counts)}\n")
     confirmed = await store.confirmed_count(job)
     unconfirmed = counts.get(Outcome.DISCONNECTED.value, 0) - confirmed
+    unknown = await store.unknown_events(job)
     out.write(
-        f"  webhook confirmations: confirmed {confirmed}, unconfirmed {max(unconfirmed, 0)}\n"
+        f"  webhook confirmations: confirmed {confirmed}, unconfirmed {max(unconfirmed, 0)}; "
+        f"events for accounts outside the job {unknown}\n"
     )
     run = await store.last_run(job)
     if run is not None:

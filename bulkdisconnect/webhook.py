@@ -12,6 +12,7 @@ import collections
 import hashlib
 import hmac
 import re
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -213,12 +214,15 @@ async def serve_webhook(
     port: int = 0,
     path: str = "/webhook",
     ready: Callable[[str], None] | None = None,
-) -> None:
-    """Serve the receiver until cancelled; `ready` gets the full URL (with path) once listening."""
-    await serve_app(
+    stop_signals: tuple[signal.Signals, ...] = (),
+) -> str | None:
+    """Serve the receiver until cancelled or signalled (see `serve_app`); `ready` gets the
+    full URL (with path) once listening."""
+    return await serve_app(
         receiver.make_app(path),
         host=host,
         port=port,
         shutdown_timeout=_SHUTDOWN_GRACE,
         ready=None if ready is None else (lambda url: ready(url + path)),
+        stop_signals=stop_signals,
     )

@@ -33,13 +33,21 @@ url_from() {
     return 1
 }
 
-# The webhook receiver records Stripe's disconnected events: the proof of each purge.
+# The webhook receiver records Stripe's disconnected events: the proof of each purge. It
+# starts once the run has planned the job (it refuses a job its store does not hold); the
+# sandbox, like Stripe, retries the deliveries that failed meanwhile.
 export STRIPE_WEBHOOK_SECRET=whsec_demo0000000000000000
-$BIN/bulkdisconnect webhook --job demo --state "$OUT/state.sqlite" --port 0 \
-    > "$OUT/webhook.log" 2>&1 &
+HOOK_PORT=$($BIN/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+HOOK_URL="http://127.0.0.1:$HOOK_PORT/webhook"
+(
+    until [[ $($BIN/bulkdisconnect status --job demo --state "$OUT/state.sqlite" 2>/dev/null) \
+            =~ ^job\ demo:\ [1-9][0-9]*\ accounts ]]; do
+        sleep 0.2
+    done
+    exec $BIN/bulkdisconnect webhook --job demo --state "$OUT/state.sqlite" --port "$HOOK_PORT"
+) > "$OUT/webhook.log" 2>&1 &
 WEBHOOK=$!
 trap 'kill $WEBHOOK 2>/dev/null || true' EXIT
-HOOK_URL=$(url_from "$OUT/webhook.log")
 
 # Latency, a few 500s, lock timeouts and dropped connections: the retries show in the summary.
 $BIN/bulkdisconnect sandbox --port 0 --latency-ms 40 --jitter-ms 30 --p500 0.01 \
@@ -48,7 +56,7 @@ $BIN/bulkdisconnect sandbox --port 0 --latency-ms 40 --jitter-ms 30 --p500 0.01 
 SANDBOX=$!
 trap 'kill $SANDBOX $WEBHOOK 2>/dev/null || true' EXIT
 URL=$(url_from "$OUT/sandbox.log")
-echo "sandbox at $URL, webhook receiver at $HOOK_URL"
+echo "sandbox at $URL, webhook receiver at $HOOK_URL (from when the job is planned)"
 
 set +e
 STRIPE_API_KEY=sk_test_demo0000000000000000 $BIN/bulkdisconnect run jobs/demo.toml \
@@ -56,7 +64,12 @@ STRIPE_API_KEY=sk_test_demo0000000000000000 $BIN/bulkdisconnect run jobs/demo.to
 CODE=$?
 set -e
 echo "exit code $CODE (1 = finished, some accounts invalid or failed: see the report)"
-sleep 1  # the last webhook events are on their way
+# The last webhook events are on their way.
+for _ in $(seq 30); do
+    [[ $($BIN/bulkdisconnect status --job demo --state "$OUT/state.sqlite") == *"unconfirmed 0;"* ]] \
+        && break
+    sleep 0.2
+done
 $BIN/bulkdisconnect report --job demo --state "$OUT/state.sqlite" --format csv \
     --output "$OUT/report.csv"
 $BIN/bulkdisconnect status --job demo --state "$OUT/state.sqlite"

@@ -380,8 +380,9 @@ def test_key_from_file_strips_trailing_newline(tmp_path: Path) -> None:
 def test_unreadable_key_file_names_it(tmp_path: Path) -> None:
     """A key file that cannot be read is reported under its origin."""
     path = job_file(tmp_path, f'api_key_file = "{tmp_path / "missing"}"\n')
-    with pytest.raises(UsageError, match=r"^api_key_file in .* cannot be read"):
+    with pytest.raises(UsageError, match=r"^api_key_file in .* cannot be read") as info:
         build(job_file=path)
+    assert f"({tmp_path / 'missing'}: No such file or directory)" in str(info.value)
 
 
 @pytest.mark.parametrize("env", [{}, {"STRIPE_API_KEY": ""}])

@@ -417,6 +417,11 @@ def test_report_and_status(ws: Workspace, sandbox: SandboxThread) -> None:
     out = ws.root / "r.csv"
     csv_run = ws.run("report", "--job", "ids", "--format", "csv", "--output", str(out))
     assert csv_run.exit_code == 0
+    nowhere = ws.run("report", "--job", "ids", "--output", "nodir/x.csv")
+    assert nowhere.exit_code == 2
+    assert nowhere.stderr == (
+        "bulkdisconnect: error: cannot write the report to nodir/x.csv: No such file or directory\n"
+    )
     assert len(out.read_text().splitlines()) == 8
     status = ws.run("status", "--job", "ids")
     assert status.exit_code == 0
@@ -425,12 +430,23 @@ def test_report_and_status(ws: Workspace, sandbox: SandboxThread) -> None:
     assert ws.run("status", "--job", "other").exit_code == 2
 
 
-def test_every_command_has_help(ws: Workspace) -> None:
-    """Each command answers --help with exit 0."""
-    for command in ([], ["run"], ["report"], ["status"], ["sandbox"]):
-        result = ws.run(*command, "--help")
+def test_every_command_has_help_with_examples(ws: Workspace) -> None:
+    """Each command answers --help with exit 0 and ends with examples; run lists its exit
+    codes, and plan offers none of the options only a run uses."""
+    commands = ["run", "plan", "report", "status", "webhook", "sandbox"]
+    assert ws.run("--help").exit_code == 0
+    for command in commands:
+        result = ws.run(command, "--help")
         assert result.exit_code == 0
         assert "Usage" in result.stdout
+        examples = result.stdout.split("Examples:")[-1]
+        assert examples.count(f"bulkdisconnect {command}") >= 2, command
+    run_help, plan_help = ws.run("run", "--help").stdout, ws.run("plan", "--help").stdout
+    assert "Exit codes:" in run_help
+    plan_options = plan_help.split("Options:")[1]
+    for option in ("--dry-run", "--yes", "--metrics-file", "--pushgateway", "--progress"):
+        assert option in run_help
+        assert option not in plan_options
 
 
 def test_a_job_files_column_does_not_apply_to_a_txt_input_from_the_command_line(
@@ -461,4 +477,3 @@ def test_an_unreachable_api_is_a_configuration_error(ws: Workspace) -> None:
     assert result.exit_code == 5, result.stderr
     assert f"cannot reach the API: Cannot connect to host 127.0.0.1:{port}" in result.stderr
     assert set(ws.outcomes("ids").values()) == {None}
-

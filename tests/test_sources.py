@@ -235,11 +235,14 @@ def test_missing_file(tmp_path: Path) -> None:
         open_source(str(path))
 
 
-def test_directory(tmp_path: Path) -> None:
-    """A directory is not an input file."""
-    (tmp_path / "ids.csv").mkdir()
-    with pytest.raises(InputError, match="is a directory"):
-        open_source(str(tmp_path / "ids.csv"))
+@pytest.mark.parametrize("name", ["ids.csv", "exports"])
+def test_directory(tmp_path: Path, name: str) -> None:
+    """A directory is said to be one, whatever its name looks like."""
+    (tmp_path / name).mkdir()
+    with pytest.raises(
+        InputError, match=f"^{tmp_path / name}: is a directory; give an input file$"
+    ):
+        open_source(str(tmp_path / name))
 
 
 @pytest.mark.parametrize("name", ["ids.xlsx", "ids", "ids.gz", "ids.json"])

@@ -20,6 +20,7 @@ from bulkdisconnect.errors import InputError, LockHeldError, UsageError
 from bulkdisconnect.model import ItemResult, Outcome, is_valid_account_id
 from bulkdisconnect.store import (
     Beat,
+    Confirmation,
     PlanCounts,
     ReportRow,
     Store,
@@ -524,6 +525,25 @@ async def test_has_job(store: Store) -> None:
     await plan(store, ["bad"], job="planned")
     assert await store.has_job("planned")
     assert not await store.has_job(JOB)
+
+
+@pytest.mark.anyio
+async def test_confirmations_keep_nothing_of_accounts_outside_the_job(store: Store) -> None:
+    """An event for the job's account confirms it once; one for another account is counted
+    (per job) and nothing of it is kept, so another job's receiver can still confirm it."""
+    await plan(store, ["fca_mine"])
+    await plan(store, ["fca_theirs"], job="other")
+    confirm = store.confirm
+    assert await confirm(JOB, "fca_mine", event_id="e1", confirmed_at=1.0) is Confirmation.CONFIRMED
+    assert await confirm(JOB, "fca_mine", event_id="e1", confirmed_at=2.0) is Confirmation.REPLAYED
+    assert await confirm(JOB, "fca_theirs", event_id="e2", confirmed_at=3.0) is Confirmation.UNKNOWN
+    assert (await store.unknown_events(JOB), await store.unknown_events("other")) == (1, 0)
+    assert await confirm("other", "fca_theirs", event_id="e2", confirmed_at=4.0) is (
+        Confirmation.CONFIRMED
+    )
+    assert [(r.account_id, r.event_id) for r in await all_rows(store, "other")] == [
+        ("fca_theirs", "e2")
+    ]
 
 
 # -- the file ---------------------------------------------------------------------------------

@@ -302,6 +302,7 @@ async def test_event_for_an_account_outside_the_job_is_counted_unknown(
     assert sorted(await rows(store)) == sorted(ACCOUNTS)
     assert await confirmed(store) == {}
     assert receiver.counts == {"unknown": 1}
+    assert await store.unknown_events(JOB) == 1
 
 
 @pytest.mark.anyio

@@ -11,6 +11,7 @@ from aiohttp import ClientError, ClientSession
 from bulkdisconnect.sandbox.wire import DEFAULT_STRIPE_VERSION, _request_id
 
 DISCONNECTED = "financial_connections.account.disconnected"
+DELIVERY_ATTEMPTS = 10
 
 
 class EventSender:
@@ -48,7 +49,9 @@ class EventSender:
 
         if self._session is None:
             self._session = ClientSession()
-        for attempt in range(3):
+        # Stripe retries a failed delivery for days with exponential backoff; here for about
+        # half a minute, enough for a receiver started after its job was planned.
+        for attempt in range(DELIVERY_ATTEMPTS):
             headers = {
                 "Content-Type": "application/json",
                 "Stripe-Signature": sign(payload, secret),
@@ -60,7 +63,7 @@ class EventSender:
                         return
             except (ClientError, OSError):
                 pass
-            await asyncio.sleep(0.2 * 2**attempt)
+            await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
         self.failed += 1
 
     async def aclose(self) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import random
 import re
+import signal
 import threading
 import time
 from collections import deque
@@ -113,11 +114,22 @@ class Sandbox:
         return app
 
     async def run(
-        self, *, host: str = "127.0.0.1", port: int = 0, ready: Callable[[str], None] | None = None
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ready: Callable[[str], None] | None = None,
+        stop_signals: tuple[signal.Signals, ...] = (),
     ) -> None:
-        """Serve this sandbox until cancelled; `ready` gets the bound URL once listening."""
+        """Serve this sandbox until cancelled or signalled (see `serve_app`); `ready` gets
+        the bound URL once listening."""
         await serve_app(
-            self.make_app(), host=host, port=port, shutdown_timeout=_SHUTDOWN_GRACE, ready=ready
+            self.make_app(),
+            host=host,
+            port=port,
+            shutdown_timeout=_SHUTDOWN_GRACE,
+            ready=ready,
+            stop_signals=stop_signals,
         )
 
     @web.middleware
@@ -424,9 +436,10 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     ready: Callable[[str], None] | None = None,
+    stop_signals: tuple[signal.Signals, ...] = (),
 ) -> None:
-    """Serve a fresh sandbox until cancelled; `ready` gets the bound URL once listening."""
-    await Sandbox(config).run(host=host, port=port, ready=ready)
+    """Serve a fresh sandbox until cancelled or signalled; `ready` gets the bound URL."""
+    await Sandbox(config).run(host=host, port=port, ready=ready, stop_signals=stop_signals)
 
 
 class SandboxThread:

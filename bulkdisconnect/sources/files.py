@@ -84,6 +84,10 @@ def open_source(
             raise InputError("--column does not apply to stdin, which is read as one ID a line")
         stream = stdin if stdin is not None else sys.stdin.buffer
         return StreamSource("stdin", _txt_values, lambda: stream, owned=False)
+    if not Path(path).exists():
+        raise InputError(f"input file not found: {path}")
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a directory; give an input file")
     name = PurePath(path).name.lower()
     compressed = name.endswith(".gz")
     make_parser = FORMATS.get(PurePath(name.removesuffix(".gz")).suffix)
@@ -93,10 +97,6 @@ def open_source(
             f"{path}: unknown input format; use one of the suffixes {supported}"
             " (each optionally followed by .gz), or - for stdin"
         )
-    if not Path(path).exists():
-        raise InputError(f"input file not found: {path}")
-    if Path(path).is_dir():
-        raise InputError(f"{path}: is a directory; give an input file")
     _open_file(path, compressed).close()  # unreadable or not gzip: fail before any work
     parse = make_parser(path, column, compressed)
     return StreamSource(path, parse, functools.partial(_open_file, path, compressed), owned=True)

@@ -50,7 +50,7 @@ class Confirmation(enum.Enum):
 
     CONFIRMED = "confirmed"  # recorded on the account's outcome
     REPLAYED = "replayed"  # this event ID was seen before: ignored
-    UNKNOWN = "unknown"  # the account is not in the job: acknowledged, counted, not stored
+    UNKNOWN = "unknown"  # the account is not in the job: acknowledged, counted, not kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +115,7 @@ class Store(Protocol):
 
     async def counts(self, job: str) -> dict[str | None, int]: ...
     async def confirmed_count(self, job: str) -> int: ...
+    async def unknown_events(self, job: str) -> int: ...
     def rows(self, job: str, *, unconfirmed: bool = False) -> AsyncIterator[ReportRow]: ...
     async def confirm(
         self, job: str, account_id: str, *, event_id: str, confirmed_at: float

@@ -75,6 +75,12 @@ CREATE TABLE IF NOT EXISTS events (
     account_id TEXT NOT NULL,
     received_at DOUBLE PRECISION NOT NULL
 );
+-- Deliveries of events for accounts outside the job: counted, their accounts not kept.
+CREATE TABLE IF NOT EXISTS unknown_events (
+    job TEXT PRIMARY KEY,
+    count BIGINT NOT NULL,
+    last_at DOUBLE PRECISION NOT NULL
+);
 CREATE TABLE IF NOT EXISTS locks (
     job TEXT NOT NULL,
     owner TEXT NOT NULL,  -- the holder's run ID
@@ -439,6 +445,8 @@ class PostgresStore:
     ) -> Confirmation:
         """Record a disconnected event on the account's outcome, once per event ID."""
         async with self._pool.acquire() as conn, conn.transaction():
+            # The event ID is claimed first: a concurrent delivery of it waits on the
+            # unique index, then finds it taken and is a replay.
             new = await conn.fetchval(
                 "INSERT INTO events VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1",
                 event_id,
@@ -456,7 +464,22 @@ class PostgresStore:
                 confirmed_at,
                 event_id,
             )
-        return Confirmation.CONFIRMED if updated else Confirmation.UNKNOWN
+            if updated:
+                return Confirmation.CONFIRMED
+            # An account outside the job: nothing of it is kept, the delivery is counted.
+            await conn.execute("DELETE FROM events WHERE event_id = $1", event_id)
+            await conn.execute(
+                "INSERT INTO unknown_events VALUES ($1, 1, $2) ON CONFLICT (job) "
+                "DO UPDATE SET count = unknown_events.count + 1, last_at = excluded.last_at",
+                job,
+                confirmed_at,
+            )
+        return Confirmation.UNKNOWN
+
+    async def unknown_events(self, job: str) -> int:
+        """Events received for accounts outside the job (counted, not kept)."""
+        count = await self._pool.fetchval("SELECT count FROM unknown_events WHERE job = $1", job)
+        return 0 if count is None else int(count)
 
     async def rows(self, job: str, *, unconfirmed: bool = False) -> AsyncIterator[ReportRow]:
         """Every account of the job in input order (or only disconnected, unconfirmed ones)."""

@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS events (
     account_id TEXT NOT NULL,
     received_at REAL NOT NULL
 );
+-- Deliveries of events for accounts outside the job: counted, their accounts not kept.
+CREATE TABLE IF NOT EXISTS unknown_events (
+    job TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    last_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS locks (
     job TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -420,9 +426,27 @@ class SQLiteStore:
                     "WHERE job = ? AND account_id = ?",
                     (confirmed_at, event_id, job, account_id),
                 )
-            return Confirmation.CONFIRMED if updated.rowcount else Confirmation.UNKNOWN
+                if updated.rowcount:
+                    return Confirmation.CONFIRMED
+                # An account outside the job: nothing of it is kept, the delivery is counted.
+                db.execute("DELETE FROM events WHERE event_id = ?", (event_id,))
+                db.execute(
+                    "INSERT INTO unknown_events VALUES (?, 1, ?) ON CONFLICT (job) "
+                    "DO UPDATE SET count = count + 1, last_at = excluded.last_at",
+                    (job, confirmed_at),
+                )
+            return Confirmation.UNKNOWN
 
         return await self._call_here(confirm)
+
+    async def unknown_events(self, job: str) -> int:
+        """Events received for accounts outside the job (counted, not kept)."""
+
+        def count(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT count FROM unknown_events WHERE job = ?", (job,)).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._call(count)
 
     async def rows(self, job: str, *, unconfirmed: bool = False) -> AsyncIterator[ReportRow]:
         """Every account of the job in input order (or only disconnected, unconfirmed ones)."""
