@@ -59,13 +59,15 @@ def configure(
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json
-        else structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
+        # Compact for a terminal (short time, no padding): a line should fit 80 columns
+        # beside a progress bar rather than wrap into it.
+        else structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty(), pad_event_to=0)
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.TimeStamper(fmt="iso" if json else "%H:%M:%SZ", utc=True),
             structlog.processors.format_exc_info,
             redact_secrets,
             renderer,

@@ -8,8 +8,10 @@ from typing import TextIO
 
 import anyio
 import structlog
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from bulkdisconnect.model import Outcome, RunStats
 
@@ -30,31 +32,38 @@ async def show_progress(
 def _describe(stats: RunStats, started: float) -> str:
     elapsed = max(time.monotonic() - started, 1e-9)
     return (
-        f"{stats.requests / elapsed:6.1f} req/s (target {stats.current_rate:g}, "
-        f"{stats.concurrency} in flight)  "
-        f"ok {stats.outcomes[Outcome.DISCONNECTED]}  "
-        f"404 {stats.outcomes[Outcome.NOT_FOUND]}  "
-        f"failed {stats.outcomes[Outcome.FAILED]}  retries {stats.retries}"
+        f"{stats.requests / elapsed:.1f} req/s, target {stats.current_rate:g} · "
+        f"{stats.concurrency} in flight · ok {stats.outcomes[Outcome.DISCONNECTED]} · "
+        f"404 {stats.outcomes[Outcome.NOT_FOUND]} · failed {stats.outcomes[Outcome.FAILED]} · "
+        f"retries {stats.retries}"
     )
 
 
 async def _bar(stats: RunStats, console: Console) -> None:
+    """The bar on one line, the figures on the next: each fits an 80-column terminal."""
     started = time.monotonic()
-    columns = (
+    bar = Progress(
         TextColumn("[bold]disconnecting"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        TextColumn("{task.description}"),
+        console=console,
     )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("", total=stats.planned)
+    task = bar.add_task("", total=stats.planned)
+
+    def render() -> Group:
+        bar.update(task, completed=stats.done)
+        figures = Text(_describe(stats, started), overflow="ellipsis", no_wrap=True)
+        return Group(bar, figures)
+
+    # Live moves log lines written meanwhile above the display (stderr is redirected).
+    with Live(render(), console=console, auto_refresh=False) as live:
         try:
             while True:
-                bar.update(task, completed=stats.done, description=_describe(stats, started))
                 await anyio.sleep(0.25)
+                live.update(render(), refresh=True)
         finally:
-            bar.update(task, completed=stats.done, description=_describe(stats, started))
+            live.update(render(), refresh=True)
 
 
 async def _log_lines(stats: RunStats, every: float) -> None:
