@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 from bulkdisconnect.client import STRIPE_VERSION
 from bulkdisconnect.errors import UsageError
+from bulkdisconnect.logs import mask_url
 from bulkdisconnect.model import CUSTOMER_ID_PATTERN
 from bulkdisconnect.sources.files import takes_column
-from bulkdisconnect.sources.sql import mask_url
 from bulkdisconnect.store import is_shared_location
 
 DEFAULT_API_BASE = "https://api.stripe.com"

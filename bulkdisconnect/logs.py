@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import urllib.parse
 from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
 
@@ -13,11 +14,31 @@ import structlog
 # Stripe secret, restricted and publishable keys, webhook secrets, and bearer credentials.
 SECRET = re.compile(r"\b(?:(?:sk|rk|pk)_(?:test|live)_|whsec_)[A-Za-z0-9]+|(?<=Bearer )\S+")
 REDACTED = "[redacted]"
+# URL query parameters that carry a password (asyncpg reads these from a DSN's query too).
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
 
 
 def redact_text(text: str) -> str:
     """Replace anything that looks like a key in a string."""
     return SECRET.sub(REDACTED, text)
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password (also a `password=` query parameter) shown as `***`."""
+    scheme, sep, rest = url.partition("://")
+    # The last @ ends the user info, even when a careless password holds an unencoded @ or /.
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:***@{host}"
+    base, qmark, query = rest.partition("?")
+    if qmark:
+        pairs = (pair.partition("=") for pair in query.split("&"))
+        query = "&".join(
+            f"{key}=***" if urllib.parse.unquote(key).lower() in _SECRET_KEYS else key + eq + value
+            for key, eq, value in pairs
+        )
+        rest = f"{base}?{query}"
+    return f"{scheme}{sep}{rest}"
 
 
 def _redact(value: Any) -> Any:

@@ -1,39 +1,100 @@
-"""Shared fixtures: a real loopback sandbox, job runners (in-process and as a subprocess)."""
+"""Shared fixtures: the loopback sandbox, a workspace for CLI runs, and PostgreSQL.
+
+PostgreSQL comes from $BD_TEST_PG, else the server at 127.0.0.1:5432 when it answers, else a
+throwaway server that pytest-postgresql starts with pg_ctl when the binaries are installed
+(and we are not root, which PostgreSQL refuses). Without any, the PostgreSQL tests are
+skipped with one line saying how to enable them; BD_REQUIRE_PG=1 (set by .ci/run) turns that
+skip into a failure.
+"""
 
 from __future__ import annotations
 
 import os
-import sqlite3
-import subprocess
-import sys
+import shutil
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import asyncpg
 import pytest
-from click.testing import CliRunner
+from pytest_postgresql import factories
 
-from bulkdisconnect.cli import main
+from bulkdisconnect.logs import mask_url
 from bulkdisconnect.sandbox import SandboxThread
+from tests.support import Workspace
 
-API_KEY = "sk_test_4eC39HqLyjWDarjtT1zdp7dc"
-# Fast, deterministic runs: no backoff wait, no progress display.
-FAST = ["--retry-delay", "0", "--retry-max-delay", "0", "--no-progress"]
-# The PostgreSQL this machine runs (trust auth); each test gets its own schema in it.
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
+postgresql_proc = factories.postgresql_proc(port=None)
 
 
 @pytest.fixture
-def pg_state() -> Iterator[str]:
+def anyio_backend() -> str:
+    """Async tests run on asyncio: aiohttp and asyncpg are asyncio-only."""
+    return "asyncio"
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+def _answers(url: str) -> bool:
+    """Whether a PostgreSQL server takes a connection at `url` within a few seconds."""
+
+    async def connect() -> bool:
+        try:
+            conn = await asyncpg.connect(url, timeout=3)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return False
+        await conn.close()
+        return True
+
+    return anyio.run(connect, backend="asyncio")
+
+
+def _without_postgresql(reason: str) -> None:
+    message = f"PostgreSQL tests skipped: {reason}; set BD_TEST_PG=postgresql://USER@HOST/DB"
+    if os.environ.get("BD_REQUIRE_PG"):
+        pytest.fail(f"{message} (BD_REQUIRE_PG is set: they must run)", pytrace=False)
+    pytest.skip(message)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per reason tests were skipped, with how many (pytest's -rs lists each test)."""
+    reasons: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    for reason, count in reasons.items():
+        terminalreporter.write_line(f"{count} skipped: {reason}", yellow=True)
+
+
+@pytest.fixture(scope="session")
+def pg_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a PostgreSQL server the tests may create schemas and tables in."""
+    if explicit := os.environ.get("BD_TEST_PG"):
+        if not _answers(explicit):
+            _without_postgresql(f"BD_TEST_PG={mask_url(explicit)} does not answer")
+        return explicit
+    if _answers(DEFAULT_PG):
+        return DEFAULT_PG
+    if shutil.which("pg_ctl") is None:
+        _without_postgresql("no server at 127.0.0.1:5432 and no pg_ctl to start one")
+    if os.geteuid() == 0:
+        _without_postgresql("no server at 127.0.0.1:5432, and PostgreSQL refuses to run as root")
+    server = request.getfixturevalue("postgresql_proc")
+    return f"postgresql://{server.user}@{server.host}:{server.port}/postgres"
+
+
+@pytest.fixture
+def pg_state(pg_url: str) -> Iterator[str]:
     """A PostgreSQL store URL with a fresh schema of its own, dropped afterwards."""
     schema = f"t_{uuid.uuid4().hex[:16]}"
-    yield f"{PG_URL}?schema={schema}"
+    yield f"{pg_url}?schema={schema}"
 
     async def drop() -> None:
-        conn = await asyncpg.connect(PG_URL)
+        conn = await asyncpg.connect(pg_url)
         try:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
@@ -42,21 +103,14 @@ def pg_state() -> Iterator[str]:
     anyio.run(drop, backend="asyncio")
 
 
+# -- the sandbox and a workspace --------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[SandboxThread]:
     """One sandbox for the session, on a free loopback port."""
     with SandboxThread() as server:
         yield server
-
-
-@pytest.fixture
-def sandbox(sandbox_server: SandboxThread) -> Iterator[SandboxThread]:
-    """The session's sandbox, reset to a clean default before each test."""
-    sandbox_server.sandbox.reset()
-    sandbox_server.sandbox.configure(**DEFAULT_KNOBS)
-    yield sandbox_server
-    sandbox_server.sandbox.reset()
-    sandbox_server.sandbox.configure(**DEFAULT_KNOBS)
 
 
 DEFAULT_KNOBS: dict[str, object] = {
@@ -67,6 +121,7 @@ DEFAULT_KNOBS: dict[str, object] = {
     "p_lock_timeout": 0.0,
     "p_drop": 0.0,
     "p_hang": 0.0,
+    "hang_seconds": 3600.0,
     "rate_limit": None,
     "accounts": None,
     "missing": frozenset(),
@@ -81,84 +136,14 @@ DEFAULT_KNOBS: dict[str, object] = {
 }
 
 
-@dataclass(frozen=True)
-class Result:
-    """What a CLI invocation left behind."""
-
-    exit_code: int
-    stdout: str
-    stderr: str
-
-
-@dataclass
-class Workspace:
-    """A folder to run jobs in, with helpers to write inputs and read the store."""
-
-    root: Path
-    api_base: str
-
-    def ids(self, count: int, prefix: str = "acct") -> list[str]:
-        """`count` distinct well-formed account IDs."""
-        return [f"fca_{prefix}{n:06d}" for n in range(count)]
-
-    def write(self, name: str, lines: Sequence[str]) -> Path:
-        """Write one value a line to a file in the workspace."""
-        path = self.root / name
-        path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-        return path
-
-    def env(self, **extra: str) -> dict[str, str]:
-        """The environment a run needs: key and sandbox URL."""
-        return {"STRIPE_API_KEY": API_KEY, "STRIPE_API_BASE": self.api_base, **extra}
-
-    def run(
-        self, *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None
-    ) -> Result:
-        """Run the CLI in-process (fast) from the workspace folder."""
-        runner = CliRunner()
-        cwd = Path.cwd()
-        os.chdir(self.root)
-        try:
-            outcome = runner.invoke(
-                main, list(args), env=env if env is not None else self.env(), input=stdin
-            )
-        finally:
-            os.chdir(cwd)
-        if outcome.exception is not None and not isinstance(outcome.exception, SystemExit):
-            raise outcome.exception
-        return Result(outcome.exit_code, outcome.stdout, outcome.stderr)
-
-    def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        """Start the CLI as a real subprocess (for signals, kill -9 and concurrent runs)."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "bulkdisconnect", *args],
-            cwd=self.root,
-            env={**os.environ, **(env if env is not None else self.env())},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def state(self, job: str) -> Path:
-        """The default store path of a job."""
-        return self.root / "state" / f"{job}.sqlite"
-
-    def outcomes(self, job: str, state: Path | None = None) -> dict[str, str | None]:
-        """account_id -> outcome, read straight from the SQLite file."""
-        with sqlite3.connect(state or self.state(job)) as db:
-            rows = db.execute(
-                "SELECT account_id, outcome FROM accounts WHERE job = ?", (job,)
-            ).fetchall()
-        return dict(rows)
-
-    def rows(self, job: str) -> list[sqlite3.Row]:
-        """Every stored column of every account of the job."""
-        db = sqlite3.connect(self.state(job))
-        db.row_factory = sqlite3.Row
-        try:
-            return db.execute("SELECT * FROM accounts WHERE job = ?", (job,)).fetchall()
-        finally:
-            db.close()
+@pytest.fixture
+def sandbox(sandbox_server: SandboxThread) -> Iterator[SandboxThread]:
+    """The session's sandbox, reset to a clean default before and after each test."""
+    sandbox_server.sandbox.reset()
+    sandbox_server.sandbox.configure(**DEFAULT_KNOBS)
+    yield sandbox_server
+    sandbox_server.sandbox.reset()
+    sandbox_server.sandbox.configure(**DEFAULT_KNOBS)
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from bulkdisconnect.sandbox import SandboxThread, max_in_window
-from tests.conftest import Workspace
-from tests.test_process import recorded, wait_for
+from tests.support import Workspace, recorded, wait_for
 
 pytestmark = pytest.mark.slow
 

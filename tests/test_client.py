@@ -96,9 +96,3 @@ async def test_list_is_a_get_with_the_customer_under_the_base_path(
     assert (method, path) == ("GET", "/stripe/v1/financial_connections/accounts")
     assert parse_qs(query) == {"account_holder[customer]": ["cus_1"], "limit": ["10"]}
     assert "Content-Type" not in headers
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """aiohttp is asyncio-only."""
-    return "asyncio"

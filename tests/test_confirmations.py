@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bulkdisconnect.sandbox import SandboxThread
 from bulkdisconnect.webhook import sign
-from tests.conftest import FAST, Workspace
+from tests.support import FAST, Workspace
 
 pytestmark = pytest.mark.slow
 SECRET = "whsec_test_0123456789abcdef"  # noqa: S105 - a test secret

@@ -23,15 +23,9 @@ from bulkdisconnect.model import Outcome, Settled
 from bulkdisconnect.retry import NO_WAIT, RetryPolicy
 from bulkdisconnect.sandbox import LIST_ROUTE, JournalEntry, SandboxThread, max_in_window
 from bulkdisconnect.sources.customers import CustomersSource, read_customer_ids
-from tests.conftest import API_KEY
+from tests.support import API_KEY
 
 UNLIMITED = RateLimiter(float("inf"))
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """aiohttp runs on asyncio only."""
-    return "asyncio"
 
 
 @pytest.fixture(autouse=True)

@@ -15,8 +15,7 @@ import pytest
 from bulkdisconnect.model import idempotency_key
 from bulkdisconnect.sandbox import SandboxThread
 from bulkdisconnect.sandbox.journal import account_calls, max_in_window
-from tests.conftest import FAST, PG_URL, Workspace
-from tests.test_process import wait_for
+from tests.support import FAST, Workspace, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +24,10 @@ JOB = "shared"
 
 def stored(state: str, sql: str, *args: object) -> list[asyncpg.Record]:
     """Rows of a query over the store's schema."""
-    schema = state.rpartition("schema=")[2]
+    url, _, schema = state.partition("?schema=")
 
     async def fetch() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+        conn = await asyncpg.connect(url, server_settings={"search_path": schema})
         try:
             return list(await conn.fetch(sql, *args))
         except asyncpg.UndefinedTableError:  # the first worker has not created it yet

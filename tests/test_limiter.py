@@ -163,9 +163,3 @@ def test_concurrency_follows_rate_times_latency() -> None:
     assert limiter.total_tokens == 40
     assert tuner.retune(1000) == 64
     assert tuner.retune(1) == 4
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """aiohttp and aiolimiter are asyncio-only."""
-    return "asyncio"

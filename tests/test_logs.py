@@ -11,6 +11,8 @@ import pytest
 import structlog
 
 from bulkdisconnect import logs
+from bulkdisconnect.logs import mask_url
+from bulkdisconnect.sources.sql import open_sql_source
 
 
 class Pair(NamedTuple):
@@ -206,3 +208,22 @@ def test_redact_text_leaves_ordinary_text(text: str) -> None:
 def test_redact_text_replaces_keys(text: str, expected: str) -> None:
     """Secret, restricted, publishable keys, webhook secrets and bearer tokens are replaced."""
     assert logs.redact_text(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:s3cret@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u:s3c@r/et@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgres://u@h/db?password=s3cret&sslmode=require",
+            "postgres://u@h/db?password=***&sslmode=require",
+        ),
+        ("postgresql://h/db", "postgresql://h/db"),
+    ],
+)
+def test_mask_url_hides_passwords(url: str, shown: str) -> None:
+    """A password never survives into a URL shown in messages, even badly encoded; a SQL
+    source describes itself by the masked URL."""
+    assert mask_url(url) == shown
+    assert open_sql_source(url, "SELECT 1", {}).description == shown

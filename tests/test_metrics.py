@@ -24,12 +24,6 @@ JOB = "purge"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """aiohttp runs on asyncio only."""
-    return "asyncio"
-
-
 def parse(text: str) -> Samples:
     """Every sample of an exposition, keyed by sample name and label set."""
     return {

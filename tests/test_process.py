@@ -9,39 +9,14 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
 from bulkdisconnect.model import idempotency_key
 from bulkdisconnect.sandbox import SandboxThread
-from tests.conftest import API_KEY, FAST, Workspace
+from tests.support import API_KEY, FAST, Workspace, recorded, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def recorded(state: Path) -> int:
-    """How many accounts hold an outcome in the store right now (0 if not created yet)."""
-    if not state.exists():
-        return 0
-    try:
-        with sqlite3.connect(state, timeout=5) as db:
-            (count,) = db.execute(
-                "SELECT COUNT(*) FROM accounts WHERE outcome IS NOT NULL"
-            ).fetchone()
-    except sqlite3.OperationalError:  # schema not there yet
-        return 0
-    return int(count)
-
-
-def wait_for(predicate: object, timeout: float = 20.0) -> None:
-    """Poll until predicate() is true, or fail."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    pytest.fail("timed out waiting")
 
 
 def test_kill_9_mid_run_then_rerun_records_every_account_once(

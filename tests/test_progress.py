@@ -14,7 +14,7 @@ import termios
 import pytest
 
 from bulkdisconnect.sandbox import SandboxThread
-from tests.conftest import Workspace
+from tests.support import Workspace
 
 pytestmark = pytest.mark.slow
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

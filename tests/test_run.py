@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bulkdisconnect.model import idempotency_key
 from bulkdisconnect.sandbox import SandboxThread, max_concurrent, max_in_window
-from tests.conftest import API_KEY, FAST, Workspace
+from tests.support import API_KEY, FAST, Workspace
 
 DISCONNECT = "/v1/financial_connections/accounts/{}/disconnect"
 

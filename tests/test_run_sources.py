@@ -10,9 +10,8 @@ import asyncpg
 import pytest
 
 from bulkdisconnect.sandbox import SandboxThread
-from tests.conftest import FAST, Workspace
+from tests.support import FAST, Workspace
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
 # Built at run time so no live-looking key is ever committed (secret scanners flag them).
 LIVE_KEY = "sk_" + "live_" + "51NotARealKeyButLiveShaped"
 
@@ -97,14 +96,14 @@ def test_an_empty_id_is_recorded_invalid_in_every_source(
 
 
 @pytest.fixture
-def pg_table() -> Iterator[str]:
+def pg_table(pg_url: str) -> Iterator[str]:
     """A uniquely named PostgreSQL table, dropped afterwards."""
     import anyio
 
     name = f"bd_run_{uuid.uuid4().hex[:12]}"
 
     async def sql(statement: str) -> None:
-        conn = await asyncpg.connect(PG)
+        conn = await asyncpg.connect(pg_url)
         try:
             await conn.execute(statement)
         finally:
@@ -118,7 +117,7 @@ def pg_table() -> Iterator[str]:
 
 
 def test_postgres_source_from_a_job_file(
-    ws: Workspace, sandbox: SandboxThread, pg_table: str
+    ws: Workspace, sandbox: SandboxThread, pg_table: str, pg_url: str
 ) -> None:
     """A retention-purge job file with a PostgreSQL query and a params table runs end to end."""
     import anyio
@@ -126,7 +125,7 @@ def test_postgres_source_from_a_job_file(
     ids = ws.ids(6)
 
     async def fill() -> None:
-        conn = await asyncpg.connect(PG)
+        conn = await asyncpg.connect(pg_url)
         try:
             await conn.executemany(
                 f"INSERT INTO {pg_table} (fca, days) VALUES ($1, $2)",  # noqa: S608 - test table
@@ -138,7 +137,7 @@ def test_postgres_source_from_a_job_file(
     anyio.run(fill)
     query = "SELECT fca FROM " + pg_table + " WHERE days > :days::int ORDER BY id"  # noqa: S608
     (ws.root / "retention.toml").write_text(
-        f'db = "{PG}"\nquery = "{query}"\n[params]\ndays = 90\n'
+        f'db = "{pg_url}"\nquery = "{query}"\n[params]\ndays = 90\n'
     )
     result = ws.run("run", "retention.toml", *FAST)
     assert result.exit_code == 0, result.stderr

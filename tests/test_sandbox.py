@@ -56,12 +56,6 @@ class Reply:
         return error
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """aiohttp runs on asyncio only."""
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def running() -> Iterator[SandboxThread]:
     """One sandbox thread for this module, on a free loopback port."""

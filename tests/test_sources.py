@@ -22,12 +22,6 @@ from bulkdisconnect.sources.files import MAX_LINE_BYTES, open_source
 IDS = ["fca_1", "fca_2AbC", "fca_3", "fca_1"]  # a duplicate stays: deduping is the store's job
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio only (aiohttp and aiolimiter are asyncio-only)."""
-    return "asyncio"
-
-
 async def read_all(source: Source, size: int = 1000) -> list[str]:
     """All values of `source`, checking that no chunk is empty or larger than `size`."""
     values: list[str] = []

@@ -33,12 +33,6 @@ JOB = "purge"
 HOSTILE = ["fca_../../v1/customers", "fca_1?x=1", "fca_a/b", "fca_a%2F", "fca_\u00e4", "FCA_1", ""]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio only."""
-    return "asyncio"
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Where a fresh store lives: a file in the test's folder, or a schema of its own."""

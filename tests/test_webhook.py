@@ -39,12 +39,6 @@ STRANGER = "fca_notinthisjob"
 T0 = 1_700_000_000  # a fixed timestamp for the pure `verify` tests
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio only (aiohttp is asyncio-only)."""
-    return "asyncio"
-
-
 async def chunks() -> AsyncIterator[Sequence[str]]:
     """The job's input, as `plan` reads it."""
     yield ACCOUNTS

@@ -23,12 +23,12 @@ import anyio
 import anyio.to_thread
 
 from bulkdisconnect.errors import InputError, UsageError
+from bulkdisconnect.logs import mask_url
 from bulkdisconnect.sources import choose_column
 
 SCHEMES = ("sqlite", "postgresql", "postgres")
 CONNECT_TIMEOUT = 10.0  # seconds: an unreachable server fails the check instead of hanging
 CLOSE_TIMEOUT = 5.0
-_SECRET_KEYS = frozenset({"password", "sslpassword"})  # asyncpg also reads these from the query
 _SQLITE_ERRORS = (sqlite3.Error, sqlite3.Warning)  # 3.11 raises Warning for two statements
 _TYPE_ERRORS = frozenset({"42883", "42804"})  # undefined_function, datatype_mismatch
 _NAME = r"[^\W\d]\w*"
@@ -88,24 +88,6 @@ def translate_placeholders(query: str) -> tuple[str, tuple[str, ...]]:
         last = end
     pieces.append(query[last:])
     return "".join(pieces), tuple(numbers)
-
-
-def mask_url(url: str) -> str:
-    """`url` with its password (also a `password=` query parameter) shown as `***`."""
-    scheme, sep, rest = url.partition("://")
-    # The last @ ends the user info, even when a careless password holds an unencoded @ or /.
-    userinfo, at, host = rest.rpartition("@")
-    if at and ":" in userinfo:
-        rest = f"{userinfo.partition(':')[0]}:***@{host}"
-    base, qmark, query = rest.partition("?")
-    if qmark:
-        pairs = (pair.partition("=") for pair in query.split("&"))
-        query = "&".join(
-            f"{key}=***" if urllib.parse.unquote(key).lower() in _SECRET_KEYS else key + eq + value
-            for key, eq, value in pairs
-        )
-        rest = f"{base}?{query}"
-    return f"{scheme}{sep}{rest}"
 
 
 class SqlSource(abc.ABC):

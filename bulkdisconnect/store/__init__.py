@@ -159,7 +159,7 @@ def is_shared_location(location: str | Path) -> bool:
 
 def shown_location(location: str | Path) -> str:
     """A store location fit for output and logs: a URL's password masked."""
-    from bulkdisconnect.sources.sql import mask_url
+    from bulkdisconnect.logs import mask_url
 
     return mask_url(str(location)) if is_shared_location(location) else str(location)
 

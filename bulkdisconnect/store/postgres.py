@@ -24,8 +24,8 @@ import anyio
 import asyncpg
 
 from bulkdisconnect.errors import LockHeldError, UsageError
+from bulkdisconnect.logs import mask_url
 from bulkdisconnect.model import ItemResult, Outcome, Settled, is_valid_account_id
-from bulkdisconnect.sources.sql import mask_url
 from bulkdisconnect.store import (
     Beat,
     Confirmation,
