@@ -214,21 +214,23 @@ async def drop_schema(schema: str) -> None:
 def claiming_cost(count: int) -> tuple[float, float, float]:
     """µs per account to claim and to record through a PostgreSQL store; to claim in SQLite."""
     from bulkdisconnect.model import ItemResult, Outcome
-    from bulkdisconnect.store import Store, open_store, plan_input
+    from bulkdisconnect.planning import plan_input
+    from bulkdisconnect.store import open_store
+    from bulkdisconnect.store.core import SqlStore
 
     accounts = [f"fca_claim{n:09d}" for n in range(count)]
 
     async def chunks() -> AsyncIterator[list[str]]:
         yield accounts
 
-    async def drain(store: Store, page: int) -> tuple[float, float]:
+    async def drain(store: SqlStore, page: int) -> tuple[float, float]:
         """Claim a page, record it, and again, as a worker does; seconds in each, per account."""
-        await plan_input(store, "bench", chunks(), retry_failed=False, dry_run=False)
+        await plan_input(store, "bench", chunks(), retry_failed=False)
         claiming = recording = 0.0
         done = 0
         while True:
             started = time.perf_counter()
-            batch = await store.claim_pending("bench", "r1", limit=page)
+            batch = await store.claim("bench", "r1", limit=page)
             claiming += time.perf_counter() - started
             if not batch:
                 break

@@ -19,8 +19,8 @@ BAD = frozenset({Outcome.FAILED, Outcome.NOT_FOUND})
 class BreakerSettings:
     """After `min_sample` answers, trip when more than `threshold` of the last ones were bad."""
 
-    min_sample: int = 100
-    threshold: float = 0.5  # 1.0 disables the breaker
+    min_sample: int
+    threshold: float  # 1.0 disables the breaker
 
 
 class FailureBreaker:

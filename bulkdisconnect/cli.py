@@ -13,10 +13,11 @@ import anyio
 import click
 
 from bulkdisconnect import __version__
+from bulkdisconnect.config import default
 from bulkdisconnect.errors import BulkDisconnectError, ExitCode, UsageError
 
 if TYPE_CHECKING:
-    from bulkdisconnect.store import Store
+    from bulkdisconnect.store.core import SqlStore
 
 T = TypeVar("T")
 
@@ -69,12 +70,30 @@ _PLAN_OPTIONS = [
     click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
     click.option("--stripe-account", metavar="ID", help="Send Stripe-Account (Connect)."),
     click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
-    click.option("--rate", type=float, help="Max requests per second [20]."),
-    click.option("--max-attempts", type=int, help="Attempts per request, first included [5]."),
-    click.option("--timeout", type=float, help="Total seconds per request [30]."),
-    click.option("--connect-timeout", type=float, help="Seconds to connect [10]."),
-    click.option("--retry-delay", type=float, help="First backoff delay in seconds [0.5]."),
-    click.option("--retry-max-delay", type=float, help="Longest backoff delay in seconds [20]."),
+    click.option("--rate", type=float, help=f"Max requests per second [{default('rate'):g}]."),
+    click.option(
+        "--max-attempts",
+        type=int,
+        help=f"Attempts per request, first included [{default('max_attempts')}].",
+    ),
+    click.option(
+        "--timeout", type=float, help=f"Total seconds per request [{default('timeout'):g}]."
+    ),
+    click.option(
+        "--connect-timeout",
+        type=float,
+        help=f"Seconds to connect [{default('connect_timeout'):g}].",
+    ),
+    click.option(
+        "--retry-delay",
+        type=float,
+        help=f"First backoff delay in seconds [{default('retry_delay'):g}].",
+    ),
+    click.option(
+        "--retry-max-delay",
+        type=float,
+        help=f"Longest backoff delay in seconds [{default('retry_max_delay'):g}].",
+    ),
     click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto"),
 ]
 # Options that only a run that disconnects uses.
@@ -86,12 +105,26 @@ _RUN_ONLY_OPTIONS = [
         "--join", is_flag=True, default=None, help="Work the job with other --join workers (PG)."
     ),
     click.option("--concurrency", type=int, help="Max requests in flight [adapts to latency]."),
-    click.option("--grace", type=float, help="Seconds in flight get after a stop signal [10]."),
     click.option(
-        "--breaker-min-sample", type=int, help="Answers before the breaker may trip [100]."
+        "--grace",
+        type=float,
+        help=f"Seconds in flight get after a stop signal [{default('grace'):g}].",
     ),
-    click.option("--breaker-threshold", type=float, help="Bad share that trips it; 1 = off [0.5]."),
-    click.option("--lock-stale-after", type=float, help="Seconds without heartbeat: stale [30]."),
+    click.option(
+        "--breaker-min-sample",
+        type=int,
+        help=f"Answers before the breaker may trip [{default('breaker_min_sample')}].",
+    ),
+    click.option(
+        "--breaker-threshold",
+        type=float,
+        help=f"Bad share that trips it; 1 = off [{default('breaker_threshold'):g}].",
+    ),
+    click.option(
+        "--lock-stale-after",
+        type=float,
+        help=f"Seconds without heartbeat: stale [{default('lock_stale_after'):g}].",
+    ),
     click.option("--metrics-file", metavar="PATH", help="Prometheus textfile (node_exporter)."),
     click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics here."),
     click.option("--progress/--no-progress", default=True, help="Progress bar or log lines."),
@@ -165,7 +198,7 @@ def _run_job(
     async def go() -> ExitCode:
         config = build_run_config(flags, job_file, os.environ)
         # A live-key prompt needs a person at a terminal, and stdin free of input.
-        can_ask = sys.stdin.isatty() and sys.stderr.isatty() and config.input != "-"
+        can_ask = sys.stdin.isatty() and sys.stderr.isatty() and not config.reads_stdin
         hooks = RunHooks(
             out=sys.stdout,
             progress=progress,
@@ -245,7 +278,9 @@ def status(job: str, state: str | None) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _job_store(job: str, state: str | None, *, planned: bool = False) -> AsyncIterator[Store]:
+async def _job_store(
+    job: str, state: str | None, *, planned: bool = False
+) -> AsyncIterator[SqlStore]:
     """The store holding `job`; UsageError if it does not (with `planned`: no account yet)."""
     from bulkdisconnect.store import open_store, shown_location
 

@@ -53,11 +53,11 @@ class ClientSettings:
 
     api_base: str
     api_key: str
-    stripe_account: str | None = None
-    stripe_version: str = STRIPE_VERSION
-    connect_timeout: float = 10.0
-    total_timeout: float = 30.0
-    pool_size: int = 20
+    stripe_account: str | None
+    stripe_version: str | None  # None: STRIPE_VERSION
+    connect_timeout: float
+    total_timeout: float
+    pool_size: int
 
 
 class StripeClient:
@@ -69,7 +69,7 @@ class StripeClient:
         self._headers = {
             "Authorization": f"Bearer {settings.api_key}",
             "Content-Type": FORM,
-            "Stripe-Version": settings.stripe_version,
+            "Stripe-Version": settings.stripe_version or STRIPE_VERSION,
             "User-Agent": f"bulkdisconnect/{__version__} aiohttp/{aiohttp.__version__}",
         }
         if settings.stripe_account:

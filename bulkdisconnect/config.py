@@ -17,11 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bulkdisconnect.client import STRIPE_VERSION
 from bulkdisconnect.errors import UsageError
-from bulkdisconnect.logs import mask_url
 from bulkdisconnect.model import CUSTOMER_ID_PATTERN
-from bulkdisconnect.sources.files import takes_column
 from bulkdisconnect.store import is_shared_location
 
 DEFAULT_API_BASE = "https://api.stripe.com"
@@ -48,24 +45,47 @@ class Secret:
     __str__ = __repr__
 
 
+@dataclass(frozen=True)
+class FileInput:
+    """Account IDs from a file (.txt, .csv, .jsonl, maybe .gz) or stdin (`-`)."""
+
+    path: str
+    column: str | None  # the CSV column or JSONL field; None: account_id, or the only one
+
+
+@dataclass(frozen=True)
+class SqlQuery:
+    """Account IDs from a read-only query over SQLite or PostgreSQL."""
+
+    db: str
+    query: str
+    params: dict[str, str]
+    column: str | None  # None: the column named account_id, or the only one
+
+
+@dataclass(frozen=True)
+class CustomerList:
+    """The accounts of Stripe customers, listed through the API."""
+
+    ids: tuple[str, ...]  # given one by one
+    file: str | None  # and/or a file of them, one a line
+
+
+SourceConfig = FileInput | SqlQuery | CustomerList
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """Everything one `run` needs, validated, in final units."""
+    """Everything one `run` needs, validated, in final units (defaults: `FIELDS`)."""
 
     job: str
-    input: str | None
-    db: str | None  # with query: a SQL source
-    query: str | None
-    params: dict[str, str]
-    customer: tuple[str, ...]  # with customers: a Stripe customers source
-    customers: str | None
-    column: str | None
+    source: SourceConfig
     state: Path | str  # a SQLite file, or a PostgreSQL URL (which `join` needs)
     join: bool  # work the job together with other `run --join` workers
     api_base: str
     api_key: Secret | None
     stripe_account: str | None
-    stripe_version: str
+    stripe_version: str | None  # None: the version the client is pinned to
     rate: float
     concurrency: int | None  # None: adapts to the observed latency
     max_attempts: int
@@ -85,25 +105,19 @@ class RunConfig:
     max_accounts: int | None  # refuse to start when more accounts than this are to call
 
     @property
-    def source_kind(self) -> str:
-        """Where the account IDs come from: "file", "sql" or "customers"."""
-        if self.input is not None:
-            return "file"
-        return "sql" if self.query is not None else "customers"
+    def reads_stdin(self) -> bool:
+        """Whether the account IDs come from standard input."""
+        return isinstance(self.source, FileInput) and self.source.path == "-"
 
     @property
     def source_fingerprint(self) -> str:
         """A digest of the arguments that pick the accounts: workers joining a job must agree."""
-        parts = (
-            self.input,
-            mask_url(self.db) if self.db else None,  # no digest of a password in the store
-            self.query,
-            sorted(self.params.items()),
-            self.customer,
-            self.customers,
-            self.column,
-            self.retry_failed,
-        )
+        from bulkdisconnect.logs import mask_url
+
+        source = self.source
+        if isinstance(source, SqlQuery):  # no digest of a password in the store
+            source = SqlQuery(mask_url(source.db), source.query, source.params, source.column)
+        parts = (repr(source), self.retry_failed)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     @property
@@ -261,7 +275,7 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "join": (_bool, False),
     "api_base": (_api_base, DEFAULT_API_BASE),
     "stripe_account": (_stripe_account, None),
-    "stripe_version": (_text, STRIPE_VERSION),
+    "stripe_version": (_text, None),
     "rate": (_positive, 20.0),
     "concurrency": (_positive_int, None),
     "max_attempts": (_positive_int, 5),
@@ -324,23 +338,50 @@ def build_run_config(
     for name, (parse, default) in FIELDS.items():
         parsed[name] = parse(raw[name]) if name in raw else default
 
-    _check_one_source(parsed)
-    job = parsed["job"] or _default_job_name(job_file, parsed["input"])
+    source = _source(parsed)
+    job = parsed["job"] or _default_job_name(job_file, source)
     # A dry run calls nothing, except the list calls a customers source needs.
-    needs_key = not parsed["dry_run"] or (parsed["input"] is None and parsed["query"] is None)
+    needs_key = not parsed["dry_run"] or isinstance(source, CustomerList)
     api_key = _api_key(raw.get("api_key_file"), env) if needs_key else None
-    state = resolve_state(job, parsed.pop("state"))
+    state = resolve_state(job, parsed["state"])
     if parsed["join"] and not is_shared_location(state):
         raise raw["join"].fail(
             "needs a store the workers share: --state postgresql://... "
             "(several processes cannot share a SQLite file)"
         )
-    return RunConfig(**{**parsed, "job": job, "state": state, "api_key": api_key})
+    settings = {name: parsed[name] for name in FIELDS if name not in _NOT_SETTINGS}
+    return RunConfig(**settings, job=job, source=source, state=state, api_key=api_key)
+
+
+# The FIELDS that become RunConfig's `source`, `job` and `state` rather than its own.
+_NOT_SETTINGS = (
+    "input",
+    "db",
+    "query",
+    "params",
+    "customer",
+    "customers",
+    "column",
+    "job",
+    "state",
+)
+
+
+def _source(parsed: dict[str, Any]) -> SourceConfig:
+    """The one source the values give, as its kind."""
+    _check_one_source(parsed)
+    if parsed["input"] is not None:
+        return FileInput(parsed["input"], parsed["column"])
+    if parsed["query"] is not None:
+        return SqlQuery(parsed["db"], parsed["query"], parsed["params"], parsed["column"])
+    return CustomerList(parsed["customer"], parsed["customers"])
 
 
 def _drop_job_file_column(raw: dict[str, _Value]) -> None:
     """A job file's `column` is for its own input: an --input without columns (.txt, stdin)
     given on the command line overrides both. A --column flag there stays an error."""
+    from bulkdisconnect.sources.files import takes_column
+
     column, input_ = raw.get("column"), raw.get("input")
     if column is None or input_ is None or column.from_flag or not input_.from_flag:
         return
@@ -384,7 +425,8 @@ def resolve_state(job: str, state: str | None) -> Path | str:
     return Path(state.removeprefix("sqlite:///"))
 
 
-def _default_job_name(job_file: Path | None, input_path: str | None) -> str:
+def _default_job_name(job_file: Path | None, source: SourceConfig) -> str:
+    input_path = source.path if isinstance(source, FileInput) else None
     if job_file is not None:
         stem = job_file.stem
     elif input_path is not None and input_path != "-":
@@ -395,6 +437,11 @@ def _default_job_name(job_file: Path | None, input_path: str | None) -> str:
     else:
         raise UsageError("--job is required for a SQL or customers source (or use a job file)")
     return _job_name(_Value(stem, f"the job name derived from {job_file or input_path!r}"))
+
+
+def default(name: str) -> Any:
+    """The default of a setting, for the command line's help (written in FIELDS only)."""
+    return FIELDS[name][1]
 
 
 def _api_key(key_file: _Value | None, env: Mapping[str, str]) -> Secret:

@@ -1,14 +1,19 @@
-"""One run of a job: lock, plan the input into the store, work it, summarise, pick the exit code."""
+"""One run of a job, as a story: open → lock → plan → approve → work → summarise → exit code.
+
+Each phase is a short function below, in that order; the mechanics live in their modules:
+stopping.py (signals), lease.py (heartbeats and rate share), planning.py (staging and merge),
+pool.py and writer.py (the work), limiter.py and retry.py (the meters and the retry loop
+that list calls and disconnects share), metrics.py, report.py.
+"""
 
 from __future__ import annotations
 
-import signal
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, TextIO
 
 import anyio
@@ -17,32 +22,27 @@ import structlog
 from bulkdisconnect.breaker import BreakerSettings, FailureBreaker
 from bulkdisconnect.client import ClientSettings, StripeClient, make_session
 from bulkdisconnect.config import RunConfig
-from bulkdisconnect.errors import (
-    BreakerTrippedError,
-    BulkDisconnectError,
-    ExitCode,
-    LockHeldError,
-    UsageError,
-)
-from bulkdisconnect.limiter import RateLimiter
+from bulkdisconnect.errors import BreakerTrippedError, BulkDisconnectError, ExitCode, UsageError
+from bulkdisconnect.lease import Lease
+from bulkdisconnect.limiter import MAX_CONCURRENCY, Meters, RateLimiter
 from bulkdisconnect.logs import redact_text
-from bulkdisconnect.metrics import MetricsSettings, RunMetrics
-from bulkdisconnect.model import GOOD_OUTCOMES, Outcome, RunStats
-from bulkdisconnect.pool import MAX_CONCURRENCY, Pool, PoolSettings
+from bulkdisconnect.metrics import RunMetrics, run_metrics
+from bulkdisconnect.model import GOOD_OUTCOMES, RunStats
+from bulkdisconnect.planning import PLAN_CHUNK, plan_input
+from bulkdisconnect.pool import Pool, PoolSettings
 from bulkdisconnect.progress import show_progress
 from bulkdisconnect.report import format_plan, format_summary
-from bulkdisconnect.retry import RetryPolicy
+from bulkdisconnect.retry import Retrier, RetryPolicy
 from bulkdisconnect.sources import Source, open_run_source
-from bulkdisconnect.store import PlanCounts, Store, open_store, plan_input
+from bulkdisconnect.sources.customers import CustomerBook
+from bulkdisconnect.stopping import Stop, StoppedError, cancel_after_grace, on_signals
+from bulkdisconnect.store import PlanCounts, open_store
+from bulkdisconnect.store.core import SqlStore
 from bulkdisconnect.writer import ResultWriter
 
 log = structlog.get_logger("bulkdisconnect")
 
-JOIN_PAGE_SIZE = 100
-# Values per chunk while planning: one worker-thread trip and one staging transaction each.
-# 1,000 cost ~15 % of a million-ID resume in those trips; 10,000 values are ~1 MB in memory.
-PLAN_CHUNK = 10_000
-JOIN_POLL = 0.2  # seconds between heartbeats while a joining worker waits for its share
+JOIN_PAGE_SIZE = 100  # workers sharing a job end together better with smaller pages in hand
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,99 +56,65 @@ class RunHooks:
     confirm: Callable[[str], bool] | None = None
 
 
-class _CustomerBook:
-    """The customers a plan lists: skipped when an earlier plan of the job listed them,
-    recorded as listed once this plan is merged (`store` is set once it is open)."""
-
-    def __init__(self, job: str) -> None:
-        self.job = job
-        self.store: Store | None = None
-        self.listed: list[str] = []
-        self.skipped = 0
-
-    async def was_listed(self, customer: str) -> bool:
-        assert self.store is not None, "the store opens before the source is read"
-        listed = await self.store.customer_listed(self.job, customer)
-        self.skipped += listed
-        return listed
-
-    async def add(self, customer: str) -> None:
-        self.listed.append(customer)
-
-
-@dataclass
+@dataclass(frozen=True)
 class _Run:
     """What the phases of one run share."""
 
     config: RunConfig
     hooks: RunHooks
-    store: Store
+    store: SqlStore
     client: StripeClient | None
-    limiter: RateLimiter
     source: Source
-    customers: _CustomerBook
+    book: CustomerBook
+    meters: Meters
+    retrier: Retrier
+    stats: RunStats
+    stop: Stop
+    metrics: RunMetrics | None
 
 
 async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
-    """Run the job once and return its exit code; raises BulkDisconnectError for 2, 4 and 5.
+    """Run the job once and return its exit code; raises BulkDisconnectError for 2, 4 and 5."""
+    try:
+        async with on_signals() as stop, _opened(config, hooks, stop) as run:
+            if config.dry_run:
+                return await _dry_run(run)
+            return await _locked(run)
+    except BaseExceptionGroup as group:  # a task group's: ours is the one that tells the exit
+        raise _ours(group) or group from None
 
-    The source is opened and checked before the store: a run refused for its input or its
-    configuration leaves no store behind, and a dry run writes none.
-    """
+
+@asynccontextmanager
+async def _opened(config: RunConfig, hooks: RunHooks, stop: Stop) -> AsyncIterator[_Run]:
+    """The run's parts. The source is opened and checked before the store: a run refused for
+    its input or configuration leaves no store behind, and a dry run creates none."""
+    stats = RunStats()
+    metrics = run_metrics(config.job, file=config.metrics_file, pushgateway=config.pushgateway)
+    limiter = RateLimiter(config.rate)  # list calls and disconnects share it
+    meters = Meters(
+        limiter, concurrency=config.concurrency, stats=stats, stop=stop, metrics=metrics
+    )
+    policy = RetryPolicy(
+        max_attempts=config.max_attempts,
+        initial_delay=config.retry_delay,
+        max_delay=config.retry_max_delay,
+    )
+    retrier = Retrier(policy, meters, stop, stats=stats, metrics=metrics)
+    book = CustomerBook(config.job)
     async with _client(config) as client:
-        limiter = RateLimiter(config.rate)  # list calls and disconnects share it
-        customers = _CustomerBook(config.job)
         source = open_run_source(
-            config,
-            stdin=hooks.stdin,
-            client=client,
-            limiter=limiter,
-            policy=_retry_policy(config),
-            skip_customer=customers.was_listed,
-            customer_listed=customers.add,
+            config.source, stdin=hooks.stdin, client=client, retrier=retrier, book=book
         )
         await source.check()
         store = await open_store(config.state, create=not config.dry_run)
-        customers.store = store
+        book.bind(store)
         try:
-            run = _Run(config, hooks, store, client, limiter, source, customers)
-            if config.dry_run:
-                counts = await plan_input(
-                    store,
-                    config.job,
-                    source.chunks(PLAN_CHUNK),
-                    retry_failed=config.retry_failed,
-                    dry_run=True,
-                )
-                hooks.out.write(format_plan(config.job, counts, dry_run=True))
-                _warn_if_empty(run, counts)
-                return ExitCode.OK
-            # The run ID names the lock holder, and marks the accounts this run claims.
-            run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-            await store.acquire_lock(
-                config.job,
-                run_id,
-                stale_after=config.lock_stale_after,
-                join=config.join,
-                source=config.source_fingerprint,
+            yield _Run(
+                config, hooks, store, client, source, book, meters, retrier, stats, stop, metrics
             )
-            try:
-                return await _locked_run(run, run_id)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await store.release_lock(config.job, run_id)
         finally:
             with anyio.CancelScope(shield=True):
                 await store.aclose()
-
-
-def _warn_if_empty(run: _Run, counts: PlanCounts) -> None:
-    """Say so when the source yielded nothing: an empty export or a query matching no row is
-    more often a mistake than a job with nothing to do."""
-    if counts.read or run.customers.skipped:  # customers listed before: nothing new, rightly
-        return
-    run.hooks.out.write(f"0 accounts read from {run.source.description}\n")
-    log.warning("bulkdisconnect.empty_source", job=run.config.job, source=run.source.description)
 
 
 @asynccontextmanager
@@ -170,69 +136,64 @@ async def _client(config: RunConfig) -> AsyncIterator[StripeClient | None]:
         yield StripeClient(session, settings)
 
 
-def _retry_policy(config: RunConfig) -> RetryPolicy:
-    return RetryPolicy(
-        max_attempts=config.max_attempts,
-        initial_delay=config.retry_delay,
-        max_delay=config.retry_max_delay,
-    )
+async def _dry_run(run: _Run) -> ExitCode:
+    """Plan without changing the job: what a run would do."""
+    counts = await _plan_unless_stopped(run, commit=False)
+    if counts is None:
+        return ExitCode.INTERRUPTED
+    run.hooks.out.write(format_plan(run.config.job, counts, dry_run=True))
+    _warn_if_empty(run, counts)
+    return ExitCode.OK
 
 
-async def _locked_run(run: _Run, run_id: str) -> ExitCode:
+async def _locked(run: _Run) -> ExitCode:
+    """Hold the job for the rest of the run; record the run and how it ended."""
     config, store = run.config, run.store
-    await store.start_run(config.job, run_id)
-    exit_code = ExitCode.INTERRUPTED
-    message = "interrupted"
-    metrics = _metrics_for(config)
+    # The run ID names the lock holder, and marks the accounts this run claims.
+    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    await store.acquire_lock(
+        config.job,
+        run_id,
+        stale_after=config.lock_stale_after,
+        join=config.join,
+        source=config.source_fingerprint,
+    )
+    exit_code, message = ExitCode.INTERRUPTED, "interrupted"
     try:
-        async with _lease(store, config, run_id, run.limiter), _signals() as stop:
-            exit_code, message = await _plan_and_work(run, run_id, stop, metrics)
-    except BaseExceptionGroup as group:
-        error = _single_error(group)
-        if isinstance(error, BulkDisconnectError):
-            exit_code, message = error.exit_code, str(error)
-        raise error from None
-    except BulkDisconnectError as error:
+        await store.start_run(config.job, run_id)
+        lease = Lease(
+            store,
+            config.job,
+            run_id,
+            lease=config.lock_stale_after,
+            join=config.join,
+            limiter=run.meters.limiter,
+        )
+        async with lease.hold():
+            exit_code, message = await _plan_and_work(run, run_id)
+    except* BulkDisconnectError as group:
+        error = _ours(group)
+        assert error is not None
         exit_code, message = error.exit_code, str(error)
         raise
     finally:
         with anyio.CancelScope(shield=True):
             await store.finish_run(run_id, int(exit_code), redact_text(message))
-            if metrics is not None:
-                metrics.finish(int(exit_code))
-                await anyio.to_thread.run_sync(metrics.publish)
+            if run.metrics is not None:
+                run.metrics.finish(int(exit_code))
+                await anyio.to_thread.run_sync(run.metrics.publish)
+            await store.release_lock(config.job, run_id)
     return exit_code
 
 
-def _metrics_for(config: RunConfig) -> RunMetrics | None:
-    """Prometheus metrics for the run, when a file or a Pushgateway asks for them."""
-    settings = MetricsSettings(
-        file=Path(config.metrics_file) if config.metrics_file else None,
-        pushgateway=config.pushgateway,
-    )
-    metrics = RunMetrics(config.job, settings)
-    return metrics if metrics.enabled else None
-
-
-async def _publish_metrics(metrics: RunMetrics, stats: RunStats, every: float) -> None:
-    """Keep the metrics file (or Pushgateway) current while the run works."""
-    while True:
-        await anyio.sleep(every)
-        metrics.set_progress(pending=stats.planned - stats.done, target_rate=stats.current_rate)
-        await anyio.to_thread.run_sync(metrics.publish)
-
-
-async def _plan_and_work(
-    run: _Run, run_id: str, stop: _Stop, metrics: RunMetrics | None
-) -> tuple[ExitCode, str]:
-    config, store = run.config, run.store
+async def _plan_and_work(run: _Run, run_id: str) -> tuple[ExitCode, str]:
+    """Plan (or join the plan), work what is pending, summarise; the exit code and summary."""
+    config, stats = run.config, run.stats
     started = time.monotonic()
-    stopping = stop.requested
-    counts = await _plan(run, run_id, stopping)
+    counts = await _plan(run, run_id)
     if counts is None:
         return ExitCode.INTERRUPTED, "interrupted while planning; nothing was called"
-    hooks = run.hooks
-    stats = RunStats(planned=counts.to_call)
+    stats.planned = counts.to_call
     log.info(
         "bulkdisconnect.run.start",
         job=config.job,
@@ -242,87 +203,51 @@ async def _plan_and_work(
         concurrency=config.concurrency or "adaptive",
     )
     if counts.to_call:
-        await _work(run, run_id, stats, stop, metrics)
-    job_counts = await store.counts(config.job)
-    if metrics is not None:
-        metrics.set_progress(pending=job_counts.get(None, 0), target_rate=stats.current_rate)
-    exit_code = _exit_code(job_counts, interrupted=stopping.is_set())
-    elapsed = time.monotonic() - started
-    summary = format_summary(config, stats, job_counts, elapsed, exit_code)
-    hooks.out.write(summary)
-    log.info(
-        "bulkdisconnect.run.end",
-        job=config.job,
-        run_id=run_id,
-        exit_code=int(exit_code),
-        requests=stats.requests,
-        retries=stats.retries,
-        elapsed=round(elapsed, 3),
-        **{o.value: n for o, n in stats.outcomes.items()},
-    )
-    return exit_code, summary
+        await _work(run, run_id)
+    return await _summarise(run, run_id, time.monotonic() - started)
 
 
-async def _plan(run: _Run, run_id: str, stopping: anyio.Event) -> PlanCounts | None:
-    """Plan the input into the store; None if a signal came first (nothing merged).
+async def _plan(run: _Run, run_id: str) -> PlanCounts | None:
+    """Plan the input into the job; None if a stop came first (nothing merged).
 
     Of the workers joining one job, the first plans and the others find the plan in place.
     """
     job = run.config.job
     if not run.config.join:
-        return await _plan_input(run, stopping)
+        return await _plan_unless_stopped(run, commit=True)
     async with run.store.planning(job, run_id) as must_plan:
         if must_plan:
-            return await _plan_input(run, stopping)
+            return await _plan_unless_stopped(run, commit=True)
     pending = (await run.store.counts(job)).get(None, 0)
     run.hooks.out.write(f"joined job {job}: planned by another worker, {pending} to call\n")
     log.info("bulkdisconnect.joined", job=job, run_id=run_id, pending=pending)
     return PlanCounts(read=0, invalid=0, duplicates=0, already_done=0, to_call=pending)
 
 
-async def _plan_input(run: _Run, stopping: anyio.Event) -> PlanCounts | None:
-    """Stage the whole source, approve it, then merge it into the job.
-
-    The whole source is read and counted before the job changes: --max-accounts and the
-    live-key confirmation can still refuse it, leaving the job as it was.
-    """
-    config, store = run.config, run.store
-    result: list[PlanCounts] = []
-    async with anyio.create_task_group() as tg:
-
-        async def stage() -> None:
-            result.append(
-                await store.stage(
-                    config.job, run.source.chunks(PLAN_CHUNK), retry_failed=config.retry_failed
-                )
-            )
-            tg.cancel_scope.cancel()
-
-        async def cancel_on_stop() -> None:
-            await stopping.wait()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(stage)
-        tg.start_soon(cancel_on_stop)
-    if not result:
-        await store.discard_staged()
+async def _plan_unless_stopped(run: _Run, *, commit: bool) -> PlanCounts | None:
+    """Stage the whole source, approve it, merge it (with `commit`); None if stopped."""
+    config = run.config
+    counts = None
+    with run.stop.cancels(), contextlib.suppress(StoppedError):
+        counts = await plan_input(
+            run.store,
+            config.job,
+            run.source.chunks(PLAN_CHUNK),
+            retry_failed=config.retry_failed,
+            approve=(lambda counts: _approve(config, counts, run.hooks)) if commit else None,
+            commit=commit,
+        )
+    if counts is None:
         return None
-    counts = result[0]
-    try:
-        _approve(config, counts, run.hooks)
-    except BulkDisconnectError:
-        await store.discard_staged()
-        raise
-    await store.commit_staged(config.job, retry_failed=config.retry_failed)
-    for customer in run.customers.listed:
-        await store.mark_customer_listed(config.job, customer)
-    run.hooks.out.write(format_plan(config.job, counts, dry_run=False))
-    _warn_if_empty(run, counts)
+    if commit:
+        await run.book.remember()
+        run.hooks.out.write(format_plan(config.job, counts, dry_run=False))
+        _warn_if_empty(run, counts)
     return counts
 
 
 def _approve(config: RunConfig, counts: PlanCounts, hooks: RunHooks) -> None:
-    """The safety rails between a plan and its first disconnect."""
+    """The safety rails between a plan and its first disconnect (raising refuses it)."""
     if config.max_accounts is not None and counts.to_call > config.max_accounts:
         raise UsageError(
             f"the source holds {counts.to_call} accounts to disconnect, more than "
@@ -338,15 +263,18 @@ def _approve(config: RunConfig, counts: PlanCounts, hooks: RunHooks) -> None:
         )
 
 
-async def _work(
-    run: _Run,
-    run_id: str,
-    stats: RunStats,
-    stop: _Stop,
-    metrics: RunMetrics | None,
-) -> None:
+def _warn_if_empty(run: _Run, counts: PlanCounts) -> None:
+    """Say so when the source yielded nothing: an empty export or a query matching no row is
+    more often a mistake than a job with nothing to do."""
+    if counts.read or run.book.skipped:  # customers listed before: nothing new, rightly
+        return
+    run.hooks.out.write(f"0 accounts read from {run.source.description}\n")
+    log.warning("bulkdisconnect.empty_source", job=run.config.job, source=run.source.description)
+
+
+async def _work(run: _Run, run_id: str) -> None:
     """Call the API for every pending account; flush every outcome however this ends."""
-    config, store = run.config, run.store
+    config, store, stats = run.config, run.store, run.stats
     assert run.client is not None
     writer = ResultWriter(store, config.job, run_id)
     pool = Pool(
@@ -354,7 +282,8 @@ async def _work(
         run_id=run_id,
         store=store,
         client=run.client,
-        limiter=run.limiter,
+        meters=run.meters,
+        retrier=run.retrier,
         breaker=FailureBreaker(
             BreakerSettings(
                 min_sample=config.breaker_min_sample, threshold=config.breaker_threshold
@@ -362,61 +291,58 @@ async def _work(
         ),
         writer=writer,
         settings=PoolSettings(
-            rate=config.rate,
             concurrency=config.concurrency,
-            policy=_retry_policy(config),
-            # Workers sharing a job end together better with smaller pages in hand.
             page_size=JOIN_PAGE_SIZE if config.join else PoolSettings.page_size,
         ),
         stats=stats,
-        stopping=stop.requested,
-        metrics=metrics,
+        stop=run.stop,
+        metrics=run.metrics,
     )
-    error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer.run)
-            if metrics is not None:
-                tg.start_soon(_publish_metrics, metrics, stats, metrics.settings.interval)
+            if run.metrics is not None:
+                tg.start_soon(run.metrics.keep_published, stats)
             if run.hooks.progress:
                 tg.start_soon(show_progress, stats)
             with anyio.CancelScope() as pool_scope:
-                tg.start_soon(_cancel_after_grace, stop, pool_scope, config.grace)
+                tg.start_soon(cancel_after_grace, run.stop, pool_scope, config.grace)
                 await pool.run()
             tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        error = _single_error(group)
+    except* BreakerTrippedError as group:
+        # The answers that tripped the breaker are not final: a rerun calls them again.
+        with anyio.CancelScope(shield=True):
+            await writer.flush()
+            released = await store.release_refused(config.job, run_id)
+        log.error(  # noqa: TRY400 - the reason is the message; a traceback says nothing more
+            "bulkdisconnect.breaker", released=released, reason=str(group.exceptions[0])
+        )
+        raise
     finally:
         with anyio.CancelScope(shield=True):
             await writer.flush()
-    if isinstance(error, BreakerTrippedError):
-        # The answers that tripped the breaker are not final: a rerun calls them again.
-        released = await store.release_outcomes(
-            config.job, run_id, [Outcome.FAILED.value, Outcome.NOT_FOUND.value]
-        )
-        log.error("bulkdisconnect.breaker", released=released, reason=str(error))
-    if error is not None:
-        raise error
 
 
-async def _cancel_after_grace(stop: _Stop, scope: anyio.CancelScope, grace: float) -> None:
-    """After a stop signal, give in-flight requests `grace` seconds (or until a second signal),
-    then cancel them."""
-    await stop.requested.wait()
-    with anyio.move_on_after(grace):
-        await stop.hurry.wait()
-    scope.cancel()
-
-
-def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one meaningful error of a task group: ours if any, else the group itself."""
-    ours = group.subgroup(lambda e: isinstance(e, BulkDisconnectError))
-    if ours is not None:
-        leaf = ours.exceptions[0]
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
-        return leaf
-    return group
+async def _summarise(run: _Run, run_id: str, elapsed: float) -> tuple[ExitCode, str]:
+    """Print the summary and log the run's end; the exit code and the summary."""
+    config, stats = run.config, run.stats
+    job_counts = await run.store.counts(config.job)
+    if run.metrics is not None:
+        run.metrics.set_progress(pending=job_counts.get(None, 0), target_rate=stats.current_rate)
+    exit_code = _exit_code(job_counts, interrupted=run.stop.requested.is_set())
+    summary = format_summary(config, stats, job_counts, elapsed, exit_code)
+    run.hooks.out.write(summary)
+    log.info(
+        "bulkdisconnect.run.end",
+        job=config.job,
+        run_id=run_id,
+        exit_code=int(exit_code),
+        requests=stats.requests,
+        retries=stats.retries,
+        elapsed=round(elapsed, 3),
+        **{o.value: n for o, n in stats.outcomes.items()},
+    )
+    return exit_code, summary
 
 
 def _exit_code(counts: dict[str | None, int], *, interrupted: bool) -> ExitCode:
@@ -426,82 +352,13 @@ def _exit_code(counts: dict[str | None, int], *, interrupted: bool) -> ExitCode:
     return ExitCode.SOME_FAILED if bad else ExitCode.OK
 
 
-@asynccontextmanager
-async def _lease(
-    store: Store, config: RunConfig, run_id: str, limiter: RateLimiter
-) -> AsyncIterator[None]:
-    """Hold the job's lease and this worker's share of --rate while the body runs.
-
-    A joining worker starts only once every other worker runs at its new, smaller share, so
-    the workers together never exceed --rate. A heartbeat that fails, or does not get
-    through within half the lease, stops the run (exit 4) before the lease can run out: by
-    then others may take over its accounts.
-    """
-    lease = config.lock_stale_after
-    beat = await store.heartbeat(config.job, run_id)
-    while beat is not None and not beat.ready:
-        await anyio.sleep(JOIN_POLL)
-        beat = await store.heartbeat(config.job, run_id)
-    if beat is None:
-        raise LockHeldError(f"job {config.job!r}: lost the lock's lease before starting")
-    limiter.share(beat.workers)
-    lost: list[bool] = []
-    # Joined workers re-divide the rate as others come and go: look often.
-    every = min(lease / 6, JOIN_POLL * 5) if config.join else lease / 6
-
-    async def renew(scope: anyio.CancelScope) -> None:
-        while True:
-            await anyio.sleep(every)
-            renewed = None
-            with anyio.move_on_after(lease / 2):
-                renewed = await store.heartbeat(config.job, run_id)
-            if renewed is None:
-                lost.append(True)
-                scope.cancel()
-                return
-            limiter.share(renewed.workers)
-
-    async with anyio.create_task_group() as tg:
-        with anyio.CancelScope() as body:
-            tg.start_soon(renew, body)
-            yield
-        tg.cancel_scope.cancel()
-    if lost:
-        raise LockHeldError(
-            f"job {config.job!r}: lost the lock's lease (taken over, or no heartbeat got "
-            f"through for {lease / 2:g}s); stopped"
-        )
-
-
-@dataclass(frozen=True)
-class _Stop:
-    """What SIGINT/SIGTERM asked for: the first stops intake, the second cancels what is in
-    flight at once (the run still flushes and prints its summary)."""
-
-    requested: anyio.Event
-    hurry: anyio.Event
-
-
-@asynccontextmanager
-async def _signals() -> AsyncIterator[_Stop]:
-    """Watch SIGINT/SIGTERM for the body; a third signal abandons the body altogether."""
-    stop = _Stop(requested=anyio.Event(), hurry=anyio.Event())
-
-    async def watch(scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if stop.hurry.is_set():
-                    scope.cancel()
-                    return
-                if stop.requested.is_set():
-                    log.warning("bulkdisconnect.stopping.now", signal=name)
-                    stop.hurry.set()
-                    continue
-                log.warning("bulkdisconnect.stopping", signal=name)
-                stop.requested.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch, tg.cancel_scope)
-        yield stop
-        tg.cancel_scope.cancel()
+def _ours(group: BaseExceptionGroup[BaseException]) -> BulkDisconnectError | None:
+    """The first of our errors in a (nested) exception group: it decides the exit code."""
+    ours = group.subgroup(lambda e: isinstance(e, BulkDisconnectError))
+    if ours is None:
+        return None
+    leaf: BaseException = ours
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, BulkDisconnectError)
+    return leaf

@@ -1,8 +1,13 @@
-"""Meters that decide when a request may go out, kept separate and stacked in the pool.
+"""Meters that decide when a request may go out, kept separate and stacked by `Meters`.
 
-- `RateLimiter`: the hard cap, --rate in any sliding one-second window (aiolimiter).
+- `RateLimiter`: the hard cap, --rate in any sliding one-second window (a leaky bucket).
 - `AdaptivePacer`: AIMD pacing *below* the cap, lowered when Stripe answers 429.
 - `ConcurrencyTuner`: sizes the in-flight cap from rate x latency (Little's law).
+- `Meters`: the three stacked in front of every call to Stripe, disconnects and list calls
+  alike, and what each answer teaches them.
+
+Each takes its clock (and the limiter and pacer their sleep) as arguments: the tests drive
+them on a fake clock.
 """
 
 from __future__ import annotations
@@ -10,11 +15,20 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-from types import TracebackType
+from collections.abc import Awaitable, Callable
 
 import anyio
-from aiolimiter import AsyncLimiter
+import structlog
+
+from bulkdisconnect.client import Answer
+from bulkdisconnect.metrics import RunMetrics
+from bulkdisconnect.model import RunStats
+from bulkdisconnect.stopping import Stop
+
+log = structlog.get_logger("bulkdisconnect")
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 
 # How often the target may climb while answers are clean.
 INCREASE_PERIOD = 0.5
@@ -33,77 +47,95 @@ MARGIN = 0.01
 # put 1,003 requests in one second under a cap of 1,000).
 SHARED_MARGIN = 0.02
 
+# Bounds of the in-flight cap when it adapts (no --concurrency).
+MIN_CONCURRENCY = 4
+MAX_CONCURRENCY = 256
+
 
 class RateLimiter:
     """At most `rate` acquisitions in any sliding one-second window, from the first second.
 
-    `AsyncLimiter(rate, 1)` is a bucket of `rate` tokens that starts empty, so it admits `rate`
-    at once and another `rate` over the next second: about twice the cap in the first window.
-    Here the bucket holds C = 1 + k tokens and leaks at r' per second; n acquisitions then
-    need at least (n - C) / r' seconds, so rate + 1 of them need (rate - k) / r' = 1 + MARGIN
-    seconds: no window of one second (even seen through some jitter) holds more than `rate`.
-    The long-run rate is r' = (rate - k) / (1 + MARGIN), about 0.985 x rate.
+    A bucket of `rate` tokens that starts empty (aiolimiter's `AsyncLimiter(rate, 1)`) admits
+    `rate` at once and another `rate` over the next second: about twice the cap in the first
+    window. Here the bucket holds C = 1 + k tokens and leaks at r' per second; n acquisitions
+    then need at least (n - C) / r' seconds, so rate + 1 of them need (rate - k) / r' =
+    1 + MARGIN seconds: no window of one second (even seen through some jitter) holds more
+    than `rate`. The long-run rate is r' = (rate - k) / (1 + MARGIN), about 0.985 x rate.
+    Waiters are served first come, first served.
     """
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep):
         self.cap = rate  # --rate: for all the job's workers together
         self.rate = rate  # this worker's share of it
-        self._limiter: AsyncLimiter | None = None
-        if not math.isinf(rate):
-            self._limiter = AsyncLimiter(*_bucket(rate))
+        self._clock = clock
+        self._sleep = sleep
+        self._capacity, self._leak = _bucket(rate)
+        self._level = 0.0  # tokens in the bucket
+        self._drained_at = clock()
+        self._waiters: deque[anyio.Event] = deque()  # the head's turn is set
 
     def share(self, workers: int) -> None:
         """Run at 1/workers of the cap, from now on (workers sharing one job)."""
         rate = self.cap if workers <= 1 else self.cap / workers * (1 - SHARED_MARGIN)
-        if rate == self.rate or self._limiter is None:
+        if rate == self.rate or math.isinf(rate):
             return
-        limiter = self._limiter
-        # aiolimiter has no setter: settle the bucket at the old leak rate, then reshape it.
-        limiter.has_capacity()
-        limiter.max_rate, limiter.time_period = _bucket(rate)
-        limiter._rate_per_sec = limiter.max_rate / limiter.time_period
+        self._drain()
+        self._capacity, self._leak = _bucket(rate)
         if rate < self.rate:
             # No burst at the new share: a worker that just joined starts at the leak rate,
             # so the others' last second at their old share plus its first stays under the cap.
-            limiter._level = max(limiter._level, limiter.max_rate)
+            self._level = max(self._level, self._capacity)
         self.rate = rate
 
     def try_acquire(self) -> bool:
         """Take a token now if one is free and nobody waits for one; False: call `acquire`.
 
-        What aiolimiter's `acquire` does when it need not wait, without a coroutine: this
-        runs once per request.
+        No coroutine: this runs once per request.
         """
-        limiter = self._limiter
-        if limiter is None:
+        if self._leak == math.inf:
             return True
-        if limiter._waiters or not limiter.has_capacity():
+        if self._waiters:
             return False
-        limiter._level += 1
-        return True
+        return self._take()
 
     async def acquire(self) -> None:
-        """Wait until one more request fits under the cap."""
-        if self._limiter is not None:
-            await self._limiter.acquire()
+        """Wait until one more request fits under the cap (after those waiting already)."""
+        if self.try_acquire():
+            return
+        turn = anyio.Event()
+        self._waiters.append(turn)
+        if len(self._waiters) == 1:
+            turn.set()
+        try:
+            await turn.wait()
+            while not self._take():
+                await self._sleep((self._level + 1 - self._capacity) / self._leak)
+        finally:
+            self._waiters.remove(turn)
+            if self._waiters:
+                self._waiters[0].set()
 
-    async def __aenter__(self) -> None:
-        await self.acquire()
+    def _take(self) -> bool:
+        self._drain()
+        # The tolerance: a sleep computed to the token's arrival must find it there, floating
+        # point rounding notwithstanding.
+        if self._level + 1 > self._capacity + 1e-9:
+            return False
+        self._level += 1
+        return True
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
+    def _drain(self) -> None:
+        now = self._clock()
+        self._level = max(0.0, self._level - (now - self._drained_at) * self._leak)
+        self._drained_at = now
 
 
 def _bucket(rate: float) -> tuple[float, float]:
-    """The (capacity, period) of the leaky bucket that caps a sliding second at `rate`."""
+    """The (capacity, leak per second) of the bucket that caps a sliding second at `rate`."""
+    if math.isinf(rate):
+        return math.inf, math.inf
     credit = rate * CREDIT
-    leak = (rate - credit) / (1 + MARGIN)
-    return 1 + credit, (1 + credit) / leak
+    return 1 + credit, (rate - credit) / (1 + MARGIN)
 
 
 class AdaptivePacer:
@@ -122,12 +154,14 @@ class AdaptivePacer:
         cap: float,
         *,
         decrease: float = 0.9,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = anyio.sleep,
     ) -> None:
         self.cap = cap
         self.current = cap
         self._decrease = decrease
         self._clock = clock
+        self._sleep = sleep
         self._accepted: deque[float] = deque()  # times of non-429 answers, last second
         self._limited_at = -math.inf  # when the last decrease happened
         self._limited_rate = math.inf  # the accepted rate measured at the last decrease
@@ -136,10 +170,6 @@ class AdaptivePacer:
         self._floor = min(cap, 1.0)
         self._started = clock()
 
-    async def __aenter__(self) -> None:
-        if self.current < self.cap:
-            await self.wait()
-
     async def wait(self) -> None:
         """Wait for the next slot at the current target (below the cap)."""
         now = self._clock()
@@ -147,10 +177,7 @@ class AdaptivePacer:
         slot = max(self._next_slot, now - 0.01)
         self._next_slot = slot + 1 / self.current
         if slot > now:
-            await anyio.sleep(slot - now)
-
-    async def __aexit__(self, *_: object) -> None:
-        return None
+            await self._sleep(slot - now)
 
     def set_cap(self, cap: float) -> None:
         """Move the cap (this worker's share changed); a target at the cap follows it."""
@@ -215,7 +242,118 @@ class ConcurrencyTuner:
 
     def retune(self, rate: float) -> int:
         """Resize the in-flight cap for the current target rate; returns the new size."""
+        if math.isinf(rate):  # no cap on the rate: only the bounds cap what is in flight
+            return self._resize(self.high)
         wanted = math.ceil(rate * self._latency * self._headroom) + 2
-        size = max(self.low, min(self.high, wanted))
+        return self._resize(max(self.low, min(self.high, wanted)))
+
+    def _resize(self, size: int) -> int:
         self.limiter.total_tokens = size
         return size
+
+
+def initial_concurrency(rate: float) -> int:
+    """Requests in flight before any latency is known: enough for --rate at 0.5 s each."""
+    if math.isinf(rate):
+        return MAX_CONCURRENCY
+    return max(MIN_CONCURRENCY, min(MAX_CONCURRENCY, math.ceil(rate * 0.5 * 1.5) + 2))
+
+
+class Meters:
+    """The meters every call to Stripe passes, stacked, and what each answer teaches them.
+
+    In order: the in-flight cap (adaptive without --concurrency; a fixed one is the number of
+    workers), the AIMD pacer (when 429s lowered the target), then the hard rate cap. Waiting
+    at any of them ends when the run stops: a request not sent by then is not sent.
+    """
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        *,
+        concurrency: int | None,
+        stats: RunStats,
+        stop: Stop,
+        metrics: RunMetrics | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.limiter = limiter
+        self.pacer = AdaptivePacer(limiter.rate, clock=clock)
+        self._stats = stats
+        self._stop = stop
+        self._metrics = metrics
+        self._in_flight: anyio.CapacityLimiter | None = None
+        self.tuner: ConcurrencyTuner | None = None
+        if concurrency:
+            stats.concurrency = concurrency
+        else:
+            self._in_flight = anyio.CapacityLimiter(initial_concurrency(limiter.rate))
+            self.tuner = ConcurrencyTuner(
+                self._in_flight, low=MIN_CONCURRENCY, high=MAX_CONCURRENCY
+            )
+            stats.concurrency = int(self._in_flight.total_tokens)
+        stats.current_rate = limiter.rate
+        self.reached = False  # whether any request got an HTTP answer
+
+    async def admit(self) -> bool:
+        """Wait for an in-flight slot, the pacer and a rate token; False, holding nothing,
+        if the run stops first. Only an actual wait pays for a cancel scope."""
+        in_flight = self._in_flight
+        if in_flight is not None:
+            try:
+                in_flight.acquire_nowait()
+            except anyio.WouldBlock:
+                if not await self._unless_stopped(in_flight.acquire):
+                    return False
+        pacer, limiter = self.pacer, self.limiter
+        admitted = (
+            (pacer.current >= pacer.cap or await self._unless_stopped(pacer.wait))
+            and (limiter.try_acquire() or await self._unless_stopped(limiter.acquire))
+            and not self._stop.requested.is_set()
+        )
+        if not admitted:
+            self.release()
+            return False
+        self._stats.requests += 1
+        return True
+
+    def release(self) -> None:
+        """Give back the in-flight slot of an admitted request."""
+        if self._in_flight is not None:
+            self._in_flight.release()
+
+    async def _unless_stopped(self, wait: Callable[[], Awaitable[None]]) -> bool:
+        with self._stop.cancels() as scope:
+            await wait()
+        return not scope.cancelled_caught
+
+    def observe(self, answer: Answer, latency: float) -> None:
+        """Feed one answer to the meters: latency to the tuner and metrics, 429s to the pacer."""
+        stats, pacer = self._stats, self.pacer
+        if answer.status:
+            self.reached = True
+        if self.tuner is not None:
+            self.tuner.observe_latency(latency)
+        if self._metrics is not None:
+            self._metrics.request(latency, status=answer.status)
+        if pacer.cap != self.limiter.rate:  # workers joined or left the job
+            pacer.set_cap(self.limiter.rate)
+        if answer.status == 429:
+            stats.rate_limited += 1
+        # lock_timeout is one object's lock, not the account's rate: it must not slow the run.
+        limited = answer.status == 429 and answer.error_code != "lock_timeout"
+        if pacer.observe(rate_limited=limited):
+            log.info(
+                "bulkdisconnect.throttle",
+                rate=round(pacer.current, 2),
+                reason=answer.rate_limited_reason,
+            )
+        stats.current_rate = pacer.current
+
+    async def tune(self, every: float = 0.25) -> None:
+        """Keep the in-flight cap at rate x latency (Little's law); runs until cancelled."""
+        if self.tuner is None:
+            return
+        while True:
+            self._stats.concurrency = self.tuner.retune(self.pacer.current)
+            await anyio.sleep(every)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import anyio
+import anyio.to_thread
 import structlog
 from prometheus_client import (
     CollectorRegistry,
@@ -35,7 +37,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import basic_auth_handler, default_handler
 
-from bulkdisconnect.model import Outcome
+from bulkdisconnect.model import Outcome, RunStats
 
 log = structlog.get_logger("bulkdisconnect")
 
@@ -151,6 +153,13 @@ class RunMetrics:
         """Where and how often this run publishes."""
         return self._settings
 
+    async def keep_published(self, stats: RunStats) -> None:
+        """Publish the run's progress every `interval` while it works; runs until cancelled."""
+        while True:
+            await anyio.sleep(self._settings.interval)
+            self.set_progress(pending=stats.planned - stats.done, target_rate=stats.current_rate)
+            await anyio.to_thread.run_sync(self.publish)
+
     def publish(self) -> None:
         """Write the textfile and/or push to the gateway; failures are logged, never raised.
 
@@ -203,3 +212,11 @@ def _with_basic_auth(url: str) -> tuple[str, Callable[..., Callable[[], None]]]:
         password=unquote(parts.password or ""),
     )
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(), handler
+
+
+def run_metrics(job: str, *, file: str | None, pushgateway: str | None) -> RunMetrics | None:
+    """Metrics for a run, when a textfile or a Pushgateway asks for them."""
+    metrics = RunMetrics(
+        job, MetricsSettings(file=Path(file) if file else None, pushgateway=pushgateway)
+    )
+    return metrics if metrics.enabled else None

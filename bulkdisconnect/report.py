@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import astuple, fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from bulkdisconnect.errors import ExitCode
 from bulkdisconnect.model import Outcome, RunStats
-from bulkdisconnect.store import PlanCounts, ReportRow, Store, shown_location
+from bulkdisconnect.store import LockInfo, PlanCounts, ReportRow, RunInfo, shown_location
 
 if TYPE_CHECKING:
     from bulkdisconnect.config import RunConfig
@@ -29,7 +30,34 @@ REPORT_COLUMNS = [
     "confirmed_at",
     "event_id",
 ]
-FORMATS = ("jsonl", "csv")
+
+
+class ReadStore(Protocol):
+    """What `status` and `report` read from the store."""
+
+    async def counts(self, job: str) -> dict[str | None, int]:
+        """Accounts per outcome (None: still to call)."""
+        ...
+
+    async def confirmed_count(self, job: str) -> int:
+        """Accounts a webhook event confirmed."""
+        ...
+
+    async def unknown_events(self, job: str) -> int:
+        """Events received for accounts outside the job."""
+        ...
+
+    async def last_run(self, job: str) -> RunInfo | None:
+        """The job's most recent run."""
+        ...
+
+    async def locks(self, job: str) -> list[LockInfo]:
+        """The job's lock holders, live or stale."""
+        ...
+
+    def rows(self, job: str, *, unconfirmed: bool = False) -> AsyncIterator[ReportRow]:
+        """Every account of the job in input order."""
+        ...
 
 
 def format_plan(job: str, counts: PlanCounts, *, dry_run: bool) -> str:
@@ -75,7 +103,7 @@ def format_counts(counts: dict[str | None, int]) -> str:
     return ", ".join(parts)
 
 
-async def write_status(store: Store, job: str, out: TextIO) -> None:
+async def write_status(store: ReadStore, job: str, out: TextIO) -> None:
     """Counts per outcome, the last run and whether a run holds the lock now."""
     counts = await store.counts(job)
     out.write(f"job {job}: {sum(counts.values())} accounts\n  {format_counts(counts)}\n")
@@ -98,14 +126,15 @@ async def write_status(store: Store, job: str, out: TextIO) -> None:
     if not holders:
         out.write("  not running\n")
     for lock in holders:
-        age = time.time() - lock.heartbeat_at
-        state = "stale: the run is gone; the next run takes over" if age > lock.lease else "alive"
+        state = "alive" if lock.live else "stale: the run is gone; the next run takes over"
         held = "worked by --join worker" if lock.shared else "locked by"
-        out.write(f"  {held} pid {lock.pid} on {lock.host}, heartbeat {age:.0f}s ago ({state})\n")
+        out.write(
+            f"  {held} pid {lock.pid} on {lock.host}, heartbeat {lock.age:.0f}s ago ({state})\n"
+        )
 
 
 async def write_report(
-    store: Store, job: str, out: TextIO, fmt: str, *, unconfirmed: bool = False
+    store: ReadStore, job: str, out: TextIO, fmt: str, *, unconfirmed: bool = False
 ) -> int:
     """Stream one row per account in CSV or JSONL; returns the number of rows.
 

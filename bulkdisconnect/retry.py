@@ -1,14 +1,31 @@
-"""Retry policy as data, and the one classifier that turns an `Answer` into a decision."""
+"""Retrying calls to Stripe: the policy as data, the one classifier, and the one retry loop.
+
+`Retrier.call` is used by disconnects and list calls alike: each attempt passes the run's
+meters, every answer is classified, a retryable one waits out a capped, jittered back-off
+that a stop signal cuts short, and every retry is counted. An answer that refuses the run
+as a whole raises the `RunRefusedError` that `classify` built for it.
+"""
 
 from __future__ import annotations
 
 import enum
 import random
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import anyio
+import structlog
 
 from bulkdisconnect.client import Answer
-from bulkdisconnect.model import Outcome
+from bulkdisconnect.errors import AuthenticationError, RunRefusedError, WrongModeError
+from bulkdisconnect.metrics import RunMetrics
+from bulkdisconnect.model import Outcome, RunStats
+from bulkdisconnect.stopping import Stop
+
+log = structlog.get_logger("bulkdisconnect")
 
 # Stripe's resource_missing message when the object exists in the other mode, e.g.
 # "...; a similar object exists in live mode, but a test mode key was used to make this request."
@@ -32,6 +49,7 @@ class Decision:
     outcome: Outcome | None = None
     error_code: str | None = None  # overrides the answer's code (e.g. a 200 not disconnected)
     error_message: str | None = None
+    refusal: RunRefusedError | None = None  # FATAL: the error that stops the run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +61,9 @@ class RetryPolicy:
     job can afford to wait where an interactive request cannot.
     """
 
-    max_attempts: int = 5
-    initial_delay: float = 0.5
-    max_delay: float = 20.0
+    max_attempts: int
+    initial_delay: float
+    max_delay: float
 
     def delay(self, failed_attempts: int) -> float:
         """Seconds to wait after the `failed_attempts`-th failed attempt."""
@@ -55,7 +73,6 @@ class RetryPolicy:
 
 
 _JITTER = random.Random()
-NO_WAIT = RetryPolicy(initial_delay=0.0, max_delay=0.0)
 
 
 DISCONNECTED = Decision(Action.FINAL, Outcome.DISCONNECTED)  # the common verdict, made once
@@ -75,10 +92,15 @@ def classify(answer: Answer) -> Decision:
             f"{answer.account_status!r}, not 'disconnected'",
         )
     if status in (401, 403) or answer.error_code in FATAL_CODES:
-        return Decision(Action.FATAL)
+        return Decision(Action.FATAL, refusal=_key_refused(answer))
     if status == 404 and answer.error_code == "resource_missing":
         if answer.error_message and WRONG_MODE.search(answer.error_message):
-            return Decision(Action.FATAL)
+            return Decision(
+                Action.FATAL,
+                refusal=WrongModeError(
+                    f"the API key's mode does not match the accounts': {answer.error_message}"
+                ),
+            )
         return Decision(Action.FINAL, Outcome.NOT_FOUND)
     if answer.should_retry is not None:
         return Decision(Action.RETRY) if answer.should_retry else _failed(answer)
@@ -87,5 +109,121 @@ def classify(answer: Answer) -> Decision:
     return _failed(answer)
 
 
+LISTED = Decision(Action.FINAL)  # a page of a list call
+
+
+def classify_list(answer: Answer) -> Decision:
+    """Decide what a list call's answer means: a page is final, the rest as `classify`."""
+    if answer.status == 200 and answer.transport_error is None:
+        return LISTED
+    return classify(answer)
+
+
 def _failed(answer: Answer) -> Decision:
     return Decision(Action.FINAL, Outcome.FAILED)
+
+
+def _key_refused(answer: Answer) -> AuthenticationError:
+    """The run-fatal error for a refused key; Stripe's own message says what is wrong."""
+    code = f", {answer.error_code}" if answer.error_code else ""
+    return AuthenticationError(
+        f"the API refused the key (HTTP {answer.status}{code}): "
+        f"{answer.error_message or 'no message'}; fix STRIPE_API_KEY / --api-key-file and rerun"
+    )
+
+
+class Meter(Protocol):
+    """What every attempt passes before it goes out, and learns from after (limiter.Meters)."""
+
+    async def admit(self) -> bool:
+        """Wait for the attempt's turn; False, holding nothing, if the run stopped first."""
+        ...
+
+    def release(self) -> None:
+        """The attempt is over: give back what `admit` took."""
+        ...
+
+    def observe(self, answer: Answer, latency: float) -> None:
+        """Learn from an attempt's answer and how long it took."""
+        ...
+
+
+class Attempted(NamedTuple):
+    """How a call's attempts ended: its last answer, that answer's verdict, how many."""
+
+    answer: Answer
+    decision: Decision
+    attempts: int
+    first_attempt_at: float  # wall clock, for the audit
+
+
+class Retrier:
+    """The one retry loop for calls to Stripe (see the module docstring)."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        meter: Meter,
+        stop: Stop,
+        *,
+        stats: RunStats,
+        metrics: RunMetrics | None = None,
+    ) -> None:
+        self.policy = policy
+        self._meter = meter
+        self._stop = stop
+        self._stats = stats
+        self._metrics = metrics
+
+    async def call(
+        self,
+        send: Callable[[], Awaitable[Answer]],
+        *,
+        about: str,
+        judge: Callable[[Answer], Decision] = classify,
+    ) -> Attempted | None:
+        """Attempt `send` until an answer is final or the attempts are spent; None if the
+        run stopped first (nothing more was sent). Raises the refusal of a fatal answer.
+
+        `about` names what is called (an account, a customer) in the retry log lines;
+        `judge` classifies its answers (`classify_list` for list calls).
+        """
+        meter, max_attempts = self._meter, self.policy.max_attempts
+        first_attempt_at = time.time()
+        attempts = 0
+        while True:
+            if not await meter.admit():
+                return None
+            try:
+                sent = time.monotonic()
+                answer = await send()
+            finally:
+                meter.release()
+            attempts += 1
+            meter.observe(answer, time.monotonic() - sent)
+            decision = judge(answer)
+            if decision.action is Action.FATAL:
+                assert decision.refusal is not None
+                raise decision.refusal
+            if decision.action is Action.FINAL or attempts >= max_attempts:
+                return Attempted(answer, decision, attempts, first_attempt_at)
+            if not await self._back_off(answer, attempts, about):
+                return None
+
+    async def _back_off(self, answer: Answer, attempts: int, about: str) -> bool:
+        """Count and log a retry, and wait before it; False if the run stopped meanwhile."""
+        delay = self.policy.delay(attempts)
+        self._stats.retries += 1
+        if self._metrics is not None:
+            self._metrics.retry()
+        log.debug(
+            "bulkdisconnect.retry",
+            about=about,
+            attempt=attempts,
+            status=answer.status,
+            code=answer.error_code or answer.transport_error,
+            delay=round(delay, 3),
+        )
+        with self._stop.cancels():
+            await anyio.sleep(delay)
+        return not self._stop.requested.is_set()

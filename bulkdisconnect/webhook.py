@@ -15,7 +15,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
@@ -23,7 +23,7 @@ from aiohttp import web
 
 from bulkdisconnect.errors import UsageError
 from bulkdisconnect.serving import serve_app
-from bulkdisconnect.store import Confirmation, Store
+from bulkdisconnect.store import Confirmation
 
 SIGNATURE_TOLERANCE = 300  # seconds; stripe-python's Webhook.DEFAULT_TOLERANCE
 SIGNATURE_HEADER = "Stripe-Signature"
@@ -154,10 +154,20 @@ def _account_id(event: dict[str, Any]) -> str | None:
     return found if isinstance(found, str) and found else None
 
 
+class ConfirmStore(Protocol):
+    """What the receiver needs of the store."""
+
+    async def confirm(
+        self, job: str, account_id: str, *, event_id: str, confirmed_at: float
+    ) -> Confirmation:
+        """Record a disconnected event on the account's outcome, once per event ID."""
+        ...
+
+
 class WebhookReceiver:
     """Receives a job's Stripe events and records disconnection confirmations in the store."""
 
-    def __init__(self, store: Store, job: str, secrets: Sequence[str]) -> None:
+    def __init__(self, store: ConfirmStore, job: str, secrets: Sequence[str]) -> None:
         if not secrets:
             raise ValueError("a webhook receiver needs at least one signing secret")
         self.store = store

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import anyio
 
 from bulkdisconnect.model import ItemResult
-from bulkdisconnect.store import Store
+
+
+class RecordStore(Protocol):
+    """What the writer needs of the store."""
+
+    async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
+        """Record a batch of outcomes in one write."""
+        ...
 
 
 class ResultWriter:
@@ -13,7 +23,7 @@ class ResultWriter:
 
     def __init__(
         self,
-        store: Store,
+        store: RecordStore,
         job: str,
         run_id: str,
         *,
@@ -29,11 +39,6 @@ class ResultWriter:
         self._full = anyio.Event()
         self._room = anyio.Event()
         self._room.set()
-
-    async def add(self, result: ItemResult) -> None:
-        """Queue one result; waits only when the store has fallen far behind."""
-        if self.put(result):
-            await self.room()
 
     def put(self, result: ItemResult) -> bool:
         """Queue one result without waiting; True if the caller should wait for `room`."""

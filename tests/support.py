@@ -18,6 +18,12 @@ import pytest
 from click.testing import CliRunner
 
 from bulkdisconnect.cli import main
+from bulkdisconnect.client import ClientSettings
+from bulkdisconnect.config import default
+from bulkdisconnect.limiter import Meters, RateLimiter
+from bulkdisconnect.model import RunStats
+from bulkdisconnect.retry import Retrier, RetryPolicy
+from bulkdisconnect.stopping import Stop
 
 API_KEY = "sk_test_4eC39HqLyjWDarjtT1zdp7dc"
 # Fast, deterministic runs: no backoff wait, no progress display.
@@ -126,3 +132,57 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> None:
             return
         time.sleep(0.05)
     pytest.fail("timed out waiting")
+
+
+def client_settings(api_base: str, **changes: object) -> ClientSettings:
+    """The ClientSettings a run with default settings builds, with `changes`."""
+    settings: dict[str, object] = {
+        "api_base": api_base,
+        "api_key": API_KEY,
+        "stripe_account": None,
+        "stripe_version": None,
+        "connect_timeout": default("connect_timeout"),
+        "total_timeout": default("timeout"),
+        "pool_size": 20,
+    }
+    return ClientSettings(**{**settings, **changes})  # type: ignore[arg-type]
+
+
+def no_wait(max_attempts: int = 5) -> RetryPolicy:
+    """A retry policy with no back-off wait, for fast tests."""
+    return RetryPolicy(max_attempts=max_attempts, initial_delay=0.0, max_delay=0.0)
+
+
+def retrier(
+    policy: RetryPolicy | None = None,
+    *,
+    rate: float = float("inf"),
+    stop: Stop | None = None,
+    stats: RunStats | None = None,
+) -> Retrier:
+    """The retry loop a run builds, over real meters (no rate limit unless told)."""
+    stats = stats if stats is not None else RunStats()
+    stop = stop if stop is not None else Stop()
+    meters = Meters(RateLimiter(rate), concurrency=None, stats=stats, stop=stop)
+    return Retrier(policy or no_wait(), meters, stop, stats=stats)
+
+
+class FakeClock:
+    """A clock that only moves when a test (or a sleep on it) moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on."""
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        """A sleep on this clock: it moves the clock on, then lets other tasks run."""
+        import anyio.lowlevel
+
+        self.now += max(seconds, 0.0)
+        await anyio.lowlevel.checkpoint()

@@ -9,7 +9,8 @@ from urllib.parse import parse_qs
 import pytest
 from aiohttp import web
 
-from bulkdisconnect.client import ClientSettings, StripeClient, make_session
+from bulkdisconnect.client import STRIPE_VERSION, StripeClient, make_session
+from tests.support import client_settings
 
 KEY = "sk_test_client0000000000000000"
 ACCOUNT = {"id": "fca_1", "object": "financial_connections.account", "status": "disconnected"}
@@ -59,7 +60,7 @@ async def test_disconnect_is_an_empty_keyed_post_under_the_base_path(
 ) -> None:
     """The POST goes under the base URL's own path, with an empty form body and the key."""
     base, received = server
-    settings = ClientSettings(api_base=base + trailing, api_key=KEY)
+    settings = client_settings(base + trailing, api_key=KEY)
     async with make_session(settings) as session:
         answer = await StripeClient(session, settings).disconnect("fca_1", "bulkdisconnect-k1")
     assert (answer.status, answer.account_status, answer.request_id) == (
@@ -78,6 +79,7 @@ async def test_disconnect_is_an_empty_keyed_post_under_the_base_path(
     assert headers["Content-Type"] == "application/x-www-form-urlencoded"
     assert headers["Idempotency-Key"] == "bulkdisconnect-k1"
     assert headers["Authorization"] == f"Bearer {KEY}"
+    assert headers["Stripe-Version"] == STRIPE_VERSION  # pinned unless --stripe-version says
     assert "Cookie" not in headers
 
 
@@ -87,7 +89,7 @@ async def test_list_is_a_get_with_the_customer_under_the_base_path(
 ) -> None:
     """The list call keeps the base path, sends its query and no Content-Type."""
     base, received = server
-    settings = ClientSettings(api_base=base, api_key=KEY)
+    settings = client_settings(base, api_key=KEY)
     async with make_session(settings) as session:
         page = await StripeClient(session, settings).list_accounts("cus_1", limit=10)
     assert page.accounts == [("fca_1", "disconnected")]

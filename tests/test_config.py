@@ -7,7 +7,15 @@ from typing import Any
 
 import pytest
 
-from bulkdisconnect.config import DEFAULT_API_BASE, RunConfig, Secret, build_run_config
+from bulkdisconnect.config import (
+    DEFAULT_API_BASE,
+    CustomerList,
+    FileInput,
+    RunConfig,
+    Secret,
+    SqlQuery,
+    build_run_config,
+)
 from bulkdisconnect.errors import UsageError
 
 KEY = "sk_test_4eC39HqLyjWDarjtT1zdp7dc"
@@ -85,8 +93,7 @@ def test_job_file_supplies_input(tmp_path: Path) -> None:
     """The input may come from the job file alone."""
     path = job_file(tmp_path, 'input = "accounts.csv"\ncolumn = "id"\n')
     config = build_run_config({}, path, ENV)
-    assert config.input == "accounts.csv"
-    assert config.column == "id"
+    assert config.source == FileInput("accounts.csv", "id")
 
 
 # -- job file -----------------------------------------------------------------------------------
@@ -293,11 +300,14 @@ def test_sql_and_customer_sources_from_a_job_file(tmp_path: Path) -> None:
         "[params]\ncutoff = 90\n"
     )
     config = build_run_config({}, sql, ENV)
-    assert (config.source_kind, config.job, config.params) == ("sql", "purge", {"cutoff": "90"})
+    assert config.job == "purge"
+    assert config.source == SqlQuery(
+        "sqlite:///x.db", "SELECT id FROM t WHERE d < :cutoff", {"cutoff": "90"}, None
+    )
     offboarding = tmp_path / "off.toml"
     offboarding.write_text('customer = ["cus_a", "cus_b"]\n')
     config = build_run_config({}, offboarding, ENV)
-    assert (config.source_kind, config.customer) == ("customers", ("cus_a", "cus_b"))
+    assert config.source == CustomerList(("cus_a", "cus_b"), None)
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "a b", "x" * 101, "\u00e4"])

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import pytest
 
-from bulkdisconnect.client import ClientSettings, StripeClient, make_session
+from bulkdisconnect.client import StripeClient, make_session
 from bulkdisconnect.errors import (
     AuthenticationError,
     InputError,
@@ -18,14 +18,12 @@ from bulkdisconnect.errors import (
     UsageError,
     WrongModeError,
 )
-from bulkdisconnect.limiter import RateLimiter
 from bulkdisconnect.model import Outcome, Settled
-from bulkdisconnect.retry import NO_WAIT, RetryPolicy
+from bulkdisconnect.retry import RetryPolicy
 from bulkdisconnect.sandbox import LIST_ROUTE, JournalEntry, SandboxThread, max_in_window
-from bulkdisconnect.sources.customers import CustomersSource, read_customer_ids
-from tests.support import API_KEY
-
-UNLIMITED = RateLimiter(float("inf"))
+from bulkdisconnect.sources.customers import CustomerBook, CustomersSource, read_customer_ids
+from bulkdisconnect.store import open_store
+from tests.support import API_KEY, client_settings, no_wait, retrier
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +38,7 @@ def universe(sandbox: SandboxThread) -> Iterator[SandboxThread]:
 @pytest.fixture
 async def client(sandbox: SandboxThread, anyio_backend: str) -> AsyncIterator[StripeClient]:
     """A StripeClient on a real session, talking to the sandbox."""
-    settings = ClientSettings(api_base=sandbox.url, api_key=API_KEY)
+    settings = client_settings(sandbox.url)
     async with make_session(settings) as session:
         yield StripeClient(session, settings)
 
@@ -49,12 +47,14 @@ def source(
     client: StripeClient,
     customers: Sequence[str],
     *,
-    limiter: RateLimiter = UNLIMITED,
-    policy: RetryPolicy = NO_WAIT,
-    **callbacks: Any,
+    rate: float = float("inf"),
+    policy: RetryPolicy | None = None,
+    book: CustomerBook | None = None,
 ) -> CustomersSource:
     """A CustomersSource over `client` with no rate limit and no backoff unless told."""
-    return CustomersSource(customers, client=client, limiter=limiter, policy=policy, **callbacks)
+    return CustomersSource(
+        customers, client=client, retrier=retrier(policy or no_wait(), rate=rate), book=book
+    )
 
 
 async def drain(src: CustomersSource, size: int = 1000) -> list[Sequence[str | Settled]]:
@@ -135,26 +135,29 @@ async def test_several_customers_deduplicated_in_order_and_chunked(client: Strip
 
 
 @pytest.mark.anyio
-async def test_skip_and_listed_callbacks(sandbox: SandboxThread, client: StripeClient) -> None:
-    """Skipped customers are not listed; `listed` follows the handing over of all accounts."""
-    events: list[str] = []
-
-    async def skip(customer: str) -> bool:
-        return customer == "cus_done"
-
-    async def listed(customer: str) -> None:
-        events.append(f"listed {customer}")
-
-    src = source(client, ["cus_one", "cus_done", "cus_two"], skip=skip, listed=listed)
-    async for chunk in src.chunks(size=4):
-        # A loop, not extend(): `listed` appends between chunks, and that order is the point.
-        events.append(" ".join(str(value) for value in chunk))  # noqa: PERF401
-    assert events == [
-        "fca_onea0 fca_onea1 fca_onea2 fca_twoa0",
-        "listed cus_one",
-        "fca_twoa1 fca_twoa2",
-        "listed cus_two",
-    ]
+async def test_the_book_skips_customers_listed_before_and_remembers_the_new_ones(
+    sandbox: SandboxThread, client: StripeClient, tmp_path: Path
+) -> None:
+    """A customer an earlier plan listed is not listed again; one counts as handed over only
+    once the consumer asked past its last account, and is remembered when told."""
+    store = await open_store(tmp_path / "s.sqlite")
+    try:
+        await store.remember_listed("job", ["cus_done"])
+        book = CustomerBook("job")
+        book.bind(store)
+        src = source(client, ["cus_one", "cus_done", "cus_two"], book=book)
+        handed_over: list[list[str]] = []
+        async for chunk in src.chunks(size=4):
+            handed_over.append(list(book.handed_over))
+            assert chunk
+        assert handed_over == [[], ["cus_one"]]
+        assert book.handed_over == ["cus_one", "cus_two"]
+        assert book.skipped == 1
+        await book.remember()
+        assert [await store.listed_before("job", c) for c in ("cus_one", "cus_two")] == [True, True]
+        assert not await store.listed_before("other", "cus_one")
+    finally:
+        await store.aclose()
     assert {query(e)["account_holder[customer]"] for e in list_calls(sandbox)} == {
         "cus_one",
         "cus_two",
@@ -162,18 +165,14 @@ async def test_skip_and_listed_callbacks(sandbox: SandboxThread, client: StripeC
 
 
 @pytest.mark.anyio
-async def test_customer_without_accounts_is_still_listed(
+async def test_customer_without_accounts_is_still_handed_over(
     sandbox: SandboxThread, client: StripeClient
 ) -> None:
-    """A customer with no accounts yields nothing but is reported as listed."""
+    """A customer with no accounts yields nothing but counts as listed."""
     sandbox.sandbox.configure(accounts_per_customer=0)
-    seen: list[str] = []
-
-    async def listed(customer: str) -> None:
-        seen.append(customer)
-
-    assert await drain(source(client, ["cus_empty"], listed=listed)) == []
-    assert seen == ["cus_empty"]
+    book = CustomerBook("job")
+    assert await drain(source(client, ["cus_empty"], book=book)) == []
+    assert book.handed_over == ["cus_empty"]
 
 
 @pytest.mark.anyio
@@ -182,7 +181,7 @@ async def test_list_calls_pass_through_the_rate_limiter(
 ) -> None:
     """With RateLimiter(20), 30 list calls never put more than 20 in any second."""
     customers = [f"cus_r{n}" for n in range(30)]
-    values = flat(await drain(source(client, customers, limiter=RateLimiter(20))))
+    values = flat(await drain(source(client, customers, rate=20)))
     assert len(values) == 90
     calls = list_calls(sandbox)
     assert len(calls) == 30
@@ -272,7 +271,7 @@ async def test_malformed_customer_never_reaches_the_api(
 async def test_list_accounts_never_raises_for_io(sandbox: SandboxThread) -> None:
     """A dropped connection is status 0 with a transport error, not an exception."""
     sandbox.sandbox.configure(p_drop=1.0)
-    settings = ClientSettings(api_base=sandbox.url, api_key=API_KEY)
+    settings = client_settings(sandbox.url)
     async with make_session(settings) as session:
         page = await StripeClient(session, settings).list_accounts("cus_a")
     assert page.answer.status == 0

@@ -1,4 +1,4 @@
-"""The meters: AIMD pacing on 429s (on our own clock), Little's-law concurrency, the hard cap."""
+"""The meters on a fake clock: AIMD pacing on 429s, Little's-law concurrency, the hard cap."""
 
 from __future__ import annotations
 
@@ -7,22 +7,11 @@ import anyio.lowlevel
 import pytest
 
 from bulkdisconnect.limiter import COOLDOWN, AdaptivePacer, ConcurrencyTuner, RateLimiter
+from bulkdisconnect.sandbox import max_in_window
+from tests.support import FakeClock
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def feed(pacer: AdaptivePacer, clock: Clock, *, rate: float, seconds: float) -> None:
+def feed(pacer: AdaptivePacer, clock: FakeClock, *, rate: float, seconds: float) -> None:
     """Clean answers at `rate` per second for `seconds`."""
     for _ in range(round(rate * seconds)):
         clock.advance(1 / rate)
@@ -31,7 +20,7 @@ def feed(pacer: AdaptivePacer, clock: Clock, *, rate: float, seconds: float) -> 
 
 def test_a_429_lowers_the_target_below_the_accepted_rate() -> None:
     """After a 429, the target is 0.9 x what the API accepted over the last second."""
-    clock = Clock()
+    clock = FakeClock()
     pacer = AdaptivePacer(100, clock=clock)
     feed(pacer, clock, rate=40, seconds=2)
     assert pacer.current == 100
@@ -41,7 +30,7 @@ def test_a_429_lowers_the_target_below_the_accepted_rate() -> None:
 
 def test_429s_during_the_cooldown_do_not_compound() -> None:
     """429s answering requests sent at the old rate do not lower the target again."""
-    clock = Clock()
+    clock = FakeClock()
     pacer = AdaptivePacer(100, clock=clock)
     feed(pacer, clock, rate=40, seconds=2)
     pacer.observe(rate_limited=True)
@@ -54,7 +43,7 @@ def test_429s_during_the_cooldown_do_not_compound() -> None:
 
 def test_one_stray_429_at_start_does_not_collapse_the_rate() -> None:
     """In the first second a 429 can at most halve the target."""
-    clock = Clock()
+    clock = FakeClock()
     pacer = AdaptivePacer(100, clock=clock)
     feed(pacer, clock, rate=100, seconds=0.05)
     pacer.observe(rate_limited=True)
@@ -63,7 +52,7 @@ def test_one_stray_429_at_start_does_not_collapse_the_rate() -> None:
 
 def test_the_target_climbs_back_but_never_above_the_cap() -> None:
     """Clean answers raise the target: near the old limit gently, past it quickly, up to the cap."""
-    clock = Clock()
+    clock = FakeClock()
     pacer = AdaptivePacer(100, clock=clock)
     feed(pacer, clock, rate=40, seconds=2)
     pacer.observe(rate_limited=True)
@@ -78,79 +67,106 @@ def test_the_target_climbs_back_but_never_above_the_cap() -> None:
 
 @pytest.mark.anyio
 async def test_pacing_spaces_requests_at_the_target() -> None:
-    """Below the cap the pacer spaces acquisitions 1/target apart; at the cap it never waits."""
-    pacer = AdaptivePacer(1000)
-    started = anyio.current_time()
-    for _ in range(50):
-        async with pacer:
-            pass
-    assert anyio.current_time() - started < 0.05
+    """Below the cap the pacer spaces waits 1/target apart; at the cap it never waits."""
+    clock = FakeClock()
+    pacer = AdaptivePacer(1000, clock=clock, sleep=clock.sleep)
     pacer.current = 100
-    started = anyio.current_time()
+    started = clock()
     for _ in range(21):
-        async with pacer:
-            pass
-    assert anyio.current_time() - started >= 0.19
+        await pacer.wait()
+    assert clock() - started == pytest.approx(0.2, abs=0.011)  # the first goes at once
+
+
+def admitted_by_polling(limiter: RateLimiter, clock: FakeClock, seconds: float) -> list[float]:
+    """Times at which try_acquire succeeds when tried every millisecond for `seconds`."""
+    times = []
+    for _ in range(round(seconds * 1000)):
+        clock.advance(0.001)
+        if limiter.try_acquire():
+            times.append(clock())
+    return times
+
+
+def test_hard_cap_admits_no_burst_and_runs_just_under_the_cap() -> None:
+    """No sliding second holds more than the cap, from the first one on; the long-run rate
+    is (rate - credit) / (1 + margin), about 0.985 of it."""
+    clock = FakeClock()
+    limiter = RateLimiter(50, clock=clock)
+    times = admitted_by_polling(limiter, clock, 10.0)
+    assert max_in_window(times) <= 50
+    assert sum(1 for t in times if t - 1000.0 < 1.0) <= 50
+    assert len(times) / 10.0 == pytest.approx(50 * 0.995 / 1.01, rel=0.01)
+    assert RateLimiter(float("inf"), clock=clock).try_acquire()
 
 
 @pytest.mark.anyio
-async def test_hard_cap_admits_no_burst_at_start() -> None:
-    """The first second admits no more than the cap: the bucket does not start full."""
-    limiter = RateLimiter(50)
-    admitted = 0
-    with anyio.move_on_after(0.5):
-        while True:
-            async with limiter:
-                admitted += 1
-    assert admitted <= 26
+async def test_waiters_are_served_in_order_and_under_the_cap() -> None:
+    """Tasks waiting in acquire go first come, first served, and try_acquire never jumps
+    the queue; many tasks looping on it together stay under the cap."""
+    clock = FakeClock()
+    limiter = RateLimiter(100, clock=clock, sleep=clock.sleep)
+    while limiter.try_acquire():  # the bucket full: whoever comes next waits
+        pass
+    served: list[int] = []
 
+    async def once(n: int) -> None:
+        await limiter.acquire()
+        served.append(n)
 
-@pytest.mark.anyio
-async def test_tokens_taken_without_waiting_count_against_the_cap() -> None:
-    """try_acquire takes from the same bucket: many tasks mixing it with acquire stay capped."""
-    limiter = RateLimiter(100)
-    admitted: list[float] = []
+    async with anyio.create_task_group() as tg:
+        for n in range(8):
+            tg.start_soon(once, n)
+            await anyio.lowlevel.checkpoint()  # each queues before the next starts
+        assert not limiter.try_acquire()  # others wait: no jumping the queue
+    assert served == list(range(8))
 
-    async def worker() -> None:
-        while True:
-            if not limiter.try_acquire():
-                await limiter.acquire()
-            admitted.append(anyio.current_time())
-            await anyio.lowlevel.checkpoint()
+    times: list[float] = []
 
-    started = anyio.current_time()
-    with anyio.move_on_after(1.2):
-        async with anyio.create_task_group() as tg:
-            for _ in range(8):
-                tg.start_soon(worker)
-    assert 100 <= len(admitted) <= 121  # ~99/s, and the first second no more than the cap
-    assert sum(1 for t in admitted if t - started < 1.0) <= 100
-    assert RateLimiter(float("inf")).try_acquire()
-
-
-@pytest.mark.anyio
-async def test_shared_limiter_runs_at_its_share_without_a_burst() -> None:
-    """share(n) gives 1/n of the cap (2 % less), with no burst even after a lower share."""
-    limiter = RateLimiter(200)
-    with anyio.move_on_after(0.3):  # at the whole cap first: the bucket fills
-        while True:
+    async def loop() -> None:
+        for _ in range(20):
             await limiter.acquire()
+            times.append(clock())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(loop)
+    assert len(times) == 160
+    assert max_in_window(times) <= 100
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_passes_its_turn_on() -> None:
+    """A waiter cancelled at the head of the queue (a stop) lets the next one through."""
+    clock = FakeClock()
+    limiter = RateLimiter(10, clock=clock, sleep=clock.sleep)
+    assert limiter.try_acquire()
+    got: list[str] = []
+
+    async def wait(name: str) -> None:
+        await limiter.acquire()
+        got.append(name)
+
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as first:
+            first.cancel()
+            await limiter.acquire()  # cancelled where it waits
+        tg.start_soon(wait, "second")
+    assert got == ["second"]
+
+
+def test_shared_limiter_runs_at_its_share_without_a_burst() -> None:
+    """share(n) gives 1/n of the cap (2 % less), with no burst even after a lower share."""
+    clock = FakeClock()
+    limiter = RateLimiter(200, clock=clock)
+    admitted_by_polling(limiter, clock, 0.3)  # at the whole cap first: the bucket fills
     limiter.share(4)
     assert limiter.rate == pytest.approx(200 / 4 * 0.98)
-    admitted = 0
-    with anyio.move_on_after(0.5):
-        while True:
-            await limiter.acquire()
-            admitted += 1
-    assert 20 <= admitted <= 26  # ~49/s for half a second, none of the old share's credit
+    times = admitted_by_polling(limiter, clock, 1.0)
+    assert len(times) <= 49  # none of the old share's credit, and the share's own bucket
+    assert len(times) >= 46
     limiter.share(1)
     assert limiter.rate == 200
-    admitted = 0
-    with anyio.move_on_after(0.25):
-        while True:
-            await limiter.acquire()
-            admitted += 1
-    assert admitted >= 40  # back to the whole cap at once
+    assert len(admitted_by_polling(limiter, clock, 0.25)) >= 45  # back to the whole cap
 
 
 def test_concurrency_follows_rate_times_latency() -> None:

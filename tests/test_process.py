@@ -122,7 +122,8 @@ def test_a_stale_lock_is_taken_over(ws: Workspace, sandbox: SandboxThread) -> No
     assert ws.run("run", "--input", "ids.txt", *FAST).exit_code == 0  # creates the store
     with sqlite3.connect(ws.state("ids")) as db:
         db.execute(
-            "INSERT INTO locks VALUES ('ids', 'dead', 1, 'gone', ?, ?, 30)",
+            "INSERT INTO locks (job, owner, pid, host, acquired_at, heartbeat_at, lease, "
+            "shared, share_of) VALUES ('ids', 'dead', 1, 'gone', ?, ?, 30, 0, 1)",
             (time.time() - 3600, time.time() - 3600),
         )
         db.execute("UPDATE accounts SET outcome = NULL")
@@ -131,7 +132,8 @@ def test_a_stale_lock_is_taken_over(ws: Workspace, sandbox: SandboxThread) -> No
     assert taken.exit_code == 0, taken.stderr
     with sqlite3.connect(ws.state("ids")) as db:
         db.execute(
-            "INSERT INTO locks VALUES ('ids', 'alive', 1, 'there', ?, ?, 30)",
+            "INSERT INTO locks (job, owner, pid, host, acquired_at, heartbeat_at, lease, "
+            "shared, share_of) VALUES ('ids', 'alive', 1, 'there', ?, ?, 30, 0, 1)",
             (time.time(), time.time()),
         )
     assert ws.run("run", "--input", "ids.txt", *FAST).exit_code == 4

@@ -1,17 +1,22 @@
-"""The retry classifier over Stripe's answers, and the backoff policy."""
+"""The retry classifier over Stripe's answers, the backoff policy, and the one retry loop."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bulkdisconnect.client import Answer, _answer
-from bulkdisconnect.model import Outcome
-from bulkdisconnect.retry import NO_WAIT, Action, RetryPolicy, classify
+from bulkdisconnect.errors import AuthenticationError, WrongModeError
+from bulkdisconnect.model import Outcome, RunStats
+from bulkdisconnect.retry import Action, RetryPolicy, classify, classify_list
+from bulkdisconnect.stopping import Stop
+from tests.support import no_wait, retrier
 
 WRONG_MODE_MESSAGE = (
     "No such financialconnections.account: 'fca_1'; a similar object exists in live mode, "
@@ -246,7 +251,7 @@ def test_wire_expired_key_code_is_fatal_whatever_the_status() -> None:
 
 def test_delay_grows_exponentially() -> None:
     """Before the cap, each failed attempt doubles the delay's range."""
-    policy = RetryPolicy(initial_delay=1.0, max_delay=1000.0)
+    policy = RetryPolicy(max_attempts=5, initial_delay=1.0, max_delay=1000.0)
     for attempt in range(1, 8):
         base = 2.0 ** (attempt - 1)
         delays = [policy.delay(attempt) for _ in range(50)]
@@ -256,7 +261,7 @@ def test_delay_grows_exponentially() -> None:
 @pytest.mark.parametrize("attempt", [7, 10, 60, 1100])
 def test_delay_is_capped(attempt: int) -> None:
     """However many attempts failed, the delay never exceeds max_delay."""
-    policy = RetryPolicy(initial_delay=0.5, max_delay=20.0)
+    policy = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=20.0)
     assert 10.0 <= policy.delay(attempt) <= 20.0
 
 
@@ -267,7 +272,7 @@ def test_delay_is_capped(attempt: int) -> None:
 )
 def test_jitter_stays_in_half_to_full_base(attempt: int, initial: float, cap: float) -> None:
     """The jittered delay is always within [0.5, 1] x the capped exponential base."""
-    policy = RetryPolicy(initial_delay=initial, max_delay=cap)
+    policy = RetryPolicy(max_attempts=5, initial_delay=initial, max_delay=cap)
     base = min(initial * 2.0 ** (attempt - 1), cap)
     assert base * 0.5 <= policy.delay(attempt) <= base
 
@@ -275,4 +280,100 @@ def test_jitter_stays_in_half_to_full_base(attempt: int, initial: float, cap: fl
 @pytest.mark.parametrize("attempt", [1, 2, 5, 30])
 def test_no_wait_policy_waits_zero(attempt: int) -> None:
     """The zero-wait policy used by tests never sleeps."""
-    assert NO_WAIT.delay(attempt) == 0.0
+    assert no_wait().delay(attempt) == 0.0
+
+
+# -- the retry loop ---------------------------------------------------------------------------
+
+
+def scripted(*answers: Answer) -> tuple[list[Answer], Any]:
+    """A `send` that returns `answers` one call at a time, and the list of those it gave."""
+    given: list[Answer] = []
+
+    async def send() -> Answer:
+        given.append(answers[len(given)])
+        return given[-1]
+
+    return given, send
+
+
+OK = Answer(200, account_status="disconnected")
+BUSY = Answer(500, error_type="api_error")
+
+
+@pytest.mark.anyio
+async def test_the_loop_retries_until_final_and_counts_each_retry() -> None:
+    """Retryable answers are attempted again; the final one ends the loop; retries counted."""
+    stats = RunStats()
+    _, send = scripted(BUSY, Answer(429, error_code="rate_limit"), OK)
+    attempted = await retrier(no_wait(5), stats=stats).call(send, about="fca_1")
+    assert attempted is not None
+    assert (attempted.answer, attempted.attempts, attempted.decision.outcome) == (
+        OK,
+        3,
+        Outcome.DISCONNECTED,
+    )
+    assert (stats.requests, stats.retries, stats.rate_limited) == (3, 2, 1)
+
+
+@pytest.mark.anyio
+async def test_the_loop_gives_up_after_max_attempts() -> None:
+    """An answer still retryable after the last attempt is returned for the caller to fail."""
+    given, send = scripted(BUSY, BUSY, BUSY, OK)
+    attempted = await retrier(no_wait(3)).call(send, about="fca_1")
+    assert attempted is not None
+    assert (attempted.attempts, attempted.decision.action, len(given)) == (3, Action.RETRY, 3)
+
+
+@pytest.mark.anyio
+async def test_a_refusal_raises_the_error_classify_built() -> None:
+    """A 401 raises the AuthenticationError of classify's decision, naming Stripe's words."""
+    refused = Answer(401, error_message="Invalid API Key provided: sk_test_****")
+    assert isinstance(classify(refused).refusal, AuthenticationError)
+    _, send = scripted(refused)
+    with pytest.raises(AuthenticationError, match="Invalid API Key provided"):
+        await retrier().call(send, about="fca_1")
+    wrong_mode = Answer(
+        404,
+        error_code="resource_missing",
+        error_message="No such account; a similar object exists in live mode, but a test mode "
+        "key was used to make this request.",
+    )
+    assert isinstance(classify(wrong_mode).refusal, WrongModeError)
+
+
+@pytest.mark.anyio
+async def test_a_stop_ends_the_back_off_and_sends_nothing_more() -> None:
+    """A stop during a back-off returns None at once: the next attempt is never sent."""
+    stop = Stop()
+    given, send = scripted(BUSY, OK)
+    loop = retrier(RetryPolicy(max_attempts=5, initial_delay=3600, max_delay=3600), stop=stop)
+
+    async def stop_soon() -> None:
+        while not given:
+            await anyio.lowlevel.checkpoint()
+        stop.request()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_soon)
+        with anyio.fail_after(10):  # far below the hour of back-off
+            assert await loop.call(send, about="fca_1") is None
+    assert given == [BUSY]
+
+
+@pytest.mark.anyio
+async def test_a_stop_before_an_attempt_sends_nothing() -> None:
+    """Once a stop is asked for, the loop admits no attempt at all."""
+    stop = Stop()
+    stop.request()
+    given, send = scripted(OK)
+    assert await retrier(stop=stop).call(send, about="fca_1") is None
+    assert given == []
+
+
+def test_list_pages_are_final_and_the_rest_classified_as_disconnects() -> None:
+    """For list calls a 200 page is final; errors mean what they mean for a disconnect."""
+    assert classify_list(Answer(200)).action is Action.FINAL
+    assert classify_list(Answer(200, transport_error="UnreadableBody")).action is Action.RETRY
+    assert classify_list(BUSY).action is Action.RETRY
+    assert classify_list(Answer(401)).action is Action.FATAL

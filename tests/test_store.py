@@ -4,30 +4,32 @@ reading, the job lock and run history. Then what only one of them has (the file,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bulkdisconnect.errors import InputError, LockHeldError, UsageError
 from bulkdisconnect.model import ItemResult, Outcome, is_valid_account_id
+from bulkdisconnect.planning import plan_input
 from bulkdisconnect.store import (
     Beat,
     Confirmation,
     PlanCounts,
     ReportRow,
-    Store,
     open_store,
-    plan_input,
     stored_value,
 )
+from bulkdisconnect.store.core import SqlStore
 
 JOB = "purge"
 HOSTILE = ["fca_../../v1/customers", "fca_1?x=1", "fca_a/b", "fca_a%2F", "fca_\u00e4", "FCA_1", ""]
@@ -42,13 +44,13 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def store(location: str) -> AsyncIterator[Store]:
+async def store(location: str) -> AsyncIterator[SqlStore]:
     """A fresh store of each kind."""
     async for opened in _opened(location):
         yield opened
 
 
-async def _opened(location: str) -> AsyncIterator[Store]:
+async def _opened(location: str) -> AsyncIterator[SqlStore]:
     """The store at `location`, closed once the caller is done with it."""
     opened = await open_store(location)
     try:
@@ -64,23 +66,41 @@ async def chunks(*parts: Sequence[str]) -> AsyncIterator[Sequence[str]]:
 
 
 async def plan(
-    store: Store, *parts: Sequence[str], job: str = JOB, retry_failed: bool = False
+    store: SqlStore, *parts: Sequence[str], job: str = JOB, retry_failed: bool = False
 ) -> PlanCounts:
     """Plan chunks into the job for real."""
-    return await plan_input(store, job, chunks(*parts), retry_failed=retry_failed, dry_run=False)
+    return await plan_input(store, job, chunks(*parts), retry_failed=retry_failed)
 
 
-async def all_rows(store: Store, job: str = JOB) -> list[ReportRow]:
+async def all_rows(store: SqlStore, job: str = JOB) -> list[ReportRow]:
     """Every report row of the job."""
     return [row async for row in store.rows(job)]
 
 
-async def claim_all(store: Store, run_id: str, *, job: str = JOB) -> list[str]:
+async def claim_all(store: SqlStore, run_id: str, *, job: str = JOB) -> list[str]:
     """Claim every pending account of the job for a run, in pages."""
     claimed: list[str] = []
-    while page := await store.claim_pending(job, run_id, limit=3):
+    while page := await store.claim(job, run_id, limit=3):
         claimed.extend(page)
     return claimed
+
+
+async def age(location: str, owner: str, seconds: float) -> None:
+    """Move a holder's last heartbeat `seconds` into the past, as if time had passed."""
+    sql = (
+        "UPDATE locks SET heartbeat_at = heartbeat_at - {}, acquired_at = acquired_at - {} "
+        "WHERE owner = {}"
+    )
+    if location.startswith("postgresql://"):
+        url, _, schema = location.partition("?schema=")
+        conn = await asyncpg.connect(url, server_settings={"search_path": schema})
+        try:
+            await conn.execute(sql.format("$1", "$1", "$2"), seconds, owner)
+        finally:
+            await conn.close()
+    else:
+        with contextlib.closing(sqlite3.connect(location)) as db, db:
+            db.execute(sql.format("?", "?", "?"), (seconds, seconds, owner))
 
 
 def ids(count: int, prefix: str = "a") -> list[str]:
@@ -97,7 +117,7 @@ def result(account: str, outcome: Outcome, attempts: int = 1, **extra: Any) -> I
 
 
 @pytest.mark.anyio
-async def test_plan_counts_a_chunked_input(store: Store) -> None:
+async def test_plan_counts_a_chunked_input(store: SqlStore) -> None:
     """Planning counts read, invalid, duplicate and to-call values across chunk boundaries."""
     counts = await plan(
         store,
@@ -112,10 +132,10 @@ async def test_plan_counts_a_chunked_input(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_replan_counts_already_done(store: Store) -> None:
+async def test_replan_counts_already_done(store: SqlStore) -> None:
     """A second plan counts values the job already finished as already_done, not to_call."""
     await plan(store, ["fca_a1", "fca_a2", "fca_a3", "bad"])
-    await store.claim_pending(JOB, "r1", limit=10)
+    await store.claim(JOB, "r1", limit=10)
     await store.record(
         JOB,
         "r1",
@@ -133,7 +153,7 @@ async def test_replan_counts_already_done(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_invalid_values_are_recorded_and_never_claimed(store: Store) -> None:
+async def test_invalid_values_are_recorded_and_never_claimed(store: SqlStore) -> None:
     """Hostile values are stored as invalid_id with a reason and are never handed out to call."""
     await plan(store, ["fca_ok1", *HOSTILE, "fca_ok2"])
     claimed = await claim_all(store, "r1")
@@ -147,7 +167,7 @@ async def test_invalid_values_are_recorded_and_never_claimed(store: Store) -> No
 
 
 @pytest.mark.anyio
-async def test_over_long_values_are_stored_truncated(store: Store) -> None:
+async def test_over_long_values_are_stored_truncated(store: SqlStore) -> None:
     """A value over 255 characters is recorded invalid, truncated to 255."""
     long_value = "fca_" + "a" * 400
     counts = await plan(store, [long_value])
@@ -158,17 +178,17 @@ async def test_over_long_values_are_stored_truncated(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_dry_run_plan_leaves_store_unchanged(store: Store) -> None:
+async def test_dry_run_plan_leaves_store_unchanged(store: SqlStore) -> None:
     """A dry-run plan reports its counts but writes nothing."""
     await plan(store, ["fca_a1"])
     before = await all_rows(store)
     counts = await plan_input(
-        store, JOB, chunks(["fca_a1", "fca_a2", "bad", "fca_a2"]), retry_failed=False, dry_run=True
+        store, JOB, chunks(["fca_a1", "fca_a2", "bad", "fca_a2"]), retry_failed=False, commit=False
     )
     assert counts == PlanCounts(read=4, invalid=1, duplicates=1, already_done=0, to_call=2)
     assert await all_rows(store) == before
     fresh = await plan_input(
-        store, "other", chunks(["fca_b1", "x"]), retry_failed=False, dry_run=True
+        store, "other", chunks(["fca_b1", "x"]), retry_failed=False, commit=False
     )
     assert fresh == PlanCounts(read=2, invalid=1, duplicates=0, already_done=0, to_call=1)
     assert not await store.has_job("other")
@@ -176,7 +196,7 @@ async def test_dry_run_plan_leaves_store_unchanged(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_failing_input_leaves_no_rows(store: Store) -> None:
+async def test_failing_input_leaves_no_rows(store: SqlStore) -> None:
     """A chunk iterator that raises midway aborts the plan with nothing written."""
 
     async def broken() -> AsyncIterator[Sequence[str]]:
@@ -185,7 +205,7 @@ async def test_failing_input_leaves_no_rows(store: Store) -> None:
         raise InputError("line 3 of ids.csv: unterminated quote")
 
     with pytest.raises(InputError, match="line 3"):
-        await plan_input(store, JOB, broken(), retry_failed=False, dry_run=False)
+        await plan_input(store, JOB, broken(), retry_failed=False)
     assert await store.counts(JOB) == {}
     assert not await store.has_job(JOB)
     # The store is still usable, and the aborted input left nothing staged behind.
@@ -196,7 +216,7 @@ async def test_failing_input_leaves_no_rows(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_value_that_cannot_be_encoded_leaves_store_usable(store: Store) -> None:
+async def test_value_that_cannot_be_encoded_leaves_store_usable(store: SqlStore) -> None:
     """A value UTF-8 cannot encode (a lone surrogate) fails the plan; the store stays usable."""
     with pytest.raises(UnicodeEncodeError):
         await plan(store, ["fca_a1", "fca_\udcff"])
@@ -207,7 +227,7 @@ async def test_value_that_cannot_be_encoded_leaves_store_usable(store: Store) ->
 
 
 @pytest.mark.anyio
-async def test_jobs_are_separate(store: Store) -> None:
+async def test_jobs_are_separate(store: SqlStore) -> None:
     """The same account in two jobs is two rows with their own outcomes."""
     await plan(store, ["fca_a1"], job="one")
     await plan(store, ["fca_a1"], job="two")
@@ -220,20 +240,20 @@ async def test_jobs_are_separate(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_claim_pending_pages_in_input_order(store: Store) -> None:
+async def test_claim_pending_pages_in_input_order(store: SqlStore) -> None:
     """claim_pending hands a run its pages in input order, each account once."""
     accounts = ids(10)
     await plan(store, accounts[:4], ["bad"], accounts[4:])
-    assert await store.claim_pending(JOB, "r1", limit=4) == accounts[:4]
-    assert await store.claim_pending(JOB, "r1", limit=4) == accounts[4:8]
-    assert await store.claim_pending(JOB, "r1", limit=4) == accounts[8:]
-    assert await store.claim_pending(JOB, "r1", limit=4) == []
+    assert await store.claim(JOB, "r1", limit=4) == accounts[:4]
+    assert await store.claim(JOB, "r1", limit=4) == accounts[4:8]
+    assert await store.claim(JOB, "r1", limit=4) == accounts[8:]
+    assert await store.claim(JOB, "r1", limit=4) == []
     # Nothing is pending anywhere else: the run's own claims are not someone else's.
     assert not await store.pending_elsewhere(JOB, "r1")
 
 
 @pytest.mark.anyio
-async def test_claims_see_only_their_job_when_jobs_interleave(store: Store) -> None:
+async def test_claims_see_only_their_job_when_jobs_interleave(store: SqlStore) -> None:
     """A job planned, another planned after it, then the first grown: each claims its own."""
     first, second, grown = ids(5, "x"), ids(4, "y"), ids(3, "z")
     await plan(store, second, job="other-before")
@@ -246,7 +266,7 @@ async def test_claims_see_only_their_job_when_jobs_interleave(store: Store) -> N
 
 
 @pytest.mark.anyio
-async def test_claim_skips_accounts_with_outcomes(store: Store) -> None:
+async def test_claim_skips_accounts_with_outcomes(store: SqlStore) -> None:
     """Accounts with a recorded outcome are not claimed again."""
     accounts = ids(4)
     await plan(store, accounts)
@@ -255,7 +275,7 @@ async def test_claim_skips_accounts_with_outcomes(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_record_accumulates_attempts_and_keeps_first_attempt(store: Store) -> None:
+async def test_record_accumulates_attempts_and_keeps_first_attempt(store: SqlStore) -> None:
     """record() sets the outcome, adds attempts, and keeps the first first_attempt_at."""
     await plan(store, ["fca_a1", "fca_a2"])
     await store.record(
@@ -303,21 +323,46 @@ async def test_record_accumulates_attempts_and_keeps_first_attempt(store: Store)
     assert (untouched.outcome, untouched.attempts, untouched.first_attempt_at) == (None, 0, None)
 
 
+async def write_transactions(store: SqlStore, location: str, work: Awaitable[None]) -> int:
+    """How many write transactions the store committed while `work` ran."""
+    if location.startswith("postgresql://"):
+        # Only a transaction that writes is given a transaction ID; each probe takes one.
+        url = location.partition("?schema=")[0]
+        conn = await asyncpg.connect(url)
+        try:
+            before = await conn.fetchval("SELECT txid_current()")
+            await work
+            after = await conn.fetchval("SELECT txid_current()")
+        finally:
+            await conn.close()
+        return int(after - before - 1)
+    commits: list[str] = []
+    db = store._dialect._db  # type: ignore[attr-defined]  # the store's own connection, traced
+    db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    try:
+        await work
+    finally:
+        db.set_trace_callback(None)
+    return len(commits)
+
+
 @pytest.mark.anyio
-async def test_record_batch_is_one_write(store: Store) -> None:
-    """A batch of results is recorded together."""
-    accounts = ids(50)
+async def test_a_batch_of_outcomes_is_one_write_transaction(store: SqlStore, location: str) -> None:
+    """Recording 50 outcomes, claimed or not, commits once: never a transaction per account."""
+    accounts = ids(60)
     await plan(store, accounts)
-    await store.record(JOB, "r1", [result(a, Outcome.NOT_FOUND, http_status=404) for a in accounts])
-    assert await store.counts(JOB) == {"not_found": 50}
+    claimed = await store.claim(JOB, "r1", limit=30)
+    batch = [result(a, Outcome.NOT_FOUND, http_status=404) for a in claimed[:25] + accounts[30:55]]
+    assert await write_transactions(store, location, store.record(JOB, "r1", batch)) == 1
+    assert await store.counts(JOB) == {"not_found": 50, None: 10}
 
 
 @pytest.mark.anyio
-async def test_release_outcomes_only_touches_this_run(store: Store) -> None:
+async def test_release_outcomes_only_touches_this_run(store: SqlStore) -> None:
     """release_outcomes returns this run's failed/not_found to pending; other runs are untouched."""
     a, b, c, d, e = ids(5)
     await plan(store, [a, b, c, d, e])
-    await store.claim_pending(JOB, "r1", limit=3)
+    await store.claim(JOB, "r1", limit=3)
     await store.record(
         JOB,
         "r1",
@@ -327,19 +372,19 @@ async def test_release_outcomes_only_touches_this_run(store: Store) -> None:
             result(c, Outcome.DISCONNECTED),
         ],
     )
-    await store.claim_pending(JOB, "r2", limit=3)
+    await store.claim(JOB, "r2", limit=3)
     await store.record(JOB, "r2", [result(d, Outcome.FAILED), result(e, Outcome.NOT_FOUND)])
 
-    released = await store.release_outcomes(JOB, "r1", ["failed", "not_found"])
+    released = await store.release_refused(JOB, "r1")
     assert released == 2
     outcomes = {r.account_id: r.outcome for r in await all_rows(store)}
     assert outcomes == {a: None, b: None, c: "disconnected", d: "failed", e: "not_found"}
     assert await claim_all(store, "r3") == [a, b]
-    assert await store.release_outcomes(JOB, "r1", ["failed", "not_found"]) == 0
+    assert await store.release_refused(JOB, "r1") == 0
 
 
 @pytest.mark.anyio
-async def test_retry_failed_makes_failed_claimable(store: Store) -> None:
+async def test_retry_failed_makes_failed_claimable(store: SqlStore) -> None:
     """Planned with retry_failed, failed accounts count as to_call and are pending again."""
     a, b, c = ids(3)
     await plan(store, [a, b, c])
@@ -349,7 +394,7 @@ async def test_retry_failed_makes_failed_claimable(store: Store) -> None:
     plain = await plan(store, [a, b, c])
     assert (plain.already_done, plain.to_call) == (2, 1)
     assert await store.counts(JOB) == {"failed": 1, "disconnected": 1, None: 1}
-    dry = await plan_input(store, JOB, chunks([a, b, c]), retry_failed=True, dry_run=True)
+    dry = await plan_input(store, JOB, chunks([a, b, c]), retry_failed=True, commit=False)
     assert (dry.already_done, dry.to_call) == (1, 2)
     assert await store.counts(JOB) == {"failed": 1, "disconnected": 1, None: 1}
     retrying = await plan(store, [a, b, c], retry_failed=True)
@@ -359,7 +404,7 @@ async def test_retry_failed_makes_failed_claimable(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_counts_by_outcome(store: Store) -> None:
+async def test_counts_by_outcome(store: SqlStore) -> None:
     """counts() gives the number of accounts per outcome, None for still to call."""
     accounts = ids(6)
     await plan(store, [*accounts, "bad1", "bad2"])
@@ -384,7 +429,7 @@ async def test_counts_by_outcome(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_rows_stream_every_account_in_input_order(store: Store) -> None:
+async def test_rows_stream_every_account_in_input_order(store: SqlStore) -> None:
     """rows() yields every account of the job in input order, across page boundaries."""
     accounts = ids(5003)
     await plan(store, *(accounts[i : i + 1000] for i in range(0, len(accounts), 1000)))
@@ -397,7 +442,7 @@ async def test_rows_stream_every_account_in_input_order(store: Store) -> None:
 # -- lock -------------------------------------------------------------------------------------
 
 
-async def holder(store: Store, job: str = JOB) -> str | None:
+async def holder(store: SqlStore, job: str = JOB) -> str | None:
     """The owner of the job's only lock holder, or None."""
     holders = await store.locks(job)
     assert len(holders) <= 1
@@ -405,7 +450,7 @@ async def holder(store: Store, job: str = JOB) -> str | None:
 
 
 @pytest.mark.anyio
-async def test_lock_is_exclusive_while_fresh(store: Store, location: str) -> None:
+async def test_lock_is_exclusive_while_fresh(store: SqlStore, location: str) -> None:
     """A second owner, even through another connection, is refused while the lock is fresh."""
     await store.acquire_lock(JOB, "owner-a", stale_after=30)
     other = await open_store(location)
@@ -424,40 +469,45 @@ async def test_lock_is_exclusive_while_fresh(store: Store, location: str) -> Non
 
 
 @pytest.mark.anyio
-async def test_stale_lock_is_taken_over(store: Store) -> None:
-    """Once the holder's heartbeat is older than stale_after, another owner takes the lock."""
-    await store.acquire_lock(JOB, "owner-a", stale_after=0.2)
+async def test_stale_lock_is_taken_over(store: SqlStore, location: str) -> None:
+    """Once the holder's heartbeat is older than its lease, another owner takes the lock."""
+    await store.acquire_lock(JOB, "owner-a", stale_after=30)
     assert await store.heartbeat(JOB, "owner-a") is not None
-    await anyio.sleep(0.3)
-    await store.acquire_lock(JOB, "owner-b", stale_after=0.2)
+    await age(location, "owner-a", 31)
+    (stale,) = await store.locks(JOB)
+    assert not stale.live
+    assert stale.age >= 31
+    await store.acquire_lock(JOB, "owner-b", stale_after=30)
     assert await holder(store) == "owner-b"
     assert await store.heartbeat(JOB, "owner-a") is None
     assert await store.heartbeat(JOB, "owner-b") is not None
 
 
 @pytest.mark.anyio
-async def test_heartbeat_keeps_lock_fresh(store: Store) -> None:
+async def test_heartbeat_keeps_lock_fresh(store: SqlStore, location: str) -> None:
     """A heartbeat makes an old lock fresh again, so it is not taken over."""
-    await store.acquire_lock(JOB, "owner-a", stale_after=0.6)
-    await anyio.sleep(0.4)
+    await store.acquire_lock(JOB, "owner-a", stale_after=30)
+    await age(location, "owner-a", 20)
     assert await store.heartbeat(JOB, "owner-a") is not None
-    await anyio.sleep(0.4)
-    # Acquired 0.8 s ago with a 0.6 s lease: stale, unless the heartbeat refreshed it.
+    await age(location, "owner-a", 20)
+    # Acquired 40 s ago with a 30 s lease: stale, unless the heartbeat refreshed it.
     with pytest.raises(LockHeldError):
-        await store.acquire_lock(JOB, "owner-b", stale_after=0.6)
+        await store.acquire_lock(JOB, "owner-b", stale_after=30)
     assert await holder(store) == "owner-a"
 
 
 @pytest.mark.anyio
-async def test_missed_lease_is_lost_even_if_nobody_took_over(store: Store) -> None:
+async def test_missed_lease_is_lost_even_if_nobody_took_over(
+    store: SqlStore, location: str
+) -> None:
     """A holder whose lease ran out cannot renew it: others may be working its claims."""
-    await store.acquire_lock(JOB, "owner-a", stale_after=0.2)
-    await anyio.sleep(0.3)
+    await store.acquire_lock(JOB, "owner-a", stale_after=30)
+    await age(location, "owner-a", 31)
     assert await store.heartbeat(JOB, "owner-a") is None
 
 
 @pytest.mark.anyio
-async def test_release_only_by_owner(store: Store) -> None:
+async def test_release_only_by_owner(store: SqlStore) -> None:
     """Only the lock's owner can release it; afterwards anyone may take it."""
     await store.acquire_lock(JOB, "owner-a", stale_after=30)
     await store.release_lock(JOB, "owner-b")
@@ -469,7 +519,7 @@ async def test_release_only_by_owner(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_single_holder_has_the_whole_rate(store: Store) -> None:
+async def test_single_holder_has_the_whole_rate(store: SqlStore) -> None:
     """A lone holder's heartbeat gives it the whole rate at once."""
     await store.acquire_lock(JOB, "owner-a", stale_after=30)
     beat = await store.heartbeat(JOB, "owner-a")
@@ -478,7 +528,7 @@ async def test_single_holder_has_the_whole_rate(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_lone_planner_plans(store: Store) -> None:
+async def test_lone_planner_plans(store: SqlStore) -> None:
     """A run alone on its job always plans its input."""
     await store.acquire_lock(JOB, "owner-a", stale_after=30)
     async with store.planning(JOB, "owner-a") as must_plan:
@@ -489,7 +539,7 @@ async def test_lone_planner_plans(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_run_history(store: Store) -> None:
+async def test_run_history(store: SqlStore) -> None:
     """start_run/finish_run are reflected by last_run, which returns the latest run of the job."""
     assert await store.last_run(JOB) is None
     await store.start_run(JOB, "r1")
@@ -511,7 +561,7 @@ async def test_run_history(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_has_job(store: Store) -> None:
+async def test_has_job(store: SqlStore) -> None:
     """has_job is true once a job has a run or any account, false otherwise."""
     assert not await store.has_job(JOB)
     await store.start_run("ran", "r1")
@@ -522,7 +572,7 @@ async def test_has_job(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_confirmations_keep_nothing_of_accounts_outside_the_job(store: Store) -> None:
+async def test_confirmations_keep_nothing_of_accounts_outside_the_job(store: SqlStore) -> None:
     """An event for the job's account confirms it once; one for another account is counted
     (per job) and nothing of it is kept, so another job's receiver can still confirm it."""
     await plan(store, ["fca_mine"])
@@ -598,7 +648,7 @@ async def test_data_survives_close_and_reopen(location: str) -> None:
 
 
 @pytest.fixture
-async def pg(pg_state: str) -> AsyncIterator[Store]:
+async def pg(pg_state: str) -> AsyncIterator[SqlStore]:
     """A fresh PostgreSQL store (the `store` fixture, without SQLite)."""
     async for opened in _opened(pg_state):
         yield opened
@@ -616,7 +666,7 @@ async def test_sqlite_refuses_join(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_join_workers_share_but_exclude_plain_runs(pg: Store) -> None:
+async def test_join_workers_share_but_exclude_plain_runs(pg: SqlStore) -> None:
     """Joining workers hold the job together; a plain run is refused, and refuses them."""
     await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)
     await pg.acquire_lock(JOB, "w2", stale_after=30, join=True)
@@ -631,7 +681,7 @@ async def test_join_workers_share_but_exclude_plain_runs(pg: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_worker_on_another_input_cannot_join(pg: Store) -> None:
+async def test_worker_on_another_input_cannot_join(pg: SqlStore) -> None:
     """Joining needs the same source arguments as the live workers: no joining by mistake."""
     await pg.acquire_lock(JOB, "w1", stale_after=30, join=True, source="ids-a")
     with pytest.raises(LockHeldError, match="another input"):
@@ -643,7 +693,7 @@ async def test_worker_on_another_input_cannot_join(pg: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_newcomer_waits_until_others_take_their_smaller_share(pg: Store) -> None:
+async def test_newcomer_waits_until_others_take_their_smaller_share(pg: SqlStore) -> None:
     """Shares are re-divided as workers join; a newcomer is ready only once all others did."""
     await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)
     assert await pg.heartbeat(JOB, "w1") == Beat(workers=1, ready=True)
@@ -656,19 +706,19 @@ async def test_newcomer_waits_until_others_take_their_smaller_share(pg: Store) -
 
 
 @pytest.mark.anyio
-async def test_claims_hold_while_the_lease_runs_then_pass_on(pg: Store) -> None:
+async def test_claims_hold_while_the_lease_runs_then_pass_on(pg: SqlStore, pg_state: str) -> None:
     """Live workers never get each other's accounts; a dead worker's go to the others."""
     accounts = ids(6)
     await plan(pg, accounts)
-    await pg.acquire_lock(JOB, "w1", stale_after=0.5, join=True)
+    await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)
     await pg.acquire_lock(JOB, "w2", stale_after=30, join=True)
-    assert await pg.claim_pending(JOB, "w1", limit=2) == accounts[:2]
-    assert await pg.claim_pending(JOB, "w2", limit=2) == accounts[2:4]
-    assert await pg.claim_pending(JOB, "w2", limit=10) == accounts[4:]
-    assert await pg.claim_pending(JOB, "w2", limit=10) == []
+    assert await pg.claim(JOB, "w1", limit=2) == accounts[:2]
+    assert await pg.claim(JOB, "w2", limit=2) == accounts[2:4]
+    assert await pg.claim(JOB, "w2", limit=10) == accounts[4:]
+    assert await pg.claim(JOB, "w2", limit=10) == []
     assert await pg.pending_elsewhere(JOB, "w2")  # w1's two, still in its hands
-    await anyio.sleep(0.6)  # w1 is gone: its lease runs out
-    assert await pg.claim_pending(JOB, "w2", limit=10) == accounts[:2]
+    await age(pg_state, "w1", 31)  # w1 is gone: its lease runs out
+    assert await pg.claim(JOB, "w2", limit=10) == accounts[:2]
     # w1 wakes up late with an answer: w2 holds the account now, so w1's write is dropped.
     await pg.record(JOB, "w1", [result(accounts[0], Outcome.FAILED, http_status=500)])
     await pg.record(JOB, "w2", [result(accounts[1], Outcome.DISCONNECTED)])
@@ -678,7 +728,7 @@ async def test_claims_hold_while_the_lease_runs_then_pass_on(pg: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_concurrent_claims_never_overlap(pg: Store, pg_state: str) -> None:
+async def test_concurrent_claims_never_overlap(pg: SqlStore, pg_state: str) -> None:
     """Workers claiming at once through their own connections get disjoint pages."""
     accounts = ids(2000)
     await plan(pg, accounts)
@@ -690,7 +740,7 @@ async def test_concurrent_claims_never_overlap(pg: Store, pg_state: str) -> None
 
         async def drain(n: int) -> None:
             mine = claimed.setdefault(f"w{n}", [])
-            while page := await stores[n].claim_pending(JOB, f"w{n}", limit=37):
+            while page := await stores[n].claim(JOB, f"w{n}", limit=37):
                 mine.extend(page)
 
         async with anyio.create_task_group() as tg:
@@ -705,7 +755,7 @@ async def test_concurrent_claims_never_overlap(pg: Store, pg_state: str) -> None
 
 
 @pytest.mark.anyio
-async def test_input_is_planned_once_per_group_of_workers(pg: Store) -> None:
+async def test_input_is_planned_once_per_group_of_workers(pg: SqlStore) -> None:
     """The first live worker plans; the others find it planned; a later group plans again."""
     await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)
     await pg.acquire_lock(JOB, "w2", stale_after=30, join=True)
@@ -725,7 +775,7 @@ async def test_input_is_planned_once_per_group_of_workers(pg: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_failed_planning_leaves_it_to_the_next_worker(pg: Store) -> None:
+async def test_failed_planning_leaves_it_to_the_next_worker(pg: SqlStore) -> None:
     """A planner that fails does not mark the job planned."""
     await pg.acquire_lock(JOB, "w1", stale_after=30, join=True)
     await pg.acquire_lock(JOB, "w2", stale_after=30, join=True)

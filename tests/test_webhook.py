@@ -19,7 +19,9 @@ from structlog.testing import capture_logs
 
 from bulkdisconnect.errors import UsageError
 from bulkdisconnect.model import ItemResult, Outcome
-from bulkdisconnect.store import ReportRow, Store, open_store, plan_input
+from bulkdisconnect.planning import plan_input
+from bulkdisconnect.store import ReportRow, open_store
+from bulkdisconnect.store.core import SqlStore
 from bulkdisconnect.webhook import (
     DISCONNECTED,
     SIGNATURE_TOLERANCE,
@@ -45,11 +47,11 @@ async def chunks() -> AsyncIterator[Sequence[str]]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
+async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
     """A real SQLite store holding a finished job: every account planned and disconnected."""
     opened = await open_store(tmp_path / "s.sqlite")
     try:
-        await plan_input(opened, JOB, chunks(), retry_failed=False, dry_run=False)
+        await plan_input(opened, JOB, chunks(), retry_failed=False)
         await opened.record(
             JOB,
             "run1",
@@ -64,7 +66,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
-def receiver(store: Store) -> WebhookReceiver:
+def receiver(store: SqlStore) -> WebhookReceiver:
     """A receiver for the job, with one signing secret."""
     return WebhookReceiver(store, JOB, [WHSEC])
 
@@ -131,19 +133,19 @@ async def post(
         return response.status, answer
 
 
-async def rows(store: Store) -> dict[str, ReportRow]:
+async def rows(store: SqlStore) -> dict[str, ReportRow]:
     """The job's report rows by account."""
     return {row.account_id: row async for row in store.rows(JOB)}
 
 
-async def confirmed(store: Store) -> dict[str, str | None]:
+async def confirmed(store: SqlStore) -> dict[str, str | None]:
     """account -> event_id, for the confirmed accounts of the job."""
     return {a: r.event_id for a, r in (await rows(store)).items() if r.confirmed_at is not None}
 
 
 @pytest.mark.anyio
 async def test_valid_event_confirms_the_account(
-    store: Store, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
+    store: SqlStore, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
 ) -> None:
     """A correctly signed disconnected event records confirmed_at and event_id on that account."""
     before = time.time()
@@ -161,7 +163,7 @@ async def test_valid_event_confirms_the_account(
 
 @pytest.mark.anyio
 async def test_wrong_secret_is_rejected(
-    store: Store, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
+    store: SqlStore, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
 ) -> None:
     """An event signed with another secret gets 400, is counted rejected and stores nothing."""
     body = event(ACCOUNTS[0])
@@ -182,7 +184,7 @@ async def test_wrong_secret_is_rejected(
 
 @pytest.mark.anyio
 async def test_stale_timestamp_is_rejected(
-    store: Store, url: str, http: aiohttp.ClientSession
+    store: SqlStore, url: str, http: aiohttp.ClientSession
 ) -> None:
     """A signature older than the 300 s tolerance gets 400; one just inside it is accepted."""
     body = event(ACCOUNTS[0], "evt_stale")
@@ -213,6 +215,7 @@ async def test_stale_timestamp_is_rejected(
     ],
 )
 async def test_missing_or_malformed_header_is_rejected(
+    store: SqlStore,
     receiver: WebhookReceiver,
     url: str,
     http: aiohttp.ClientSession,
@@ -229,13 +232,13 @@ async def test_missing_or_malformed_header_is_rejected(
     status, answer = await post(http, url, body, value)
     assert status == 400
     assert reason in answer["error"]
-    assert await confirmed(receiver.store) == {}
+    assert await confirmed(store) == {}
     assert receiver.counts == {"rejected": 1}
 
 
 @pytest.mark.anyio
 async def test_one_matching_signature_among_several_is_enough(
-    store: Store, url: str, http: aiohttp.ClientSession
+    store: SqlStore, url: str, http: aiohttp.ClientSession
 ) -> None:
     """A header with several v1 values (and a v0) is accepted when any one v1 matches."""
     body = event(ACCOUNTS[1], "evt_multi")
@@ -249,7 +252,7 @@ async def test_one_matching_signature_among_several_is_enough(
 
 
 @pytest.mark.anyio
-async def test_rotation_accepts_either_secret(store: Store, http: aiohttp.ClientSession) -> None:
+async def test_rotation_accepts_either_secret(store: SqlStore, http: aiohttp.ClientSession) -> None:
     """With two secrets configured, events signed with either one are accepted."""
     receiver = WebhookReceiver(store, JOB, [OLD_WHSEC, WHSEC])
     async with serving(receiver) as url:
@@ -267,7 +270,7 @@ async def test_rotation_accepts_either_secret(store: Store, http: aiohttp.Client
 
 @pytest.mark.anyio
 async def test_replayed_event_is_acknowledged_and_not_recorded_again(
-    store: Store, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
+    store: SqlStore, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
 ) -> None:
     """A redelivered event ID gets 200 "replayed" and leaves the first confirmation as it was."""
     body = event(ACCOUNTS[3], "evt_once")
@@ -287,7 +290,7 @@ async def test_replayed_event_is_acknowledged_and_not_recorded_again(
 
 @pytest.mark.anyio
 async def test_event_for_an_account_outside_the_job_is_counted_unknown(
-    store: Store, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
+    store: SqlStore, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
 ) -> None:
     """An event about an account the job does not hold gets 200 "unknown", counted, not stored."""
     body = event(STRANGER, "evt_stranger")
@@ -301,7 +304,7 @@ async def test_event_for_an_account_outside_the_job_is_counted_unknown(
 
 @pytest.mark.anyio
 async def test_other_event_types_are_ignored(
-    store: Store, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
+    store: SqlStore, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession
 ) -> None:
     """Any other event type gets 200 "ignored" and stores nothing, even about a job account."""
     body = event(ACCOUNTS[0], "evt_refresh", "financial_connections.account.refreshed_balance")
@@ -330,7 +333,7 @@ async def test_other_event_types_are_ignored(
     ],
 )
 async def test_signed_body_that_is_not_an_event_is_rejected(
-    store: Store, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession, body: bytes
+    store: SqlStore, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession, body: bytes
 ) -> None:
     """A correctly signed body that is not a JSON object with string id and type gets 400."""
     status, answer = await post(http, url, body, sign(body, WHSEC))
@@ -343,7 +346,7 @@ async def test_signed_body_that_is_not_an_event_is_rejected(
 @pytest.mark.anyio
 @pytest.mark.parametrize("data", [None, {}, {"object": None}, {"object": {"id": 42}}])
 async def test_disconnected_event_without_account_id_is_rejected(
-    store: Store, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession, data: Any
+    store: SqlStore, receiver: WebhookReceiver, url: str, http: aiohttp.ClientSession, data: Any
 ) -> None:
     """A disconnected event without a string data.object.id gets 400, not a silent 200."""
     body = event(ACCOUNTS[0], data=data)
@@ -356,7 +359,7 @@ async def test_disconnected_event_without_account_id_is_rejected(
 
 @pytest.mark.anyio
 async def test_served_on_the_given_path_only(
-    store: Store, receiver: WebhookReceiver, http: aiohttp.ClientSession
+    store: SqlStore, receiver: WebhookReceiver, http: aiohttp.ClientSession
 ) -> None:
     """`ready` gets the full URL with the path; only POST on that path is routed."""
     async with serving(receiver, "/hooks/stripe") as url:

@@ -10,7 +10,7 @@ deduplicating to the store's planning.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -19,9 +19,9 @@ from bulkdisconnect.model import Settled
 
 if TYPE_CHECKING:
     from bulkdisconnect.client import StripeClient
-    from bulkdisconnect.config import RunConfig
-    from bulkdisconnect.limiter import RateLimiter
-    from bulkdisconnect.retry import RetryPolicy
+    from bulkdisconnect.config import SourceConfig
+    from bulkdisconnect.retry import Retrier
+    from bulkdisconnect.sources.customers import CustomerBook
 
 
 # The column (CSV), field (JSONL) or query column read when --column does not name one.
@@ -77,38 +77,28 @@ class Source(Protocol):
 
 
 def open_run_source(
-    config: RunConfig,
+    source: SourceConfig,
     *,
     stdin: BinaryIO | None,
     client: StripeClient | None,
-    limiter: RateLimiter,
-    policy: RetryPolicy,
-    skip_customer: Callable[[str], Awaitable[bool]],
-    customer_listed: Callable[[str], Awaitable[None]],
+    retrier: Retrier,
+    book: CustomerBook,
 ) -> Source:
-    """The run's source of account IDs: a file or stdin, a SQL query, or Stripe customers."""
-    if config.source_kind == "file":
-        from bulkdisconnect.sources.files import open_source
+    """The run's source of account IDs, opened and checked as far as it can be unread."""
+    from bulkdisconnect.config import CustomerList, FileInput, SqlQuery  # config reads files.py
 
-        assert config.input is not None
-        return open_source(config.input, config.column, stdin=stdin)
-    if config.source_kind == "sql":
-        from bulkdisconnect.sources.sql import open_sql_source
+    match source:
+        case FileInput(path, column):
+            from bulkdisconnect.sources.files import open_source
 
-        assert config.db is not None
-        assert config.query is not None
-        return open_sql_source(config.db, config.query, config.params, config.column)
-    from bulkdisconnect.sources.customers import CustomersSource, read_customer_ids
+            return open_source(path, column, stdin=stdin)
+        case SqlQuery(db, query, params, column):
+            from bulkdisconnect.sources.sql import open_sql_source
 
-    assert client is not None
-    customers = list(config.customer)
-    if config.customers is not None:
-        customers += read_customer_ids(Path(config.customers))
-    return CustomersSource(
-        customers,
-        client=client,
-        limiter=limiter,
-        policy=policy,
-        skip=skip_customer,
-        listed=customer_listed,
-    )
+            return open_sql_source(db, query, params, column)
+        case CustomerList(ids, file):
+            from bulkdisconnect.sources.customers import CustomersSource, read_customer_ids
+
+            assert client is not None, "a customers source needs the API key"
+            customers = [*ids, *(read_customer_ids(Path(file)) if file is not None else [])]
+            return CustomersSource(customers, client=client, retrier=retrier, book=book)

@@ -1,53 +1,78 @@
 """A source that lists each customer's Financial Connections accounts through Stripe.
 
-Each list call goes through the run's rate limiter and is retried by the disconnects' policy
-and classifier. A customer's accounts stream page by page (100 a call); accounts Stripe
-already shows as disconnected come out as `Settled`, so the run records them without a call.
+Each list call goes through the run's retry loop (`Retrier`: its meters, its classifier, its
+back-off). A customer's accounts stream page by page (100 a call); accounts Stripe already
+shows as disconnected come out as `Settled`, so the run records them without a call. The
+job's `CustomerBook` skips customers an earlier plan listed.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-
-import anyio
-import structlog
+from typing import Protocol
 
 from bulkdisconnect.client import MAX_PAGE, Answer, ListAnswer, StripeClient
-from bulkdisconnect.errors import (
-    AuthenticationError,
-    BulkDisconnectError,
-    InputError,
-    RunRefusedError,
-    UsageError,
-    WrongModeError,
-)
-from bulkdisconnect.limiter import RateLimiter
+from bulkdisconnect.errors import InputError, RunRefusedError, UsageError
 from bulkdisconnect.model import CUSTOMER_ID_PATTERN, Outcome, Settled
-from bulkdisconnect.retry import Action, RetryPolicy, classify
+from bulkdisconnect.retry import Action, Retrier, classify_list
+from bulkdisconnect.stopping import StoppedError
 
-log = structlog.get_logger("bulkdisconnect")
+
+class CustomerLedger(Protocol):
+    """What the customers bookkeeping needs of the store."""
+
+    async def listed_before(self, job: str, customer: str) -> bool:
+        """Whether an earlier plan of the job listed this customer's accounts."""
+        ...
+
+    async def remember_listed(self, job: str, customers: Sequence[str]) -> None:
+        """Remember that these customers' accounts are in the job."""
+        ...
+
+
+class CustomerBook:
+    """Which customers' accounts a job holds already.
+
+    A customer an earlier plan listed is skipped; one this plan listed is remembered only
+    once the plan is merged (`remember`), so a refused or interrupted plan lists it again.
+    The store is bound once it is open: the source is opened and checked before it.
+    """
+
+    def __init__(self, job: str) -> None:
+        self.job = job
+        self._ledger: CustomerLedger | None = None
+        self.handed_over: list[str] = []  # every account of these reached the consumer
+        self.skipped = 0
+
+    def bind(self, ledger: CustomerLedger) -> None:
+        """The store to look customers up in and remember them to."""
+        self._ledger = ledger
+
+    async def listed_before(self, customer: str) -> bool:
+        """Whether an earlier plan listed this customer (then it is skipped)."""
+        if self._ledger is None:
+            return False
+        listed = await self._ledger.listed_before(self.job, customer)
+        self.skipped += listed
+        return listed
+
+    async def remember(self) -> None:
+        """The plan was merged: remember the customers it listed."""
+        if self._ledger is not None and self.handed_over:
+            await self._ledger.remember_listed(self.job, self.handed_over)
 
 
 class CustomersSource:
-    """The accounts of some Stripe customers, listed from the API (implements `Source`).
-
-    `skip(customer)` says a customer was already listed into the job; `listed(customer)` is
-    awaited once every account of that customer has been handed to the consumer, that is when
-    the consumer asks for the chunk after the one holding its last account (or, for the last
-    customers, when iteration ends). A consumer that stages chunks before committing them
-    should therefore record `listed` customers only once it has committed.
-    """
+    """The accounts of some Stripe customers, listed from the API (implements `Source`)."""
 
     def __init__(
         self,
         customers: Iterable[str],
         *,
         client: StripeClient,
-        limiter: RateLimiter,
-        policy: RetryPolicy,
-        skip: Callable[[str], Awaitable[bool]] | None = None,
-        listed: Callable[[str], Awaitable[None]] | None = None,
+        retrier: Retrier,
+        book: CustomerBook | None = None,
     ) -> None:
         self.customers = list(dict.fromkeys(customers))  # deduplicated, first-seen order
         for customer in self.customers:
@@ -59,22 +84,24 @@ class CustomersSource:
         count = len(self.customers)
         self.description = f"{count} customer{'' if count == 1 else 's'}"
         self._client = client
-        self._limiter = limiter
-        self._policy = policy
-        self._skip = skip
-        self._listed = listed
+        self._retrier = retrier
+        self._book = book
 
     async def check(self) -> None:
         """Nothing to check before listing: the customer IDs were checked when given."""
 
     async def chunks(self, size: int = 1000) -> AsyncIterator[Sequence[str | Settled]]:
-        """Yield lists of 1 to `size` accounts (IDs, or `Settled` when already disconnected)."""
+        """Yield lists of 1 to `size` accounts (IDs, or `Settled` when already disconnected).
+
+        A customer counts as handed over to the book once the consumer asks for the chunk
+        after the one holding its last account (or iteration ends).
+        """
         if size < 1:
             raise ValueError(f"chunk size must be at least 1, got {size}")
         chunk: list[str | Settled] = []
         done: list[str] = []  # customers whose accounts all sit in `chunk` or earlier chunks
         for customer in self.customers:
-            if self._skip is not None and await self._skip(customer):
+            if self._book is not None and await self._book.listed_before(customer):
                 continue
             async for page in self._pages(customer):
                 for account_id, status in page:
@@ -85,17 +112,15 @@ class CustomersSource:
                     if len(chunk) >= size:
                         yield chunk
                         chunk = []
-                        await self._report(done)
+                        self._hand_over(done)
             done.append(customer)
         if chunk:
             yield chunk
-        await self._report(done)
+        self._hand_over(done)
 
-    async def _report(self, done: list[str]) -> None:
-        """Tell the caller about customers whose accounts the consumer has now all received."""
-        if self._listed is not None:
-            for customer in done:
-                await self._listed(customer)
+    def _hand_over(self, done: list[str]) -> None:
+        if self._book is not None:
+            self._book.handed_over.extend(done)
         done.clear()
 
     async def _pages(self, customer: str) -> AsyncIterator[list[tuple[str, str]]]:
@@ -111,48 +136,30 @@ class CustomersSource:
             after = page.accounts[-1][0]
 
     async def _fetch(self, customer: str, after: str | None) -> ListAnswer:
-        """One list call, retried like a disconnect; raises when the run cannot go on."""
-        attempt = 0
-        while True:
-            attempt += 1
-            async with self._limiter:
-                page = await self._client.list_accounts(
-                    customer, starting_after=after, limit=MAX_PAGE
-                )
-            answer = page.answer
-            if answer.status == 200 and answer.transport_error is None:
-                return page
-            action = classify(answer).action
-            if action is not Action.RETRY:
-                raise _refusal(customer, answer, action)
-            if attempt >= self._policy.max_attempts:
-                raise RunRefusedError(
-                    f"listing the accounts of customer {customer} failed {attempt} times "
-                    f"(last: {_describe(answer)}); rerun later: customers already listed are "
-                    "not listed again"
-                )
-            delay = self._policy.delay(attempt)
-            log.debug(
-                "bulkdisconnect.list.retry",
-                customer=customer,
-                attempt=attempt,
-                status=answer.status,
-                code=answer.error_code or answer.transport_error,
-                delay=round(delay, 3),
+        """One list call through the retry loop; raises when the run cannot go on."""
+        pages: list[ListAnswer] = []
+
+        async def send() -> Answer:
+            pages.append(
+                await self._client.list_accounts(customer, starting_after=after, limit=MAX_PAGE)
             )
-            await anyio.sleep(delay)
+            return pages[-1].answer
 
-
-def _refusal(customer: str, answer: Answer, action: Action) -> BulkDisconnectError:
-    """The error that ends the run for a list call answered finally (or fatally) with no page."""
-    message = answer.error_message or "no message"
-    if action is Action.FATAL and answer.status == 404:  # resource_missing in the other mode
-        return WrongModeError(f"customer {customer}: {message}")
-    if action is Action.FATAL:
-        return AuthenticationError(f"{message} (HTTP {answer.status}, listing customer {customer})")
-    if answer.status == 404 and answer.error_code == "resource_missing":
-        return UsageError(f"no such customer {customer}: {message}")
-    return UsageError(f"listing the accounts of customer {customer} failed: {_describe(answer)}")
+        attempted = await self._retrier.call(send, about=customer, judge=classify_list)
+        if attempted is None:
+            raise StoppedError(f"stopped while listing the accounts of customer {customer}")
+        answer, decision, attempts, _ = attempted
+        if decision.action is Action.FINAL and answer.status == 200:
+            return pages[-1]
+        if decision.action is Action.RETRY:  # the attempts are spent
+            raise RunRefusedError(
+                f"listing the accounts of customer {customer} failed {attempts} times "
+                f"(last: {_describe(answer)}); rerun later: customers already listed are "
+                "not listed again"
+            )
+        if answer.status == 404 and answer.error_code == "resource_missing":
+            raise UsageError(f"no such customer {customer}: {answer.error_message or 'no message'}")
+        raise UsageError(f"listing the accounts of customer {customer} failed: {_describe(answer)}")
 
 
 def _describe(answer: Answer) -> str:

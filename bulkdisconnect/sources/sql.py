@@ -24,10 +24,10 @@ import anyio.to_thread
 
 from bulkdisconnect.errors import InputError, UsageError
 from bulkdisconnect.logs import mask_url
+from bulkdisconnect.postgresql import CONNECT_TIMEOUT, describe_error
 from bulkdisconnect.sources import choose_column
 
 SCHEMES = ("sqlite", "postgresql", "postgres")
-CONNECT_TIMEOUT = 10.0  # seconds: an unreachable server fails the check instead of hanging
 CLOSE_TIMEOUT = 5.0
 _SQLITE_ERRORS = (sqlite3.Error, sqlite3.Warning)  # 3.11 raises Warning for two statements
 _TYPE_ERRORS = frozenset({"42883", "42804"})  # undefined_function, datatype_mismatch
@@ -258,16 +258,9 @@ class PostgresSource(SqlSource):
                 server_settings={"application_name": "bulkdisconnect"},
             )
         except (pg.PostgresError, pg.InterfaceError, ValueError, OSError) as exc:
-            if isinstance(exc, pg.PostgresError):
-                reason = exc.message  # the server's words, without its HINT line
-            elif isinstance(exc, TimeoutError):
-                reason = f"no answer within {CONNECT_TIMEOUT:g} s"
-            elif isinstance(exc, ValueError) and not isinstance(exc, pg.InterfaceError):
-                # asyncpg's own text can quote a piece of a badly encoded password.
-                reason = "malformed URL (percent-encode special characters in the password)"
-            else:
-                reason = " ".join(str(exc).split())
-            raise UsageError(f"cannot connect to {self.description}: {reason}") from None
+            raise UsageError(
+                f"cannot connect to {self.description}: {describe_error(exc)}"
+            ) from None
         try:
             yield conn
         finally:

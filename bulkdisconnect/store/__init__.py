@@ -1,20 +1,26 @@
-"""The result store: one durable outcome per (job, account), the job's lock, and its runs.
+"""The result store: one durable outcome per (job, account), the job's lease, and its runs.
 
-Two implementations with the same semantics, picked by the location's form: SQLite (a path,
-`state/<job>.sqlite` by default) for one process, and PostgreSQL (`postgresql://...`) which
-several `run --join` workers on several machines can share.
+    core.py       SqlStore: the semantics, once, over a dialect
+    queries.sql   every statement both stores run, by name
+    sqlite.py     SQLite (a path, `state/<job>.sqlite` by default): one process a job
+    postgres.py   PostgreSQL (`postgresql://...`): shared by `run --join` workers
+
+`open_store` picks the dialect by the location's form. Consumers type the store by the small
+protocol they need, declared next to them (pool.py, lease.py, planning.py, webhook.py,
+report.py); this module holds the values they exchange.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from bulkdisconnect.model import MAX_ACCOUNT_ID_LENGTH, ItemResult, Settled
+from bulkdisconnect.model import MAX_ACCOUNT_ID_LENGTH
+
+if TYPE_CHECKING:
+    from bulkdisconnect.store.core import SqlStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,13 @@ class LockInfo:
     heartbeat_at: float
     lease: float  # seconds without a heartbeat after which another run may take it over
     shared: bool  # a `run --join` worker, one of several sharing the job
+    source: str  # its source arguments, fingerprinted
+    age: float  # seconds since its last heartbeat, by the store's clock
+
+    @property
+    def live(self) -> bool:
+        """Whether its lease still runs."""
+        return self.age < self.lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,65 +95,6 @@ class RunInfo:
     finished_at: float | None
     exit_code: int | None
     summary: str | None
-
-
-class Store(Protocol):
-    """Durable per-account outcomes for jobs, a lock per job, and the runs' history."""
-
-    async def aclose(self) -> None: ...
-
-    async def acquire_lock(
-        self, job: str, owner: str, *, stale_after: float, join: bool = False, source: str = ""
-    ) -> None: ...
-    async def heartbeat(self, job: str, owner: str) -> Beat | None: ...
-    async def release_lock(self, job: str, owner: str) -> None: ...
-    async def locks(self, job: str) -> list[LockInfo]: ...
-    # Entered by `run --join` workers around planning: yields whether this one must plan the
-    # input (the first of the live workers to get there); the others find it planned.
-    def planning(self, job: str, owner: str) -> AbstractAsyncContextManager[bool]: ...
-
-    async def stage(
-        self, job: str, chunks: AsyncIterator[Sequence[str | Settled]], *, retry_failed: bool
-    ) -> PlanCounts: ...
-    async def commit_staged(self, job: str, *, retry_failed: bool) -> None: ...
-    async def discard_staged(self) -> None: ...
-    async def customer_listed(self, job: str, customer: str) -> bool: ...
-    async def mark_customer_listed(self, job: str, customer: str) -> None: ...
-    async def claim_pending(self, job: str, run_id: str, *, limit: int) -> list[str]: ...
-    # Whether accounts are still to call that this run cannot claim now: held by another
-    # live worker, or by a dead one until its lease runs out.
-    async def pending_elsewhere(self, job: str, run_id: str) -> bool: ...
-    async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None: ...
-    async def release_outcomes(self, job: str, run_id: str, outcomes: Sequence[str]) -> int: ...
-
-    async def counts(self, job: str) -> dict[str | None, int]: ...
-    async def confirmed_count(self, job: str) -> int: ...
-    async def unknown_events(self, job: str) -> int: ...
-    def rows(self, job: str, *, unconfirmed: bool = False) -> AsyncIterator[ReportRow]: ...
-    async def confirm(
-        self, job: str, account_id: str, *, event_id: str, confirmed_at: float
-    ) -> Confirmation: ...
-    async def start_run(self, job: str, run_id: str) -> None: ...
-    async def finish_run(self, run_id: str, exit_code: int, summary: str) -> None: ...
-    async def last_run(self, job: str) -> RunInfo | None: ...
-    async def has_job(self, job: str) -> bool: ...
-
-
-async def plan_input(
-    store: Store,
-    job: str,
-    chunks: AsyncIterator[Sequence[str | Settled]],
-    *,
-    retry_failed: bool,
-    dry_run: bool,
-) -> PlanCounts:
-    """Stage an input and count it, then merge it into the job (or, dry, discard it)."""
-    counts = await store.stage(job, chunks, retry_failed=retry_failed)
-    if dry_run:
-        await store.discard_staged()
-    else:
-        await store.commit_staged(job, retry_failed=retry_failed)
-    return counts
 
 
 def stored_value(value: str) -> str:
@@ -164,16 +118,19 @@ def shown_location(location: str | Path) -> str:
     return mask_url(str(location)) if is_shared_location(location) else str(location)
 
 
-async def open_store(location: str | Path, *, create: bool = True) -> Store:
+async def open_store(location: str | Path, *, create: bool = True) -> SqlStore:
     """Open the store at a path or sqlite:/// URL, or a PostgreSQL URL; created if missing.
 
     With `create` false a missing SQLite file is not created: an empty store in memory
     stands in for it (a dry run compares its input with nothing, and writes nothing).
     """
+    from bulkdisconnect.store.core import SqlStore
+
     if is_shared_location(location):
-        from bulkdisconnect.store.postgres import PostgresStore
+        from bulkdisconnect.store.postgres import PostgresDialect
 
-        return await PostgresStore.open(str(location))
-    from bulkdisconnect.store.sqlite import SQLiteStore
+        return await SqlStore.open(await PostgresDialect.connect(str(location)))
+    from bulkdisconnect.store.sqlite import SQLiteDialect
 
-    return await SQLiteStore.open(Path(str(location).removeprefix("sqlite:///")), create=create)
+    path = Path(str(location).removeprefix("sqlite:///"))
+    return await SqlStore.open(await SQLiteDialect.connect(path, create=create))

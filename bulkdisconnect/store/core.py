@@ -1,0 +1,469 @@
+"""The store's semantics, once: leases, planning, claims and outcomes, confirmations, runs.
+
+`SqlStore` runs the statements of queries.sql through a `Dialect`, which supplies only what
+truly differs between SQLite and PostgreSQL: connections and transactions, placeholders and
+the {tokens} of the SQL, how pages are claimed and outcomes recorded, how an input is staged,
+and how planning is serialised among workers.
+
+    SqlStore ──statements by name──> Dialect (sqlite.py | postgres.py) ──> the database
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from importlib import resources
+from typing import Any, Protocol
+
+import anyio
+
+from bulkdisconnect.errors import LockHeldError, UsageError
+from bulkdisconnect.model import ItemResult, Settled, is_valid_account_id
+from bulkdisconnect.store import (
+    Beat,
+    Confirmation,
+    LockInfo,
+    PlanCounts,
+    ReportRow,
+    RunInfo,
+    stored_value,
+)
+
+# The layout a store is migrated to when opened; a dialect's MIGRATIONS lead up to it.
+SCHEMA_VERSION = 2
+REPORT_PAGE = 5000
+SETTLED_MESSAGE = "already disconnected when listed: recorded without a call"
+INVALID_MESSAGE = "not a Financial Connections account ID (fca_ followed by letters and digits)"
+
+Row = Sequence[Any]
+
+
+def load_queries(tokens: dict[str, str]) -> dict[str, str]:
+    """queries.sql by name, its {tokens} filled in for a dialect."""
+    text = resources.files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
+    queries = {}
+    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
+        name, _, body = block.partition("\n")
+        sql = "\n".join(line for line in body.splitlines() if not line.startswith("--"))
+        for token, value in tokens.items():
+            sql = sql.replace("{" + token + "}", value)
+        queries[name.strip()] = sql.strip()
+    return queries
+
+
+class Connection(Protocol):
+    """Runs the named statements of queries.sql with keyword parameters."""
+
+    async def execute(self, name: str, **params: Any) -> int:
+        """Run a statement; the number of rows it changed."""
+        ...
+
+    async def fetch(self, name: str, **params: Any) -> list[Row]:
+        """Run a query; its rows."""
+        ...
+
+    async def script(self, sql: str) -> None:
+        """Run several statements without parameters (the schema, a migration)."""
+        ...
+
+
+class Staging(Connection, Protocol):
+    """A connection holding the temporary table `staged (pos, account_id, valid, settled)`."""
+
+    async def add(self, rows: list[tuple[str, int, str | None]]) -> None:
+        """Stage (value, valid, settled) rows; a value seen before keeps its first place."""
+        ...
+
+    async def seal(self) -> None:
+        """Make `staged` ready for counting and merging (deduplicated, indexed)."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Connection]:
+        """A write transaction on the staging connection (the merge)."""
+        ...
+
+
+class Dialect(Protocol):
+    """What differs between SQLite and PostgreSQL; everything else is `SqlStore`'s."""
+
+    @property
+    def description(self) -> str:
+        """Where the store is, fit for output (a URL's password masked)."""
+        ...
+
+    @property
+    def schema(self) -> str:
+        """The `schema` statements of queries.sql, for this dialect."""
+        ...
+
+    @property
+    def migrations(self) -> dict[int, tuple[str, str]]:
+        """Layout version -> the SQL to run before and after the schema, to leave it."""
+        ...
+
+    @property
+    def reader(self) -> Connection:
+        """Statements outside a transaction."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """Whether processes on several machines can share the store (`run --join`)."""
+        ...
+
+    def transaction(
+        self, *, exclusive_for: str | None = None
+    ) -> AbstractAsyncContextManager[Connection]:
+        """A write transaction; with `exclusive_for`, one at a time for that key."""
+        ...
+
+    def staging(self) -> AbstractAsyncContextManager[Staging]:
+        """A connection with an empty `staged` table, dropped on leaving."""
+        ...
+
+    def plan_turn(self, job: str) -> AbstractAsyncContextManager[None]:
+        """Wait until no other worker of the job is planning."""
+        ...
+
+    async def claim(self, job: str, run_id: str, limit: int) -> list[str]:
+        """Mark and return the next `limit` accounts still to call that nobody holds."""
+        ...
+
+    async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
+        """Record a batch of outcomes in one write."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        ...
+
+
+class SqlStore:
+    """Durable per-account outcomes for jobs, their leases, confirmations and runs.
+
+    Each consumer types it by the small protocol it needs (pool.py, lease.py, planning.py,
+    webhook.py, report.py); this class satisfies them all.
+    """
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+        self._read = dialect.reader
+
+    @classmethod
+    async def open(cls, dialect: Dialect) -> SqlStore:
+        """The store over `dialect`, its schema created or migrated to the current layout."""
+        store = cls(dialect)
+        try:
+            await store._migrate()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await dialect.aclose()
+            raise
+        return store
+
+    async def _migrate(self) -> None:
+        """Create the tables, or bring an older store's up to SCHEMA_VERSION."""
+        dialect = self._dialect
+        async with dialect.transaction(exclusive_for="schema") as tx:
+            tables = {row[0] for row in await tx.fetch("tables")}
+            if "meta" in tables:
+                rows = await tx.fetch("schema_version")
+                version = int(rows[0][0]) if rows else 1
+            else:  # created before layouts were numbered, or not at all
+                version = 1 if "accounts" in tables else SCHEMA_VERSION
+            if version > SCHEMA_VERSION:
+                raise UsageError(
+                    f"the store {dialect.description} has layout {version}, newer than this "
+                    f"bulkdisconnect knows ({SCHEMA_VERSION}): upgrade bulkdisconnect"
+                )
+            steps = [dialect.migrations.get(v, ("", "")) for v in range(version, SCHEMA_VERSION)]
+            for before, _ in steps:
+                await tx.script(before)
+            await tx.script(dialect.schema)
+            for _, after in steps:
+                await tx.script(after)
+            if version != SCHEMA_VERSION or "meta" not in tables:
+                await tx.execute("set_schema_version", version=str(SCHEMA_VERSION))
+
+    @property
+    def description(self) -> str:
+        """Where the store is, fit for output."""
+        return self._dialect.description
+
+    async def aclose(self) -> None:
+        """Close the store's connections."""
+        await self._dialect.aclose()
+
+    # -- the lease ----------------------------------------------------------------------------
+
+    async def acquire_lock(
+        self, job: str, owner: str, *, stale_after: float, join: bool = False, source: str = ""
+    ) -> None:
+        """Hold the job, alone or as one of its `run --join` workers; stale holders are dropped.
+
+        A run without `join` needs no live holder at all; a joining worker needs every live
+        holder to be a joining worker started on the same `source` (a fingerprint of the
+        source arguments), so that a worker given another input cannot join by mistake.
+        `stale_after` is this holder's lease: it heartbeats well within it, and others may
+        take over once no heartbeat came for that long (by the database's clock).
+        """
+        if join and not self._dialect.shared:
+            raise UsageError("--join needs a shared store: --state postgresql://...")
+        async with self._dialect.transaction(exclusive_for=f"lock:{job}") as tx:
+            holders = [_lock_info(row) for row in await tx.fetch("holders", job=job)]
+            live = [h for h in holders if h.live]
+            await tx.execute("drop_stale_holders", job=job)
+            _check_can_hold(job, live, join=join, source=source)
+            await tx.execute(
+                "add_holder",
+                job=job,
+                owner=owner,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                lease=stale_after,
+                shared=join,
+                share_of=len(live) + 1,
+                source=source,
+            )
+
+    async def heartbeat(self, job: str, owner: str) -> Beat | None:
+        """Renew the lease and take the current share; None if it ran out or was taken.
+
+        A holder that missed its own lease has lost it even if nobody took over: others may
+        already be working the accounts it claimed.
+        """
+        async with self._dialect.transaction() as tx:
+            if not await tx.execute("renew_lease", job=job, owner=owner):
+                return None
+            live = await tx.fetch("live_shares", job=job)
+            await tx.execute("set_share", job=job, owner=owner, workers=len(live))
+        ready = all(share >= len(live) for holder, share in live if holder != owner)
+        return Beat(workers=len(live), ready=ready)
+
+    async def release_lock(self, job: str, owner: str) -> None:
+        """Give up this owner's hold on the job."""
+        async with self._dialect.transaction() as tx:
+            await tx.execute("drop_holder", job=job, owner=owner)
+
+    async def locks(self, job: str) -> list[LockInfo]:
+        """The job's holders (live or stale), oldest first."""
+        return [_lock_info(row) for row in await self._read.fetch("holders", job=job)]
+
+    @asynccontextmanager
+    async def planning(self, job: str, owner: str) -> AsyncIterator[bool]:
+        """This holder's turn to plan: yields False when a live holder already planned.
+
+        Workers joining a job take turns; the first plans the input, the others find it
+        planned. A holder alone on its job (SQLite's) always finds it not planned yet.
+        """
+        async with self._dialect.plan_turn(job):
+            (row,) = await self._read.fetch("planned_by_a_live_holder", job=job)
+            yield not row[0]
+            await self._read.execute("mark_planned", job=job, owner=owner)
+
+    # -- planning -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def stage(self, job: str, *, retry_failed: bool) -> AsyncIterator[StagedInput]:
+        """An input counted in a temporary table; leaving without `commit` discards it."""
+        async with self._dialect.staging() as staging:
+            yield StagedInput(staging, job, retry_failed=retry_failed)
+
+    async def listed_before(self, job: str, customer: str) -> bool:
+        """Whether an earlier plan of the job listed this customer's accounts."""
+        return bool(await self._read.fetch("listed_before", job=job, customer=customer))
+
+    async def remember_listed(self, job: str, customers: Sequence[str]) -> None:
+        """Remember that these customers' accounts are in the job: a rerun skips them."""
+        async with self._dialect.transaction() as tx:
+            for customer in customers:
+                await tx.execute("remember_listed", job=job, customer=customer, now=time.time())
+
+    # -- work ---------------------------------------------------------------------------------
+
+    async def claim(self, job: str, run_id: str, *, limit: int) -> list[str]:
+        """The run's next page of accounts still to call, in input order."""
+        return await self._dialect.claim(job, run_id, limit)
+
+    async def pending_elsewhere(self, job: str, run_id: str) -> bool:
+        """Whether accounts still to call are held by another run (or free to claim)."""
+        (row,) = await self._read.fetch("pending_elsewhere", job=job, run_id=run_id)
+        return bool(row[0])
+
+    async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
+        """Record a batch of outcomes in one write."""
+        await self._dialect.record(job, run_id, results)
+
+    async def release_refused(self, job: str, run_id: str) -> int:
+        """Turn this run's failed and not_found outcomes back to pending; how many."""
+        async with self._dialect.transaction() as tx:
+            return await tx.execute("release_refused", job=job, run_id=run_id)
+
+    # -- confirmations ------------------------------------------------------------------------
+
+    async def confirm(
+        self, job: str, account_id: str, *, event_id: str, confirmed_at: float
+    ) -> Confirmation:
+        """Record a disconnected event on the account's outcome, once per event ID.
+
+        For an account outside the job nothing is kept: the delivery is only counted.
+        """
+        event = {"event_id": event_id, "job": job, "account_id": account_id, "at": confirmed_at}
+        async with self._dialect.transaction() as tx:
+            if not await tx.execute("claim_event", **event):
+                return Confirmation.REPLAYED
+            if await tx.execute("confirm_account", **event):
+                return Confirmation.CONFIRMED
+            await tx.execute("forget_event", event_id=event_id)
+            await tx.execute("count_unknown_event", job=job, at=confirmed_at)
+        return Confirmation.UNKNOWN
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def counts(self, job: str) -> dict[str | None, int]:
+        """Accounts per outcome (None: still to call)."""
+        return {row[0]: int(row[1]) for row in await self._read.fetch("outcome_counts", job=job)}
+
+    async def confirmed_count(self, job: str) -> int:
+        """Accounts whose disconnection a webhook event confirmed."""
+        (row,) = await self._read.fetch("confirmed_count", job=job)
+        return int(row[0])
+
+    async def unknown_events(self, job: str) -> int:
+        """Events received for accounts outside the job (counted, not kept)."""
+        rows = await self._read.fetch("unknown_events", job=job)
+        return int(rows[0][0]) if rows else 0
+
+    async def rows(self, job: str, *, unconfirmed: bool = False) -> AsyncIterator[ReportRow]:
+        """Every account of the job in input order (or only disconnected, unconfirmed ones)."""
+        after = 0
+        while True:
+            page = await self._read.fetch(
+                "report_page", job=job, after=after, unconfirmed=int(unconfirmed), limit=REPORT_PAGE
+            )
+            for row in page:
+                yield ReportRow(*row[1:])
+            if len(page) < REPORT_PAGE:
+                return
+            after = page[-1][0]
+
+    async def has_job(self, job: str) -> bool:
+        """Whether the store holds anything of this job."""
+        (row,) = await self._read.fetch("has_job", job=job)
+        return bool(row[0])
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def start_run(self, job: str, run_id: str) -> None:
+        """Record that a run of the job started."""
+        await self._read.execute("start_run", job=job, run_id=run_id, now=time.time())
+
+    async def finish_run(self, run_id: str, exit_code: int, summary: str) -> None:
+        """Record how a run ended."""
+        await self._read.execute(
+            "finish_run", run_id=run_id, exit_code=exit_code, summary=summary, now=time.time()
+        )
+
+    async def last_run(self, job: str) -> RunInfo | None:
+        """The job's most recent run."""
+        rows = await self._read.fetch("last_run", job=job)
+        return RunInfo(*rows[0]) if rows else None
+
+
+class StagedInput:
+    """An input staged for one job: add chunks, count them, then commit the merge."""
+
+    def __init__(self, staging: Staging, job: str, *, retry_failed: bool) -> None:
+        self._staging = staging
+        self._job = job
+        self._retry_failed = retry_failed
+        self._read = 0
+        self._sealed = False
+        self._nothing_new = False
+
+    async def add(self, chunk: Sequence[str | Settled]) -> None:
+        """Stage a chunk of raw values (or values a source already settled)."""
+        self._read += len(chunk)
+        await self._staging.add([_staged_row(value) for value in chunk])
+
+    async def count(self) -> PlanCounts:
+        """What merging the staged input would do; changes nothing."""
+        if not self._sealed:
+            await self._staging.seal()
+            self._sealed = True
+        retry = int(self._retry_failed)
+        ((unique, invalid, done, new, unseen, settled),) = await self._staging.fetch(
+            "count_staged", job=self._job, retry_failed=retry
+        )
+        ((pending,),) = await self._staging.fetch(
+            "count_still_pending", job=self._job, retry_failed=retry
+        )
+        # A rerun of the same input: the merge has nothing to add.
+        self._nothing_new = not unseen and not settled
+        return PlanCounts(
+            read=self._read,
+            invalid=int(invalid),
+            duplicates=self._read - int(unique),
+            already_done=int(done),
+            to_call=int(pending) + int(new),
+        )
+
+    async def commit(self) -> None:
+        """Merge the staged input into the job in one transaction."""
+        if not self._sealed:
+            await self.count()
+        job = self._job
+        async with self._staging.transaction() as tx:
+            if self._retry_failed:
+                await tx.execute("reopen_failed", job=job)
+            if self._nothing_new:
+                return
+            await tx.execute(
+                "merge_staged",
+                job=job,
+                invalid_message=INVALID_MESSAGE,
+                settled_message=SETTLED_MESSAGE,
+                now=time.time(),
+            )
+            await tx.execute(
+                "settle_pending", job=job, settled_message=SETTLED_MESSAGE, now=time.time()
+            )
+
+
+def _staged_row(value: str | Settled) -> tuple[str, int, str | None]:
+    """(value as stored, valid, settled outcome) for the staging table."""
+    if isinstance(value, str):
+        return stored_value(value), int(is_valid_account_id(value)), None
+    return value.account_id, int(is_valid_account_id(value.account_id)), value.outcome.value
+
+
+def _lock_info(row: Row) -> LockInfo:
+    owner, pid, host, heartbeat_at, lease, shared, source, now = row
+    return LockInfo(
+        owner, pid, host, heartbeat_at, lease, bool(shared), source, age=now - heartbeat_at
+    )
+
+
+def _check_can_hold(job: str, live: list[LockInfo], *, join: bool, source: str) -> None:
+    """Raise LockHeldError unless a new holder (joining or not) may work the job now."""
+    exclusive = [h for h in live if not h.shared]
+    if exclusive:
+        holder = exclusive[0]
+        raise LockHeldError(
+            f"job {job!r} is locked by a run on {holder.host} (pid {holder.pid}), "
+            f"alive {holder.age:.0f}s ago; wait for it to finish"
+        )
+    if live and not join:
+        raise LockHeldError(
+            f"job {job!r} is being worked by {len(live)} `run --join` worker(s); "
+            "add --join to work with them, or wait for them to finish"
+        )
+    if any(h.source != source for h in live):
+        raise LockHeldError(
+            f"job {job!r} is being worked by --join workers started on another input "
+            "(file, query or customers): start every worker with the same arguments"
+        )

@@ -1,0 +1,253 @@
+-- Every statement both stores run, once. Loaded by store/core.py into a dict by name.
+--
+-- Parameters are written :name. A dialect fills the {tokens} in once, at load:
+--   {now}      the database's clock, in epoch seconds (leases use it, never a worker's)
+--   {real}     a double-precision column type     {bool}  a boolean column type
+--   {order}    the column that keeps input order  {order_key}  its definition in `accounts`
+--   {accounts_options}  storage options of `accounts`    {tables}  a query of the table names
+-- What differs too much to share (claims, recording, staging, locking primitives) stays in
+-- sqlite.py and postgres.py.
+
+-- name: schema
+-- The tables, created on first use; each statement is idempotent.
+CREATE TABLE IF NOT EXISTS accounts (
+    {order_key}
+    job TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    outcome TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    http_status INTEGER,
+    error_code TEXT,
+    error_message TEXT,
+    request_id TEXT,
+    first_attempt_at {real},
+    updated_at {real},
+    run_id TEXT,  -- the run that claimed or recorded it
+    confirmed_at {real},
+    event_id TEXT,
+    UNIQUE (job, account_id)
+){accounts_options};
+CREATE TABLE IF NOT EXISTS customers (
+    job TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    listed_at {real} NOT NULL,
+    PRIMARY KEY (job, customer_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    received_at {real} NOT NULL
+);
+-- Deliveries of events for accounts outside the job: counted, their accounts not kept.
+CREATE TABLE IF NOT EXISTS unknown_events (
+    job TEXT PRIMARY KEY,
+    count BIGINT NOT NULL,
+    last_at {real} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS locks (
+    job TEXT NOT NULL,
+    owner TEXT NOT NULL,  -- the holder's run ID
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    acquired_at {real} NOT NULL,
+    heartbeat_at {real} NOT NULL,  -- the database's clock
+    lease {real} NOT NULL,  -- seconds without a heartbeat after which the hold is lost
+    shared {bool} NOT NULL,  -- a `run --join` worker
+    share_of INTEGER NOT NULL,  -- the holder runs at (at most) --rate / share_of
+    planned {bool} NOT NULL DEFAULT FALSE,  -- it planned, or found planned, the input
+    source TEXT NOT NULL DEFAULT '',  -- its source arguments, fingerprinted
+    PRIMARY KEY (job, owner)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    started_at {real} NOT NULL,
+    finished_at {real},
+    exit_code INTEGER,
+    summary TEXT
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+-- name: tables
+-- The names of the store's tables.
+{tables};
+
+-- name: schema_version
+-- The layout this store was last migrated to (none: created before versions were kept).
+SELECT value FROM meta WHERE key = 'schema_version';
+
+-- name: set_schema_version
+-- Record the layout the store now has.
+INSERT INTO meta (key, value) VALUES ('schema_version', :version)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
+-- name: holders
+-- Every holder of the job's lock, live or stale, oldest first, with the database's clock.
+SELECT owner, pid, host, heartbeat_at, lease, shared, source, {now} AS now
+FROM locks WHERE job = :job ORDER BY acquired_at, owner;
+
+-- name: drop_stale_holders
+-- Forget the holders whose lease ran out: they hold nothing any more.
+DELETE FROM locks WHERE job = :job AND {now} - heartbeat_at >= lease;
+
+-- name: add_holder
+-- Hold the job (alone, or as one of its `run --join` workers).
+INSERT INTO locks (job, owner, pid, host, acquired_at, heartbeat_at, lease, shared, share_of,
+                   source)
+VALUES (:job, :owner, :pid, :host, {now}, {now}, :lease, :shared, :share_of, :source);
+
+-- name: renew_lease
+-- A heartbeat: renew a hold that has not run out (a lapsed one stays lost).
+UPDATE locks SET heartbeat_at = {now}
+WHERE job = :job AND owner = :owner AND {now} - heartbeat_at < lease;
+
+-- name: live_shares
+-- The live holders of the job and the share of --rate each runs at.
+SELECT owner, share_of FROM locks WHERE job = :job AND {now} - heartbeat_at < lease;
+
+-- name: set_share
+-- The holder now runs at --rate / :workers.
+UPDATE locks SET share_of = :workers WHERE job = :job AND owner = :owner;
+
+-- name: drop_holder
+-- Give up this owner's hold on the job.
+DELETE FROM locks WHERE job = :job AND owner = :owner;
+
+-- name: planned_by_a_live_holder
+-- Whether a live holder of the job planned (or found planned) its input.
+SELECT EXISTS (
+    SELECT 1 FROM locks WHERE job = :job AND planned AND {now} - heartbeat_at < lease
+);
+
+-- name: mark_planned
+-- This holder planned, or found planned, the input.
+UPDATE locks SET planned = TRUE WHERE job = :job AND owner = :owner;
+
+-- name: count_staged
+-- What merging the staged input would find: unique, invalid, already done, new to call,
+-- unseen by the job, settled by the source. Changes nothing.
+SELECT COUNT(*),
+    COALESCE(SUM(CASE WHEN s.valid = 0 THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN s.valid = 1 AND a.outcome IS NOT NULL
+                      AND NOT (:retry_failed = 1 AND a.outcome = 'failed') THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN s.valid = 1 AND s.settled IS NULL AND a.account_id IS NULL
+                      THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN a.account_id IS NULL THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN s.settled IS NOT NULL THEN 1 ELSE 0 END), 0)
+FROM staged s LEFT JOIN accounts a ON a.job = :job AND a.account_id = s.account_id;
+
+-- name: count_still_pending
+-- Accounts of the job left to call after the merge, other than those the input settles.
+SELECT COUNT(*) FROM accounts a
+WHERE a.job = :job AND (a.outcome IS NULL OR (:retry_failed = 1 AND a.outcome = 'failed'))
+  AND NOT EXISTS (SELECT 1 FROM staged s WHERE s.account_id = a.account_id
+                  AND s.valid = 1 AND s.settled IS NOT NULL);
+
+-- name: reopen_failed
+-- --retry-failed: the job's failed accounts are to call again.
+UPDATE accounts SET outcome = NULL WHERE job = :job AND outcome = 'failed';
+
+-- name: merge_staged
+-- Add the staged values the job lacks, in input order: invalid ones recorded invalid_id,
+-- settled ones (a Stripe list showed them disconnected) with their outcome, the rest to call.
+INSERT INTO accounts (job, account_id, outcome, error_code, error_message, updated_at)
+SELECT :job, s.account_id,
+    CASE WHEN s.valid = 0 THEN 'invalid_id' ELSE s.settled END,
+    CASE WHEN s.valid = 0 THEN 'invalid_id' END,
+    CASE WHEN s.valid = 0 THEN :invalid_message
+         WHEN s.settled IS NOT NULL THEN :settled_message END,
+    CASE WHEN s.valid = 0 OR s.settled IS NOT NULL THEN CAST(:now AS DOUBLE PRECISION) END
+FROM staged s WHERE TRUE ORDER BY s.pos
+ON CONFLICT (job, account_id) DO NOTHING;
+
+-- name: settle_pending
+-- An account already pending in the job that the input settles needs no call.
+UPDATE accounts SET outcome = s.settled, error_message = :settled_message, updated_at = :now
+FROM staged s
+WHERE accounts.job = :job AND accounts.account_id = s.account_id
+  AND accounts.outcome IS NULL AND s.settled IS NOT NULL AND s.valid = 1;
+
+-- name: listed_before
+-- Whether an earlier plan of the job listed this customer's accounts.
+SELECT 1 FROM customers WHERE job = :job AND customer_id = :customer;
+
+-- name: remember_listed
+-- Remember that a customer's accounts are in the job, so a rerun does not list them.
+INSERT INTO customers (job, customer_id, listed_at) VALUES (:job, :customer, :now)
+ON CONFLICT DO NOTHING;
+
+-- name: pending_elsewhere
+-- Whether accounts still to call are held by another run (or free to claim).
+SELECT EXISTS (
+    SELECT 1 FROM accounts
+    WHERE job = :job AND outcome IS NULL AND (run_id IS NULL OR run_id <> :run_id)
+);
+
+-- name: release_refused
+-- A tripped breaker: this run's failed and not_found answers are not final after all.
+UPDATE accounts SET outcome = NULL
+WHERE job = :job AND run_id = :run_id AND outcome IN ('failed', 'not_found');
+
+-- name: outcome_counts
+-- Accounts of the job per outcome (NULL: still to call).
+SELECT outcome, COUNT(*) FROM accounts WHERE job = :job GROUP BY outcome;
+
+-- name: confirmed_count
+-- Accounts whose disconnection a webhook event confirmed.
+SELECT COUNT(*) FROM accounts WHERE job = :job AND confirmed_at IS NOT NULL;
+
+-- name: unknown_events
+-- Events received for accounts outside the job.
+SELECT count FROM unknown_events WHERE job = :job;
+
+-- name: has_job
+-- Whether the store holds anything of the job: a run or an account.
+SELECT EXISTS (SELECT 1 FROM runs WHERE job = :job)
+    OR EXISTS (SELECT 1 FROM accounts WHERE job = :job);
+
+-- name: report_page
+-- The next page of the job's accounts in input order (or only disconnected, unconfirmed).
+SELECT {order}, account_id, outcome, attempts, http_status, error_code, error_message,
+    request_id, first_attempt_at, updated_at, confirmed_at, event_id
+FROM accounts
+WHERE job = :job AND {order} > :after
+  AND (:unconfirmed = 0 OR (outcome = 'disconnected' AND confirmed_at IS NULL))
+ORDER BY {order} LIMIT :limit;
+
+-- name: claim_event
+-- Take an event ID first: a second delivery of it (even concurrent) is then a replay.
+INSERT INTO events (event_id, job, account_id, received_at)
+VALUES (:event_id, :job, :account_id, :at)
+ON CONFLICT DO NOTHING;
+
+-- name: confirm_account
+-- Record the event on the account's outcome.
+UPDATE accounts SET confirmed_at = :at, event_id = :event_id
+WHERE job = :job AND account_id = :account_id;
+
+-- name: forget_event
+-- The event's account is not in the job: keep nothing of it.
+DELETE FROM events WHERE event_id = :event_id;
+
+-- name: count_unknown_event
+-- Count a delivery for an account outside the job.
+INSERT INTO unknown_events (job, count, last_at) VALUES (:job, 1, :at)
+ON CONFLICT (job) DO UPDATE SET count = unknown_events.count + 1, last_at = excluded.last_at;
+
+-- name: start_run
+-- A run of the job started.
+INSERT INTO runs (run_id, job, started_at) VALUES (:run_id, :job, :now);
+
+-- name: finish_run
+-- How a run ended.
+UPDATE runs SET finished_at = :now, exit_code = :exit_code, summary = :summary
+WHERE run_id = :run_id;
+
+-- name: last_run
+-- The job's most recent run.
+SELECT run_id, started_at, finished_at, exit_code, summary FROM runs
+WHERE job = :job ORDER BY started_at DESC LIMIT 1;
