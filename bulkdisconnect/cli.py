@@ -42,6 +42,12 @@ def main() -> None:
     """Disconnect Stripe Financial Connections accounts in bulk, resumably, within a rate limit."""
 
 
+def _setting(flag: str, kind: type[float] | type[int], text: str) -> Callable[[Any], Any]:
+    """A numeric option whose help shows its default (written once, in config.FIELDS)."""
+    value = default(flag.removeprefix("--").replace("-", "_"))
+    return click.option(flag, type=kind, help=f"{text} [{value:g}].")
+
+
 # Options a plan needs (the source, the job, and what listing customers through the API
 # takes); the same names as the job file's keys.
 _PLAN_OPTIONS = [
@@ -70,30 +76,12 @@ _PLAN_OPTIONS = [
     click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
     click.option("--stripe-account", metavar="ID", help="Send Stripe-Account (Connect)."),
     click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
-    click.option("--rate", type=float, help=f"Max requests per second [{default('rate'):g}]."),
-    click.option(
-        "--max-attempts",
-        type=int,
-        help=f"Attempts per request, first included [{default('max_attempts')}].",
-    ),
-    click.option(
-        "--timeout", type=float, help=f"Total seconds per request [{default('timeout'):g}]."
-    ),
-    click.option(
-        "--connect-timeout",
-        type=float,
-        help=f"Seconds to connect [{default('connect_timeout'):g}].",
-    ),
-    click.option(
-        "--retry-delay",
-        type=float,
-        help=f"First backoff delay in seconds [{default('retry_delay'):g}].",
-    ),
-    click.option(
-        "--retry-max-delay",
-        type=float,
-        help=f"Longest backoff delay in seconds [{default('retry_max_delay'):g}].",
-    ),
+    _setting("--rate", float, "Max requests per second"),
+    _setting("--max-attempts", int, "Attempts per request, first included"),
+    _setting("--timeout", float, "Total seconds per request"),
+    _setting("--connect-timeout", float, "Seconds to connect"),
+    _setting("--retry-delay", float, "First backoff delay in seconds"),
+    _setting("--retry-max-delay", float, "Longest backoff delay in seconds"),
     click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto"),
 ]
 # Options that only a run that disconnects uses.
@@ -105,26 +93,10 @@ _RUN_ONLY_OPTIONS = [
         "--join", is_flag=True, default=None, help="Work the job with other --join workers (PG)."
     ),
     click.option("--concurrency", type=int, help="Max requests in flight [adapts to latency]."),
-    click.option(
-        "--grace",
-        type=float,
-        help=f"Seconds in flight get after a stop signal [{default('grace'):g}].",
-    ),
-    click.option(
-        "--breaker-min-sample",
-        type=int,
-        help=f"Answers before the breaker may trip [{default('breaker_min_sample')}].",
-    ),
-    click.option(
-        "--breaker-threshold",
-        type=float,
-        help=f"Bad share that trips it; 1 = off [{default('breaker_threshold'):g}].",
-    ),
-    click.option(
-        "--lock-stale-after",
-        type=float,
-        help=f"Seconds without heartbeat: stale [{default('lock_stale_after'):g}].",
-    ),
+    _setting("--grace", float, "Seconds in flight get after a stop signal"),
+    _setting("--breaker-min-sample", int, "Answers before the breaker may trip"),
+    _setting("--breaker-threshold", float, "Bad share that trips it; 1 = off"),
+    _setting("--lock-stale-after", float, "Seconds without heartbeat: stale"),
     click.option("--metrics-file", metavar="PATH", help="Prometheus textfile (node_exporter)."),
     click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics here."),
     click.option("--progress/--no-progress", default=True, help="Progress bar or log lines."),

@@ -37,6 +37,15 @@ class Answer(NamedTuple):
     # the host: a run whose requests all end here is misconfigured, not unlucky.
     connect_error: str | None = None
 
+    def described(self) -> dict[str, object]:
+        """The answer's fields worth a log line about it."""
+        return {
+            "status": self.status,
+            "code": self.error_code or self.transport_error,
+            "message": self.error_message,
+            "request_id": self.request_id,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class ListAnswer:

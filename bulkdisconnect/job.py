@@ -99,7 +99,7 @@ async def _opened(config: RunConfig, hooks: RunHooks, stop: Stop) -> AsyncIterat
         initial_delay=config.retry_delay,
         max_delay=config.retry_max_delay,
     )
-    retrier = Retrier(policy, meters, stop, stats=stats, metrics=metrics)
+    retrier = Retrier(policy=policy, meter=meters, stop=stop, stats=stats, metrics=metrics)
     book = CustomerBook(config.job)
     async with _client(config) as client:
         source = open_run_source(
@@ -162,9 +162,9 @@ async def _locked(run: _Run) -> ExitCode:
     try:
         await store.start_run(config.job, run_id)
         lease = Lease(
-            store,
-            config.job,
-            run_id,
+            store=store,
+            job=config.job,
+            owner=run_id,
             lease=config.lock_stale_after,
             join=config.join,
             limiter=run.meters.limiter,

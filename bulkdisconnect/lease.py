@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
@@ -29,29 +30,23 @@ class LeaseStore(Protocol):
         ...
 
 
+@dataclass(kw_only=True, eq=False)
 class Lease:
     """One run's hold on its job, renewed in the background while the body runs."""
 
-    def __init__(
-        self,
-        store: LeaseStore,
-        job: str,
-        owner: str,
-        *,
-        lease: float,
-        join: bool,
-        limiter: RateLimiter,
-        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-    ) -> None:
-        self._store = store
-        self._job = job
-        self._owner = owner
-        self._lease = lease
-        self._limiter = limiter
-        self._sleep = sleep  # the clock's: tests drive the lease on a fake one
-        # Joined workers re-divide the rate as others come and go: look often.
-        self.every = min(lease / 6, JOIN_POLL * 5) if join else lease / 6
-        self.lost = False
+    store: LeaseStore
+    job: str
+    owner: str
+    lease: float  # seconds: a heartbeat must get through within half of it
+    join: bool
+    limiter: RateLimiter
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep  # the clock's: tests fake it
+    lost: bool = field(default=False, init=False)
+
+    @property
+    def every(self) -> float:
+        """Seconds between heartbeats; joined workers look often, as others come and go."""
+        return min(self.lease / 6, JOIN_POLL * 5) if self.join else self.lease / 6
 
     @asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
@@ -62,11 +57,11 @@ class Lease:
         """
         beat = await self._heartbeat()
         while beat is not None and not beat.ready:
-            await self._sleep(JOIN_POLL)
+            await self.sleep(JOIN_POLL)
             beat = await self._heartbeat()
         if beat is None:
-            raise LockHeldError(f"job {self._job!r}: lost the lock's lease before starting")
-        self._limiter.share(beat.workers)
+            raise LockHeldError(f"job {self.job!r}: lost the lock's lease before starting")
+        self.limiter.share(beat.workers)
         async with anyio.create_task_group() as tg:
             with anyio.CancelScope() as body:
                 tg.start_soon(self._renew, body)
@@ -74,19 +69,19 @@ class Lease:
             tg.cancel_scope.cancel()
         if self.lost:
             raise LockHeldError(
-                f"job {self._job!r}: lost the lock's lease (taken over, or no heartbeat got "
-                f"through for {self._lease / 2:g}s); stopped"
+                f"job {self.job!r}: lost the lock's lease (taken over, or no heartbeat got "
+                f"through for {self.lease / 2:g}s); stopped"
             )
 
     async def _renew(self, body: anyio.CancelScope) -> None:
         while True:
-            await self._sleep(self.every)
-            beat = await self._heartbeat(within=self._lease / 2)
+            await self.sleep(self.every)
+            beat = await self._heartbeat(within=self.lease / 2)
             if beat is None:
                 self.lost = True
                 body.cancel()
                 return
-            self._limiter.share(beat.workers)
+            self.limiter.share(beat.workers)
 
     async def _heartbeat(self, within: float | None = None) -> Beat | None:
         """One heartbeat; None if it failed, or did not get through `within` seconds."""
@@ -95,11 +90,11 @@ class Lease:
 
             async def renew() -> None:
                 nonlocal beat
-                beat = await self._store.heartbeat(self._job, self._owner)
+                beat = await self.store.heartbeat(self.job, self.owner)
                 tg.cancel_scope.cancel()
 
             async def watchdog(seconds: float) -> None:
-                await self._sleep(seconds)
+                await self.sleep(seconds)
                 tg.cancel_scope.cancel()
 
             tg.start_soon(renew)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -40,6 +41,7 @@ from prometheus_client.exposition import basic_auth_handler, default_handler
 from bulkdisconnect.model import Outcome, RunStats
 
 log = structlog.get_logger("bulkdisconnect")
+Metric = TypeVar("Metric", Counter, Gauge)
 
 # Stripe answers a disconnect in ~0.2-1 s; slow tails and timeouts reach the 10 s bucket.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
@@ -68,53 +70,31 @@ class RunMetrics:
         # A periodic write in a worker thread must not interleave with the final one.
         self._publishing = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        accounts = Counter(
-            "bulkdisconnect_accounts",
-            "Accounts that reached a final outcome in this run.",
-            ["job_name", "outcome"],
-            registry=r,
-        )
+        metric = functools.partial(_metric, registry=self.registry)
+        accounts = metric(Counter, "accounts", "Accounts that reached a final outcome in this run.")
         # Bound for every outcome so each series exists, at 0, from the first write.
         self._outcomes = {o: accounts.labels(job, o.value) for o in Outcome}
-        self._requests = Counter(
-            "bulkdisconnect_requests", "HTTP attempts sent to Stripe.", ["job_name"], registry=r
-        ).labels(job)
-        self._retries = Counter(
-            "bulkdisconnect_retries", "Attempts that were retried.", ["job_name"], registry=r
-        ).labels(job)
-        self._rate_limited = Counter(
-            "bulkdisconnect_rate_limited", "429 answers from Stripe.", ["job_name"], registry=r
-        ).labels(job)
+        self._requests = metric(Counter, "requests", "HTTP attempts sent to Stripe.").labels(job)
+        self._retries = metric(Counter, "retries", "Attempts that were retried.").labels(job)
+        self._rate_limited = metric(Counter, "rate_limited", "429 answers from Stripe.").labels(job)
         self._latency = Histogram(
             "bulkdisconnect_request_duration_seconds",
             "Latency of one HTTP attempt.",
             ["job_name"],
+            registry=self.registry,
             buckets=LATENCY_BUCKETS,
-            registry=r,
         ).labels(job)
         # Not bound until finish(): an unset child exports no sample, so a run in progress
         # shows no exit code and a failed run no success time.
-        self._last_success = Gauge(
-            "bulkdisconnect_last_success_timestamp_seconds",
+        self._last_success = metric(
+            Gauge,
+            "last_success_timestamp_seconds",
             "Unix time at which the last run that exited 0 ended.",
-            ["job_name"],
-            registry=r,
         )
-        self._exit_code = Gauge(
-            "bulkdisconnect_last_run_exit_code",
-            "Exit code of the last run.",
-            ["job_name"],
-            registry=r,
-        )
-        self._pending = Gauge(
-            "bulkdisconnect_pending_accounts", "Accounts still to call.", ["job_name"], registry=r
-        ).labels(job)
-        self._target_rate = Gauge(
-            "bulkdisconnect_target_rate",
-            "Current adaptive request rate, requests per second.",
-            ["job_name"],
-            registry=r,
+        self._exit_code = metric(Gauge, "last_run_exit_code", "Exit code of the last run.")
+        self._pending = metric(Gauge, "pending_accounts", "Accounts still to call.").labels(job)
+        self._target_rate = metric(
+            Gauge, "target_rate", "Current adaptive request rate, requests per second."
         ).labels(job)
 
     @property
@@ -220,3 +200,9 @@ def run_metrics(job: str, *, file: str | None, pushgateway: str | None) -> RunMe
         job, MetricsSettings(file=Path(file) if file else None, pushgateway=pushgateway)
     )
     return metrics if metrics.enabled else None
+
+
+def _metric(kind: type[Metric], name: str, doc: str, *, registry: CollectorRegistry) -> Metric:
+    """A `bulkdisconnect_` counter or gauge labelled by job (and, for accounts, by outcome)."""
+    labels = ["job_name", "outcome"] if name == "accounts" else ["job_name"]
+    return kind(f"bulkdisconnect_{name}", doc, labels, registry=registry)

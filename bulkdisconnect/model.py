@@ -54,12 +54,12 @@ class ItemResult(NamedTuple):
 
     account_id: str
     outcome: Outcome
-    attempts: int
-    http_status: int | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    request_id: str | None = None
-    first_attempt_at: float | None = None
+    attempts: int  # made this run, first included
+    http_status: int | None = None  # of the last answer; None when none came
+    error_code: str | None = None  # Stripe's code, or ours (e.g. unexpected_account_status)
+    error_message: str | None = None  # Stripe's words, or how we gave up
+    request_id: str | None = None  # Stripe's Request-Id of the last answer, for support
+    first_attempt_at: float | None = None  # wall clock, for the audit
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ above --rate, and a stop signal ends every wait.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
@@ -52,37 +52,22 @@ class PoolSettings:
     poll_interval: float = 0.5
 
 
+@dataclass(kw_only=True, eq=False)
 class Pool:
     """Works every pending account of a job once, until done, stopped or refused."""
 
-    def __init__(
-        self,
-        *,
-        job: str,
-        run_id: str,
-        store: ClaimStore,
-        client: StripeClient,
-        meters: Meters,
-        retrier: Retrier,
-        breaker: FailureBreaker,
-        writer: ResultWriter,
-        settings: PoolSettings,
-        stats: RunStats,
-        stop: Stop,
-        metrics: RunMetrics | None = None,
-    ) -> None:
-        self._job = job
-        self._run_id = run_id
-        self._store = store
-        self._client = client
-        self._meters = meters
-        self._retrier = retrier
-        self._breaker = breaker
-        self._writer = writer
-        self._settings = settings
-        self._stats = stats
-        self._stop = stop
-        self._metrics = metrics
+    job: str
+    run_id: str
+    store: ClaimStore
+    client: StripeClient
+    meters: Meters
+    retrier: Retrier
+    breaker: FailureBreaker
+    writer: ResultWriter
+    settings: PoolSettings
+    stats: RunStats
+    stop: Stop
+    metrics: RunMetrics | None = None
 
     async def run(self) -> None:
         """Work until no account is pending or a stop is asked for."""
@@ -90,16 +75,16 @@ class Pool:
         # holds its worker: with a fixed --concurrency that briefly lowers the requests in
         # flight (a pool twice as large cost ~15 % of throughput in benchmarks/ to avoid it);
         # with an adaptive one it holds no request slot.
-        workers = self._settings.concurrency or MAX_CONCURRENCY
+        workers = self.settings.concurrency or MAX_CONCURRENCY
         async with anyio.create_task_group() as outer:
-            outer.start_soon(self._meters.tune)
+            outer.start_soon(self.meters.tune)
             claims = _Claims(
-                self._store,
-                job=self._job,
-                run_id=self._run_id,
-                settings=self._settings,
+                store=self.store,
+                job=self.job,
+                run_id=self.run_id,
+                settings=self.settings,
                 tg=outer,
-                stop=self._stop,
+                stop=self.stop,
             )
             async with anyio.create_task_group() as tg:
                 for _ in range(workers):
@@ -107,7 +92,7 @@ class Pool:
             outer.cancel_scope.cancel()
 
     async def _work(self, claims: _Claims) -> None:
-        requested, writer = self._stop.requested, self._writer
+        requested, writer = self.stop.requested, self.writer
         while not requested.is_set():
             account_id = claims.take() or await claims.next()
             if account_id is None:
@@ -117,21 +102,21 @@ class Pool:
                 return
             if writer.put(result):
                 await writer.room()
-            self._stats.outcomes[result.outcome] += 1
-            if self._metrics is not None:
-                self._metrics.outcome(result.outcome)
-            if self._breaker.observe(result.outcome):
+            self.stats.outcomes[result.outcome] += 1
+            if self.metrics is not None:
+                self.metrics.outcome(result.outcome)
+            if self.breaker.observe(result.outcome):
                 raise BreakerTrippedError(
-                    f"failure breaker tripped: {self._breaker.diagnosis()}; "
+                    f"failure breaker tripped: {self.breaker.diagnosis()}; "
                     "nothing was kept from this run's failures, a rerun after the fix "
                     "calls them again"
                 )
 
     async def _disconnect(self, account_id: str) -> ItemResult | None:
         """All attempts for one account; None if the run stopped before it got an outcome."""
-        key = idempotency_key(self._job, account_id)
-        client = self._client
-        attempted = await self._retrier.call(
+        key = idempotency_key(self.job, account_id)
+        client = self.client
+        attempted = await self.retrier.call(
             lambda: client.disconnect(account_id, key), about=account_id
         )
         if attempted is None:
@@ -156,7 +141,7 @@ class Pool:
     def _gave_up(self, account_id: str, attempted: Attempted) -> ItemResult:
         """The outcome of an account whose attempts were all retryable failures."""
         answer, _, attempts, first_attempt_at = attempted
-        if answer.connect_error is not None and not self._meters.reached:
+        if answer.connect_error is not None and not self.meters.reached:
             raise UnreachableError(
                 f"cannot reach the API: {answer.connect_error}; check --api-base "
                 "(STRIPE_API_BASE), DNS, proxy and network; nothing was marked failed"
@@ -175,6 +160,7 @@ class Pool:
         )
 
 
+@dataclass(kw_only=True, eq=False)
 class _Claims:
     """Pending accounts claimed from the store a page at a time, handed out one by one.
 
@@ -186,32 +172,22 @@ class _Claims:
     once its lease runs out.
     """
 
-    def __init__(
-        self,
-        store: ClaimStore,
-        *,
-        job: str,
-        run_id: str,
-        settings: PoolSettings,
-        tg: anyio.abc.TaskGroup,
-        stop: Stop,
-    ) -> None:
-        self._store = store
-        self._job = job
-        self._run_id = run_id
-        self._settings = settings
-        self._tg = tg
-        self._stop = stop
-        self._page: deque[str] = deque()
-        self._exhausted = False
-        self._refilled: anyio.Event | None = None  # set when the refill under way is done
+    store: ClaimStore
+    job: str
+    run_id: str
+    settings: PoolSettings
+    tg: anyio.abc.TaskGroup
+    stop: Stop
+    _page: deque[str] = field(default_factory=deque, init=False)
+    _exhausted: bool = field(default=False, init=False)
+    _refilled: anyio.Event | None = field(default=None, init=False)  # set when the refill is done
 
     def take(self) -> str | None:
         """The next account of the page in hand, or None when it is empty (then: `next`)."""
         page = self._page
         if not page:
             return None
-        if len(page) <= self._settings.page_size // 2 and not self._exhausted:
+        if len(page) <= self.settings.page_size // 2 and not self._exhausted:
             self._refill()
         return page.popleft()
 
@@ -221,7 +197,7 @@ class _Claims:
             if self._exhausted:
                 return None
             await self._refill().wait()
-        if len(self._page) <= self._settings.page_size // 2 and not self._exhausted:
+        if len(self._page) <= self.settings.page_size // 2 and not self._exhausted:
             self._refill()
         return self._page.popleft()
 
@@ -229,18 +205,18 @@ class _Claims:
         """Start claiming the next page unless that is under way; its done event."""
         if self._refilled is None:
             self._refilled = anyio.Event()
-            self._tg.start_soon(self._claim_page, self._refilled)
+            self.tg.start_soon(self._claim_page, self._refilled)
         return self._refilled
 
     async def _claim_page(self, done: anyio.Event) -> None:
-        store, job, run_id, stop = self._store, self._job, self._run_id, self._stop
+        store, job, run_id, stop = self.store, self.job, self.run_id, self.stop
         try:
-            while not (page := await store.claim(job, run_id, limit=self._settings.page_size)):
+            while not (page := await store.claim(job, run_id, limit=self.settings.page_size)):
                 if stop.requested.is_set() or not await store.pending_elsewhere(job, run_id):
                     self._exhausted = True
                     return
                 with stop.cancels():
-                    await anyio.sleep(self._settings.poll_interval)
+                    await anyio.sleep(self.settings.poll_interval)
             self._page.extend(page)
         finally:
             self._refilled = None
@@ -249,13 +225,7 @@ class _Claims:
 
 def _log_failure(account_id: str, answer: Answer, attempts: int) -> None:
     log.warning(
-        "bulkdisconnect.failed",
-        account_id=account_id,
-        attempts=attempts,
-        status=answer.status,
-        code=answer.error_code or answer.transport_error,
-        message=answer.error_message,
-        request_id=answer.request_id,
+        "bulkdisconnect.failed", account_id=account_id, attempts=attempts, **answer.described()
     )
 
 

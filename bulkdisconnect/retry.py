@@ -157,23 +157,15 @@ class Attempted(NamedTuple):
     first_attempt_at: float  # wall clock, for the audit
 
 
+@dataclass(kw_only=True, eq=False)
 class Retrier:
     """The one retry loop for calls to Stripe (see the module docstring)."""
 
-    def __init__(
-        self,
-        policy: RetryPolicy,
-        meter: Meter,
-        stop: Stop,
-        *,
-        stats: RunStats,
-        metrics: RunMetrics | None = None,
-    ) -> None:
-        self.policy = policy
-        self._meter = meter
-        self._stop = stop
-        self._stats = stats
-        self._metrics = metrics
+    policy: RetryPolicy
+    meter: Meter
+    stop: Stop
+    stats: RunStats
+    metrics: RunMetrics | None = None
 
     async def call(
         self,
@@ -188,7 +180,7 @@ class Retrier:
         `about` names what is called (an account, a customer) in the retry log lines;
         `judge` classifies its answers (`classify_list` for list calls).
         """
-        meter, max_attempts = self._meter, self.policy.max_attempts
+        meter, max_attempts = self.meter, self.policy.max_attempts
         first_attempt_at = time.time()
         attempts = 0
         while True:
@@ -213,17 +205,16 @@ class Retrier:
     async def _back_off(self, answer: Answer, attempts: int, about: str) -> bool:
         """Count and log a retry, and wait before it; False if the run stopped meanwhile."""
         delay = self.policy.delay(attempts)
-        self._stats.retries += 1
-        if self._metrics is not None:
-            self._metrics.retry()
+        self.stats.retries += 1
+        if self.metrics is not None:
+            self.metrics.retry()
         log.debug(
             "bulkdisconnect.retry",
             about=about,
             attempt=attempts,
-            status=answer.status,
-            code=answer.error_code or answer.transport_error,
             delay=round(delay, 3),
+            **answer.described(),
         )
-        with self._stop.cancels():
+        with self.stop.cancels():
             await anyio.sleep(delay)
-        return not self._stop.requested.is_set()
+        return not self.stop.requested.is_set()

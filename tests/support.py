@@ -164,7 +164,7 @@ def retrier(
     stats = stats if stats is not None else RunStats()
     stop = stop if stop is not None else Stop()
     meters = Meters(RateLimiter(rate), concurrency=None, stats=stats, stop=stop)
-    return Retrier(policy or no_wait(), meters, stop, stats=stats)
+    return Retrier(policy=policy or no_wait(), meter=meters, stop=stop, stats=stats)
 
 
 class FakeClock:

@@ -214,7 +214,7 @@ async def test_stale_timestamp_is_rejected(
         ("t={t},v1=caf\u00e9", "no v1 signature matches"),
     ],
 )
-async def test_missing_or_malformed_header_is_rejected(
+async def test_missing_or_malformed_header_is_rejected(  # noqa: PLR0917 - fixtures
     store: SqlStore,
     receiver: WebhookReceiver,
     url: str,

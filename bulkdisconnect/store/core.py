@@ -11,13 +11,10 @@ and how planning is serialised among workers.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from importlib import resources
-from typing import Any, Protocol
+from contextlib import asynccontextmanager
 
 import anyio
 
@@ -32,114 +29,13 @@ from bulkdisconnect.store import (
     RunInfo,
     stored_value,
 )
+from bulkdisconnect.store.dialect import Dialect, Row, Staging
 
 # The layout a store is migrated to when opened; a dialect's MIGRATIONS lead up to it.
 SCHEMA_VERSION = 2
 REPORT_PAGE = 5000
 SETTLED_MESSAGE = "already disconnected when listed: recorded without a call"
 INVALID_MESSAGE = "not a Financial Connections account ID (fca_ followed by letters and digits)"
-
-Row = Sequence[Any]
-
-
-def load_queries(tokens: dict[str, str]) -> dict[str, str]:
-    """queries.sql by name, its {tokens} filled in for a dialect."""
-    text = resources.files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
-    queries = {}
-    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
-        name, _, body = block.partition("\n")
-        sql = "\n".join(line for line in body.splitlines() if not line.startswith("--"))
-        for token, value in tokens.items():
-            sql = sql.replace("{" + token + "}", value)
-        queries[name.strip()] = sql.strip()
-    return queries
-
-
-class Connection(Protocol):
-    """Runs the named statements of queries.sql with keyword parameters."""
-
-    async def execute(self, name: str, **params: Any) -> int:
-        """Run a statement; the number of rows it changed."""
-        ...
-
-    async def fetch(self, name: str, **params: Any) -> list[Row]:
-        """Run a query; its rows."""
-        ...
-
-    async def script(self, sql: str) -> None:
-        """Run several statements without parameters (the schema, a migration)."""
-        ...
-
-
-class Staging(Connection, Protocol):
-    """A connection holding the temporary table `staged (pos, account_id, valid, settled)`."""
-
-    async def add(self, rows: list[tuple[str, int, str | None]]) -> None:
-        """Stage (value, valid, settled) rows; a value seen before keeps its first place."""
-        ...
-
-    async def seal(self) -> None:
-        """Make `staged` ready for counting and merging (deduplicated, indexed)."""
-        ...
-
-    def transaction(self) -> AbstractAsyncContextManager[Connection]:
-        """A write transaction on the staging connection (the merge)."""
-        ...
-
-
-class Dialect(Protocol):
-    """What differs between SQLite and PostgreSQL; everything else is `SqlStore`'s."""
-
-    @property
-    def description(self) -> str:
-        """Where the store is, fit for output (a URL's password masked)."""
-        ...
-
-    @property
-    def schema(self) -> str:
-        """The `schema` statements of queries.sql, for this dialect."""
-        ...
-
-    @property
-    def migrations(self) -> dict[int, tuple[str, str]]:
-        """Layout version -> the SQL to run before and after the schema, to leave it."""
-        ...
-
-    @property
-    def reader(self) -> Connection:
-        """Statements outside a transaction."""
-        ...
-
-    @property
-    def shared(self) -> bool:
-        """Whether processes on several machines can share the store (`run --join`)."""
-        ...
-
-    def transaction(
-        self, *, exclusive_for: str | None = None
-    ) -> AbstractAsyncContextManager[Connection]:
-        """A write transaction; with `exclusive_for`, one at a time for that key."""
-        ...
-
-    def staging(self) -> AbstractAsyncContextManager[Staging]:
-        """A connection with an empty `staged` table, dropped on leaving."""
-        ...
-
-    def plan_turn(self, job: str) -> AbstractAsyncContextManager[None]:
-        """Wait until no other worker of the job is planning."""
-        ...
-
-    async def claim(self, job: str, run_id: str, limit: int) -> list[str]:
-        """Mark and return the next `limit` accounts still to call that nobody holds."""
-        ...
-
-    async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
-        """Record a batch of outcomes in one write."""
-        ...
-
-    async def aclose(self) -> None:
-        """Close the connections."""
-        ...
 
 
 class SqlStore:

@@ -26,7 +26,7 @@ from bulkdisconnect.errors import UsageError
 from bulkdisconnect.logs import mask_url
 from bulkdisconnect.model import ItemResult
 from bulkdisconnect.postgresql import CONNECT_TIMEOUT, describe_error
-from bulkdisconnect.store.core import Row, load_queries
+from bulkdisconnect.store.dialect import Row, load_queries
 
 DEFAULT_SCHEMA = "bulkdisconnect"
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

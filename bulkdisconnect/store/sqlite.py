@@ -18,7 +18,7 @@ import anyio.to_thread
 
 from bulkdisconnect.errors import UsageError
 from bulkdisconnect.model import ItemResult
-from bulkdisconnect.store.core import Row, load_queries
+from bulkdisconnect.store.dialect import Row, load_queries
 
 T = TypeVar("T")
 
@@ -112,15 +112,16 @@ class SQLiteDialect:
     async def transaction(self, *, exclusive_for: str | None = None) -> AsyncIterator[_Statements]:
         """BEGIN IMMEDIATE ... COMMIT; every write transaction is exclusive in SQLite."""
         async with self._lock:
-            await self.call(_begin, locked=True)
+            statements = _Statements(self, locked=True)
+            await statements.script("BEGIN IMMEDIATE")
             try:
-                yield _Statements(self, locked=True)
+                yield statements
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self.call(_rollback, locked=True)
+                    await statements.script("ROLLBACK")
                 raise
             with anyio.CancelScope(shield=True):
-                await self.call(_commit, locked=True)
+                await statements.script("COMMIT")
 
     @asynccontextmanager
     async def staging(self) -> AsyncIterator[_Staging]:
@@ -166,39 +167,18 @@ class SQLiteDialect:
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
         """Record a batch in one transaction, by rowid where the account was claimed here."""
         now = time.time()
-        rowids = self._rowids
+        pop = self._rowids.pop
         clean, by_rowid, by_name = [], [], []
         for r in results:
-            rowid = rowids.pop((job, r.account_id), None)
-            if rowid is not None and r.error_code is None and r.error_message is None:
-                clean.append(
-                    (
-                        r.outcome.value,
-                        r.attempts,
-                        r.http_status,
-                        r.request_id,
-                        r.first_attempt_at,
-                        now,
-                        run_id,
-                        rowid,
-                    )
-                )
-                continue
-            values = (
-                r.outcome.value,
-                r.attempts,
-                r.http_status,
-                r.error_code,
-                r.error_message,
-                r.request_id,
-                r.first_attempt_at,
-                now,
-                run_id,
-            )
+            rowid = pop((job, r.account_id), None)
+            head = (r.outcome.value, r.attempts, r.http_status)
+            tail = (r.request_id, r.first_attempt_at, now, run_id)
             if rowid is None:
-                by_name.append((*values, job, r.account_id))
+                by_name.append((*head, r.error_code, r.error_message, *tail, job, r.account_id))
+            elif r.error_code is None and r.error_message is None:
+                clean.append((*head, *tail, rowid))
             else:
-                by_rowid.append((*values, rowid))
+                by_rowid.append((*head, r.error_code, r.error_message, *tail, rowid))
 
         def write(db: sqlite3.Connection) -> None:
             with _immediate(db):
@@ -298,18 +278,6 @@ def _create_staging(db: sqlite3.Connection) -> None:
         "CREATE TEMP TABLE staged (pos INTEGER PRIMARY KEY, account_id TEXT NOT NULL UNIQUE, "
         "valid INTEGER NOT NULL, settled TEXT)"
     )
-
-
-def _begin(db: sqlite3.Connection) -> None:
-    db.execute("BEGIN IMMEDIATE")
-
-
-def _commit(db: sqlite3.Connection) -> None:
-    db.execute("COMMIT")
-
-
-def _rollback(db: sqlite3.Connection) -> None:
-    db.execute("ROLLBACK")
 
 
 @contextmanager
