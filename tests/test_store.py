@@ -608,6 +608,21 @@ async def test_file_is_in_wal_mode(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_sqlite_claims_range_scan_rowids(tmp_path: Path) -> None:
+    """Claiming a page reads and marks it by a rowid range: through the (job, account_id)
+    index each page would visit every row of the job, quadratic in its size."""
+    from bulkdisconnect.store.sqlite import CLAIM, MARK_CLAIMED
+
+    path = tmp_path / "s.sqlite"
+    opened = await open_store(path)
+    await opened.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for sql, args in ((CLAIM, (0, JOB, 500)), (MARK_CLAIMED, ("r1", 0, 500, JOB))):
+            plan = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, args))
+            assert "INTEGER PRIMARY KEY (rowid>?" in plan, plan
+
+
+@pytest.mark.anyio
 async def test_sqlite_url_is_accepted(tmp_path: Path) -> None:
     """open_store accepts a sqlite:/// URL and creates missing folders."""
     path = tmp_path / "deep" / "er" / "s.sqlite"

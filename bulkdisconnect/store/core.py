@@ -19,7 +19,13 @@ from contextlib import asynccontextmanager
 import anyio
 
 from bulkdisconnect.errors import LockHeldError, UsageError
-from bulkdisconnect.model import ItemResult, Settled, is_valid_account_id
+from bulkdisconnect.model import (
+    ACCOUNT_ID_PATTERN,
+    MAX_ACCOUNT_ID_LENGTH,
+    ItemResult,
+    Settled,
+    is_valid_account_id,
+)
 from bulkdisconnect.store import (
     Beat,
     Confirmation,
@@ -284,7 +290,7 @@ class StagedInput:
     async def add(self, chunk: Sequence[str | Settled]) -> None:
         """Stage a chunk of raw values (or values a source already settled)."""
         self._read += len(chunk)
-        await self._staging.add([_staged_row(value) for value in chunk])
+        await self._staging.add(_staged_rows(chunk))
 
     async def count(self) -> PlanCounts:
         """What merging the staged input would do; changes nothing."""
@@ -330,10 +336,24 @@ class StagedInput:
             )
 
 
-def _staged_row(value: str | Settled) -> tuple[str, int, str | None]:
-    """(value as stored, valid, settled outcome) for the staging table."""
+def _staged_rows(chunk: Sequence[str | Settled]) -> list[tuple[str, int, str]]:
+    """(value as stored, valid, settled outcome or '') for the staging table.
+
+    One pass, the common case (a plain valid ID) first: a rerun of a million IDs spends most
+    of its planning here. '' rather than None for "not settled": sqlite3 binds None slowly.
+    """
+    valid = ACCOUNT_ID_PATTERN.fullmatch
+    return [
+        (value, 1, "")
+        if value.__class__ is str and len(value) <= MAX_ACCOUNT_ID_LENGTH and valid(value)
+        else _unusual_row(value)
+        for value in chunk
+    ]
+
+
+def _unusual_row(value: str | Settled) -> tuple[str, int, str]:
     if isinstance(value, str):
-        return stored_value(value), int(is_valid_account_id(value)), None
+        return stored_value(value), int(is_valid_account_id(value)), ""
     return value.account_id, int(is_valid_account_id(value.account_id)), value.outcome.value
 
 

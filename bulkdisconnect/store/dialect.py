@@ -45,8 +45,8 @@ class Connection(Protocol):
 class Staging(Connection, Protocol):
     """A connection holding the temporary table `staged (pos, account_id, valid, settled)`."""
 
-    async def add(self, rows: list[tuple[str, int, str | None]]) -> None:
-        """Stage (value, valid, settled) rows; a value seen before keeps its first place."""
+    async def add(self, rows: list[tuple[str, int, str]]) -> None:
+        """Stage (value, valid, settled or '') rows; a value seen before keeps its first place."""
         ...
 
     async def seal(self) -> None:

@@ -245,7 +245,7 @@ class _Staging(_Statements):
         super().__init__(conn)
         self._connection = conn
 
-    async def add(self, rows: list[tuple[str, int, str | None]]) -> None:
+    async def add(self, rows: list[tuple[str, int, str]]) -> None:
         await self._connection.copy_records_to_table(
             "staged_raw", records=rows, columns=["account_id", "valid", "settled"]
         )
@@ -253,8 +253,8 @@ class _Staging(_Statements):
     async def seal(self) -> None:
         # Each value's first occurrence decides its place and its kind, as in SQLite.
         await self._connection.execute(
-            "CREATE TEMP TABLE staged AS SELECT DISTINCT ON (account_id) * FROM staged_raw "
-            "ORDER BY account_id, pos; "
+            "CREATE TEMP TABLE staged AS SELECT DISTINCT ON (account_id) pos, account_id, "
+            "valid, NULLIF(settled, '') AS settled FROM staged_raw ORDER BY account_id, pos; "
             "CREATE UNIQUE INDEX ON staged (account_id); ANALYZE staged"
         )
 

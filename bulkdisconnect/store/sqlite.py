@@ -52,7 +52,8 @@ CLAIM = (
     "AND outcome IS NULL ORDER BY rowid LIMIT ?"
 )
 MARK_CLAIMED = (
-    "UPDATE accounts SET run_id = ? WHERE rowid > ? AND rowid <= ? AND job = ? AND outcome IS NULL"
+    "UPDATE accounts NOT INDEXED SET run_id = ? WHERE rowid > ? AND rowid <= ? AND job = ? "
+    "AND outcome IS NULL"
 )
 RECORD = """
 UPDATE accounts SET outcome = ?, attempts = attempts + ?, http_status = ?, error_code = ?,
@@ -232,18 +233,14 @@ class _Staging(_Statements):
     def __init__(self, dialect: SQLiteDialect) -> None:
         super().__init__(dialect, locked=False)
 
-    async def add(self, rows: list[tuple[str, int, str | None]]) -> None:
+    async def add(self, rows: list[tuple[str, int, str]]) -> None:
         # INSERT OR IGNORE keeps each value's first-seen position (pos is the rowid).
-        # Settled values are staged as '' and turned back to NULL: sqlite3 binds None slowly
-        # (see RECORD_CLEAN), and a rerun of a million IDs spends most of its planning here.
-        bound = [(value, valid, settled or "") for value, valid, settled in rows]
-
         def insert(db: sqlite3.Connection) -> None:
             with _immediate(db):
                 db.executemany(
                     "INSERT OR IGNORE INTO temp.staged (account_id, valid, settled) "
                     "VALUES (?, ?, NULLIF(?, ''))",
-                    bound,
+                    rows,
                 )
 
         await self._dialect.call(insert)
