@@ -659,6 +659,49 @@ async def test_data_survives_close_and_reopen(location: str) -> None:
         await second.aclose()
 
 
+# The SQLite layout before layouts were numbered (layout 1): one lock row per job.
+SQLITE_LAYOUT_1 = """
+CREATE TABLE accounts (job TEXT NOT NULL, account_id TEXT NOT NULL, outcome TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0, http_status INTEGER, error_code TEXT,
+    error_message TEXT, request_id TEXT, first_attempt_at REAL, updated_at REAL, run_id TEXT,
+    confirmed_at REAL, event_id TEXT, UNIQUE (job, account_id));
+CREATE TABLE customers (job TEXT NOT NULL, customer_id TEXT NOT NULL, listed_at REAL NOT NULL,
+    PRIMARY KEY (job, customer_id));
+CREATE TABLE events (event_id TEXT PRIMARY KEY, job TEXT NOT NULL, account_id TEXT NOT NULL,
+    received_at REAL NOT NULL);
+CREATE TABLE locks (job TEXT PRIMARY KEY, owner TEXT NOT NULL, pid INTEGER NOT NULL,
+    host TEXT NOT NULL, acquired_at REAL NOT NULL, heartbeat_at REAL NOT NULL, lease REAL NOT NULL);
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, job TEXT NOT NULL, started_at REAL NOT NULL,
+    finished_at REAL, exit_code INTEGER, summary TEXT);
+INSERT INTO accounts (job, account_id) VALUES ('purge', 'fca_a1'), ('purge', 'fca_a2');
+INSERT INTO accounts (job, account_id, outcome) VALUES ('purge', 'fca_a3', 'disconnected');
+INSERT INTO locks VALUES ('purge', 'old-run', 1, 'gone', 0, 0, 30);
+"""
+
+
+@pytest.mark.anyio
+async def test_a_store_of_the_first_layout_is_migrated_and_resumes(tmp_path: Path) -> None:
+    """A SQLite store written before layouts were numbered opens: its lock row moves to the
+    table of holders (stale, so taken over), and its pending accounts are claimed as before."""
+    path = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(SQLITE_LAYOUT_1)
+    store = await open_store(path)
+    try:
+        (old,) = await store.locks(JOB)
+        assert (old.owner, old.host, old.shared, old.live) == ("old-run", "gone", False, False)
+        await store.acquire_lock(JOB, "new-run", stale_after=30)
+        assert await holder(store) == "new-run"
+        assert await claim_all(store, "new-run") == ["fca_a1", "fca_a2"]
+        assert await store.counts(JOB) == {None: 2, "disconnected": 1}
+    finally:
+        await store.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT value FROM meta").fetchall() == [("2",)]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        assert "locks_v1" not in tables
+
+
 # -- PostgreSQL: workers sharing a job (run --join) ---------------------------------------------
 
 

@@ -77,6 +77,8 @@ class SqlStore:
                 version = int(rows[0][0]) if rows else 1
             else:  # created before layouts were numbered, or not at all
                 version = 1 if "accounts" in tables else SCHEMA_VERSION
+            if version == SCHEMA_VERSION and "meta" in tables:
+                return  # up to date
             if version > SCHEMA_VERSION:
                 raise UsageError(
                     f"the store {dialect.description} has layout {version}, newer than this "
@@ -88,8 +90,7 @@ class SqlStore:
             await tx.script(dialect.schema)
             for _, after in steps:
                 await tx.script(after)
-            if version != SCHEMA_VERSION or "meta" not in tables:
-                await tx.execute("set_schema_version", version=str(SCHEMA_VERSION))
+            await tx.execute("set_schema_version", version=str(SCHEMA_VERSION))
 
     @property
     def description(self) -> str:
