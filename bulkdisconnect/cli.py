@@ -312,10 +312,11 @@ def webhook(job: str, state: str | None, host: str, port: int, path: str) -> Non
 
     logs.configure()
 
-    listening: list[str] = []
+    listening = False
 
     def ready(url: str) -> None:
-        listening.append(url)
+        nonlocal listening
+        listening = True
         click.echo(f"webhook listening on {url}")
         sys.stdout.flush()
 

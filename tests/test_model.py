@@ -73,6 +73,15 @@ def test_accepted_prefixed_values_are_url_safe(value: str) -> None:
     assert is_valid_account_id(value) == (re.fullmatch(r"fca_[A-Za-z0-9]+", value) is not None)
 
 
+def test_idempotency_key_is_pinned() -> None:
+    """The key of a (job, account) never changes between versions: a rerun after an upgrade
+    must send the key the first run sent, or Stripe would act twice instead of replaying."""
+    assert (
+        idempotency_key("purge-2026-11", "fca_1MtR4sA5bCdEfGh")
+        == "bulkdisconnect-463db23d25a1c255f3bbff843eddd7ba"
+    )
+
+
 def test_idempotency_key_is_deterministic() -> None:
     """The key for (job, account) is the same on every call, so a retry resends the same key."""
     assert idempotency_key("purge", "fca_1") == idempotency_key("purge", "fca_1")

@@ -137,20 +137,19 @@ class CustomersSource:
 
     async def _fetch(self, customer: str, after: str | None) -> ListAnswer:
         """One list call through the retry loop; raises when the run cannot go on."""
-        pages: list[ListAnswer] = []
+        page = ListAnswer(Answer(0))
 
         async def send() -> Answer:
-            pages.append(
-                await self._client.list_accounts(customer, starting_after=after, limit=MAX_PAGE)
-            )
-            return pages[-1].answer
+            nonlocal page
+            page = await self._client.list_accounts(customer, starting_after=after, limit=MAX_PAGE)
+            return page.answer
 
         attempted = await self._retrier.call(send, about=customer, judge=classify_list)
         if attempted is None:
             raise StoppedError(f"stopped while listing the accounts of customer {customer}")
         answer, decision, attempts, _ = attempted
         if decision.action is Action.FINAL and answer.status == 200:
-            return pages[-1]
+            return page
         if decision.action is Action.RETRY:  # the attempts are spent
             raise RunRefusedError(
                 f"listing the accounts of customer {customer} failed {attempts} times "
