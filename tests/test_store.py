@@ -77,12 +77,37 @@ async def all_rows(store: SqlStore, job: str = JOB) -> list[ReportRow]:
     return [row async for row in store.rows(job)]
 
 
+async def hold(store: SqlStore, run_id: str, job: str = JOB) -> None:
+    """Make `run_id` the job's holder, as a run that took the job over: only a holder claims."""
+    holders = await store.locks(job)
+    if any(h.owner == run_id and h.live for h in holders):
+        return
+    for h in holders:
+        await store.release_lock(job, h.owner)
+    await store.acquire_lock(job, run_id, stale_after=30)
+
+
+async def claim(store: SqlStore, run_id: str, *, limit: int, job: str = JOB) -> list[str]:
+    """Claim a page for a run, as the job's holder."""
+    await hold(store, run_id, job)
+    return await store.claim(job, run_id, limit=limit)
+
+
 async def claim_all(store: SqlStore, run_id: str, *, job: str = JOB) -> list[str]:
     """Claim every pending account of the job for a run, in pages."""
     claimed: list[str] = []
-    while page := await store.claim(job, run_id, limit=3):
+    while page := await claim(store, run_id, limit=3, job=job):
         claimed.extend(page)
     return claimed
+
+
+async def settle(
+    store: SqlStore, run_id: str, results: Sequence[ItemResult], job: str = JOB
+) -> None:
+    """A run that claims what is pending, records `results` and lets the job go."""
+    await claim_all(store, run_id, job=job)
+    await store.record(job, run_id, results)
+    await store.release_lock(job, run_id)
 
 
 async def age(location: str, owner: str, seconds: float) -> None:
@@ -135,11 +160,8 @@ async def test_plan_counts_a_chunked_input(store: SqlStore) -> None:
 async def test_replan_counts_already_done(store: SqlStore) -> None:
     """A second plan counts values the job already finished as already_done, not to_call."""
     await plan(store, ["fca_a1", "fca_a2", "fca_a3", "bad"])
-    await store.claim(JOB, "r1", limit=10)
-    await store.record(
-        JOB,
-        "r1",
-        [result("fca_a1", Outcome.DISCONNECTED), result("fca_a2", Outcome.NOT_FOUND)],
+    await settle(
+        store, "r1", [result("fca_a1", Outcome.DISCONNECTED), result("fca_a2", Outcome.NOT_FOUND)]
     )
     counts = await plan(store, ["fca_a1", "fca_a2", "fca_a3", "fca_a4", "fca_a1", "bad"])
     assert counts == PlanCounts(read=6, invalid=1, duplicates=1, already_done=2, to_call=2)
@@ -231,7 +253,7 @@ async def test_jobs_are_separate(store: SqlStore) -> None:
     """The same account in two jobs is two rows with their own outcomes."""
     await plan(store, ["fca_a1"], job="one")
     await plan(store, ["fca_a1"], job="two")
-    await store.record("one", "r1", [result("fca_a1", Outcome.DISCONNECTED)])
+    await settle(store, "r1", [result("fca_a1", Outcome.DISCONNECTED)], job="one")
     assert await store.counts("one") == {"disconnected": 1}
     assert await store.counts("two") == {None: 1}
 
@@ -244,10 +266,10 @@ async def test_claim_pending_pages_in_input_order(store: SqlStore) -> None:
     """claim_pending hands a run its pages in input order, each account once."""
     accounts = ids(10)
     await plan(store, accounts[:4], ["bad"], accounts[4:])
-    assert await store.claim(JOB, "r1", limit=4) == accounts[:4]
-    assert await store.claim(JOB, "r1", limit=4) == accounts[4:8]
-    assert await store.claim(JOB, "r1", limit=4) == accounts[8:]
-    assert await store.claim(JOB, "r1", limit=4) == []
+    assert await claim(store, "r1", limit=4) == accounts[:4]
+    assert await claim(store, "r1", limit=4) == accounts[4:8]
+    assert await claim(store, "r1", limit=4) == accounts[8:]
+    assert await claim(store, "r1", limit=4) == []
     # Nothing is pending anywhere else: the run's own claims are not someone else's.
     assert not await store.pending_elsewhere(JOB, "r1")
 
@@ -270,7 +292,7 @@ async def test_claim_skips_accounts_with_outcomes(store: SqlStore) -> None:
     """Accounts with a recorded outcome are not claimed again."""
     accounts = ids(4)
     await plan(store, accounts)
-    await store.record(JOB, "r1", [result(accounts[1], Outcome.DISCONNECTED)])
+    await settle(store, "r1", [result(accounts[1], Outcome.DISCONNECTED)])
     assert await claim_all(store, "r2") == [accounts[0], *accounts[2:]]
 
 
@@ -278,6 +300,7 @@ async def test_claim_skips_accounts_with_outcomes(store: SqlStore) -> None:
 async def test_record_accumulates_attempts_and_keeps_first_attempt(store: SqlStore) -> None:
     """record() sets the outcome, adds attempts, and keeps the first first_attempt_at."""
     await plan(store, ["fca_a1", "fca_a2"])
+    await claim(store, "r1", limit=1)
     await store.record(
         JOB,
         "r1",
@@ -303,6 +326,8 @@ async def test_record_accumulates_attempts_and_keeps_first_attempt(store: SqlSto
     )
     assert (row.error_code, row.error_message, row.request_id) == ("api_error", "boom", "req_1")
     assert row.updated_at is not None
+    await plan(store, ["fca_a1", "fca_a2"], retry_failed=True)
+    await claim(store, "r2", limit=1)
     await store.record(
         JOB,
         "r2",
@@ -321,6 +346,33 @@ async def test_record_accumulates_attempts_and_keeps_first_attempt(store: SqlSto
     )
     assert row.error_code is None
     assert (untouched.outcome, untouched.attempts, untouched.first_attempt_at) == (None, 0, None)
+
+
+@pytest.mark.anyio
+async def test_a_write_lands_only_under_the_claim_it_was_made_under(
+    store: SqlStore, location: str
+) -> None:
+    """Fencing: a run that lost its lease writes nothing over the run that took its accounts,
+    whether that run is still alive or has finished, and a batch written twice lands once."""
+    accounts = ids(4)
+    await plan(store, accounts)
+    assert await claim(store, "stale", limit=4) == accounts
+    await age(location, "stale", 3600)
+    # The job is taken over; the new run records two accounts and leaves.
+    assert await claim(store, "new", limit=4) == accounts
+    done = [result(a, Outcome.DISCONNECTED, http_status=200) for a in accounts[:2]]
+    await store.record(JOB, "new", done)
+    await store.record(JOB, "new", done)  # a batch written again (a lost reply) adds nothing
+    await store.release_lock(JOB, "new")
+    before = await all_rows(store)
+    assert [(r.outcome, r.attempts) for r in before] == [("disconnected", 1)] * 2 + [(None, 0)] * 2
+    # The stale run wakes up and writes what it had: nothing changes.
+    late = [result(a, Outcome.FAILED, http_status=500, attempts=3) for a in accounts]
+    await store.record(JOB, "stale", late)
+    assert await all_rows(store) == before
+    # Nor can it claim: its lease is gone.
+    with pytest.raises(LockHeldError, match="lost the lock's lease"):
+        await store.claim(JOB, "stale", limit=4)
 
 
 async def write_transactions(store: SqlStore, location: str, work: Awaitable[None]) -> int:
@@ -348,11 +400,11 @@ async def write_transactions(store: SqlStore, location: str, work: Awaitable[Non
 
 @pytest.mark.anyio
 async def test_a_batch_of_outcomes_is_one_write_transaction(store: SqlStore, location: str) -> None:
-    """Recording 50 outcomes, claimed or not, commits once: never a transaction per account."""
+    """Recording 50 outcomes commits once: never a transaction per account."""
     accounts = ids(60)
     await plan(store, accounts)
-    claimed = await store.claim(JOB, "r1", limit=30)
-    batch = [result(a, Outcome.NOT_FOUND, http_status=404) for a in claimed[:25] + accounts[30:55]]
+    claimed = await claim(store, "r1", limit=50)
+    batch = [result(a, Outcome.NOT_FOUND, http_status=404) for a in claimed]
     assert await write_transactions(store, location, store.record(JOB, "r1", batch)) == 1
     assert await store.counts(JOB) == {"not_found": 50, None: 10}
 
@@ -362,7 +414,7 @@ async def test_release_outcomes_only_touches_this_run(store: SqlStore) -> None:
     """release_outcomes returns this run's failed/not_found to pending; other runs are untouched."""
     a, b, c, d, e = ids(5)
     await plan(store, [a, b, c, d, e])
-    await store.claim(JOB, "r1", limit=3)
+    await claim(store, "r1", limit=3)
     await store.record(
         JOB,
         "r1",
@@ -372,7 +424,7 @@ async def test_release_outcomes_only_touches_this_run(store: SqlStore) -> None:
             result(c, Outcome.DISCONNECTED),
         ],
     )
-    await store.claim(JOB, "r2", limit=3)
+    await claim(store, "r2", limit=3)
     await store.record(JOB, "r2", [result(d, Outcome.FAILED), result(e, Outcome.NOT_FOUND)])
 
     released = await store.release_refused(JOB, "r1")
@@ -388,7 +440,7 @@ async def test_retry_failed_makes_failed_claimable(store: SqlStore) -> None:
     """Planned with retry_failed, failed accounts count as to_call and are pending again."""
     a, b, c = ids(3)
     await plan(store, [a, b, c])
-    await store.record(JOB, "r1", [result(a, Outcome.FAILED), result(b, Outcome.DISCONNECTED)])
+    await settle(store, "r1", [result(a, Outcome.FAILED), result(b, Outcome.DISCONNECTED)])
     assert await claim_all(store, "r2") == [c]
 
     plain = await plan(store, [a, b, c])
@@ -408,8 +460,8 @@ async def test_counts_by_outcome(store: SqlStore) -> None:
     """counts() gives the number of accounts per outcome, None for still to call."""
     accounts = ids(6)
     await plan(store, [*accounts, "bad1", "bad2"])
-    await store.record(
-        JOB,
+    await settle(
+        store,
         "r1",
         [
             result(accounts[0], Outcome.DISCONNECTED),
@@ -590,6 +642,22 @@ async def test_confirmations_keep_nothing_of_accounts_outside_the_job(store: Sql
     ]
 
 
+@pytest.mark.anyio
+async def test_one_event_confirms_the_account_in_every_job_that_holds_it(store: SqlStore) -> None:
+    """Stripe sends an event to every endpoint: two jobs of one store, both holding the account,
+    each confirm it once (replays are per job)."""
+    await plan(store, ["fca_both"])
+    await plan(store, ["fca_both"], job="other")
+    for job in (JOB, "other"):
+        assert await store.confirm(job, "fca_both", event_id="e1", confirmed_at=1.0) is (
+            Confirmation.CONFIRMED
+        )
+        assert await store.confirm(job, "fca_both", event_id="e1", confirmed_at=2.0) is (
+            Confirmation.REPLAYED
+        )
+        assert await store.confirmed_count(job) == 1
+
+
 # -- the file ---------------------------------------------------------------------------------
 
 
@@ -639,7 +707,7 @@ async def test_data_survives_close_and_reopen(location: str) -> None:
     """Plans, outcomes, locks and runs are durable across closing and reopening the store."""
     first = await open_store(location)
     await plan(first, ["fca_a1", "fca_a2", "bad"])
-    await first.record(JOB, "r1", [result("fca_a1", Outcome.DISCONNECTED, attempts=2)])
+    await settle(first, "r1", [result("fca_a1", Outcome.DISCONNECTED, attempts=2)])
     await first.acquire_lock(JOB, "owner-a", stale_after=30)
     await first.start_run(JOB, "r1")
     await first.finish_run("r1", 0, "ok")
@@ -697,7 +765,7 @@ async def test_a_store_of_the_first_layout_is_migrated_and_resumes(tmp_path: Pat
     finally:
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("SELECT value FROM meta").fetchall() == [("2",)]
+        assert db.execute("SELECT value FROM meta").fetchall() == [("3",)]
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         assert "locks_v1" not in tables
 
@@ -710,6 +778,30 @@ async def pg(pg_state: str) -> AsyncIterator[SqlStore]:
     """A fresh PostgreSQL store (the `store` fixture, without SQLite)."""
     async for opened in _opened(pg_state):
         yield opened
+
+
+@pytest.mark.anyio
+async def test_a_postgresql_store_of_layout_2_is_migrated(pg: SqlStore, pg_state: str) -> None:
+    """Layout 2 keyed events by event ID alone and had no claim generation: reopened, its
+    events are per job and its accounts are claimed and recorded under fences."""
+    await plan(pg, ["fca_a1", "fca_a2"])
+    await plan(pg, ["fca_a1"], job="other")
+    url, _, schema = pg_state.partition("?schema=")
+    conn = await asyncpg.connect(url, server_settings={"search_path": schema})
+    try:
+        await conn.execute(
+            "ALTER TABLE events DROP CONSTRAINT events_pkey, ADD PRIMARY KEY (event_id); "
+            "ALTER TABLE accounts DROP COLUMN claim_gen; UPDATE meta SET value = '2'"
+        )
+    finally:
+        await conn.close()
+    async for reopened in _opened(pg_state):
+        for job in (JOB, "other"):
+            assert await reopened.confirm(job, "fca_a1", event_id="e1", confirmed_at=1.0) is (
+                Confirmation.CONFIRMED
+            )
+        await settle(reopened, "r1", [result("fca_a1", Outcome.DISCONNECTED)])
+        assert await reopened.counts(JOB) == {"disconnected": 1, None: 1}
 
 
 @pytest.mark.anyio

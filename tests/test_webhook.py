@@ -52,6 +52,8 @@ async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
     opened = await open_store(tmp_path / "s.sqlite")
     try:
         await plan_input(opened, JOB, chunks(), retry_failed=False)
+        await opened.acquire_lock(JOB, "run1", stale_after=30)
+        assert await opened.claim(JOB, "run1", limit=len(ACCOUNTS)) == ACCOUNTS
         await opened.record(
             JOB,
             "run1",
@@ -60,6 +62,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
                 for account in ACCOUNTS
             ],
         )
+        await opened.release_lock(JOB, "run1")
         yield opened
     finally:
         await opened.aclose()

@@ -38,7 +38,7 @@ from bulkdisconnect.store import (
 from bulkdisconnect.store.dialect import Dialect, Row, Staging
 
 # The layout a store is migrated to when opened; a dialect's MIGRATIONS lead up to it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REPORT_PAGE = 5000
 SETTLED_MESSAGE = "already disconnected when listed: recorded without a call"
 INVALID_MESSAGE = "not a Financial Connections account ID (fca_ followed by letters and digits)"
@@ -221,7 +221,7 @@ class SqlStore:
                 return Confirmation.REPLAYED
             if await tx.execute("confirm_account", **event):
                 return Confirmation.CONFIRMED
-            await tx.execute("forget_event", event_id=event_id)
+            await tx.execute("forget_event", job=job, event_id=event_id)
             await tx.execute("count_unknown_event", job=job, at=confirmed_at)
         return Confirmation.UNKNOWN
 

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from bulkdisconnect.errors import UsageError
+from bulkdisconnect.errors import LockHeldError, UsageError
 from bulkdisconnect.logs import mask_url
 from bulkdisconnect.model import ItemResult
 from bulkdisconnect.postgresql import CONNECT_TIMEOUT, describe_error
@@ -52,36 +52,49 @@ CREATE INDEX IF NOT EXISTS accounts_job_order ON accounts (job, id);
 CREATE INDEX IF NOT EXISTS accounts_pending ON accounts (job, id) WHERE outcome IS NULL;
 """
 # Layout 1 had a view of the live holders; the statements now say what "live" is themselves.
-MIGRATIONS = {1: ("", "DROP VIEW IF EXISTS live_locks")}
+# Layout 3 keys events by (job, event) and numbers each account's claims.
+MIGRATIONS = {
+    1: ("", "DROP VIEW IF EXISTS live_locks"),
+    2: (
+        "",
+        (
+            "ALTER TABLE events DROP CONSTRAINT events_pkey, ADD PRIMARY KEY (job, event_id); "
+            "ALTER TABLE accounts ADD COLUMN IF NOT EXISTS claim_gen INTEGER NOT NULL DEFAULT 0"
+        ),
+    ),
+}
 
 # S608: the f-strings below put in LIVE, a constant; every value is a bound parameter.
+# A claim takes pending accounts no live worker holds, for a claimer that still holds its
+# own lease, and increments their claim generation.
 CLAIM = f"""
-UPDATE accounts SET run_id = $2
+UPDATE accounts SET run_id = $2, claim_gen = claim_gen + 1
 WHERE id = ANY(ARRAY(
     SELECT id FROM accounts
     WHERE job = $1 AND id > $4 AND outcome IS NULL AND run_id IS DISTINCT FROM $2
       AND (run_id IS NULL OR run_id NOT IN (SELECT owner FROM locks WHERE job = $1 AND {LIVE}))
+      AND EXISTS (SELECT 1 FROM locks WHERE job = $1 AND owner = $2 AND {LIVE})
     ORDER BY id LIMIT $3
     FOR UPDATE SKIP LOCKED
 ))
-RETURNING id, account_id
+RETURNING id, account_id, claim_gen
 """  # noqa: S608
-# A result lands unless another live worker holds the account now: a worker that lost its
-# lease must not overwrite the outcome of the one that took the account over.
-RECORD = f"""
+# A result lands only on the claim it was made under (the run and the claim's generation), and
+# once: a worker that lost its lease cannot overwrite what the worker that took over recorded,
+# alive or not, and a batch written again after a lost reply changes nothing.
+RECORD = """
 UPDATE accounts a SET outcome = r.outcome, attempts = a.attempts + r.attempts,
     http_status = r.http_status, error_code = r.error_code, error_message = r.error_message,
     request_id = r.request_id,
     first_attempt_at = COALESCE(a.first_attempt_at, r.first_attempt_at),
-    updated_at = $3, run_id = $2
-FROM unnest($4::text[], $5::text[], $6::int[], $7::int[], $8::text[], $9::text[], $10::text[],
-            $11::float8[])
-    AS r(account_id, outcome, attempts, http_status, error_code, error_message, request_id,
+    updated_at = $3
+FROM unnest($4::bigint[], $5::int[], $6::text[], $7::int[], $8::int[], $9::text[], $10::text[],
+            $11::text[], $12::float8[])
+    AS r(id, claim_gen, outcome, attempts, http_status, error_code, error_message, request_id,
          first_attempt_at)
-WHERE a.job = $1 AND a.account_id = r.account_id AND a.account_id = ANY($4::text[])
-  AND (a.run_id IS NULL OR a.run_id = $2
-       OR a.run_id NOT IN (SELECT owner FROM locks WHERE job = $1 AND {LIVE}))
-"""  # noqa: S608
+WHERE a.id = r.id AND a.job = $1 AND a.run_id = $2 AND a.claim_gen = r.claim_gen
+  AND a.outcome IS NULL
+"""
 
 
 class PostgresDialect:
@@ -97,6 +110,8 @@ class PostgresDialect:
         self._schema = schema
         self.reader = _Statements(pool)
         self._claimed_up_to: dict[str, int] = {}  # run_id -> id of its last claimed account
+        # (job, account) this dialect claimed -> (its id, the claim's generation)
+        self._claims: dict[tuple[str, str], tuple[int, int]] = {}
 
     @classmethod
     async def connect(cls, url: str) -> PostgresDialect:
@@ -176,6 +191,8 @@ class PostgresDialect:
     async def claim(self, job: str, run_id: str, limit: int) -> list[str]:
         """Claim the first `limit` accounts still to call that no live worker holds.
 
+        A worker whose own lease ran out claims nothing (LockHeldError).
+
         The search starts after the run's last claim, so it does not wade through every
         account already done; only when nothing is left ahead does it look from the start,
         for accounts a dead worker left behind or a breaker released.
@@ -184,27 +201,38 @@ class PostgresDialect:
         rows = await self._pool.fetch(CLAIM, job, run_id, limit, after)
         if not rows and after:
             rows = await self._pool.fetch(CLAIM, job, run_id, limit, 0)
+        if not rows and not await self.reader.fetch("holds_lease", job=job, owner=run_id):
+            raise LockHeldError(f"job {job!r}: lost the lock's lease (taken over); stopped")
         rows = sorted(rows, key=lambda row: row["id"])
         if rows:
             self._claimed_up_to[run_id] = rows[-1]["id"]
+            self._claims.update(((job, r["account_id"]), (r["id"], r["claim_gen"])) for r in rows)
         return [row["account_id"] for row in rows]
 
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
-        """Record a batch of outcomes in one statement."""
+        """Record a batch of outcomes in one statement, each under the claim it was made under.
+
+        A result for an account this run did not claim has nothing to land on: it is dropped.
+        """
+        claims = self._claims
+        mine = [(claims[job, r.account_id], r) for r in results if (job, r.account_id) in claims]
         await self._pool.execute(
             RECORD,
             job,
             run_id,
             time.time(),
-            [r.account_id for r in results],
-            [r.outcome.value for r in results],
-            [r.attempts for r in results],
-            [r.http_status for r in results],
-            [r.error_code for r in results],
-            [r.error_message for r in results],
-            [r.request_id for r in results],
-            [r.first_attempt_at for r in results],
+            [claim[0] for claim, _ in mine],
+            [claim[1] for claim, _ in mine],
+            [r.outcome.value for _, r in mine],
+            [r.attempts for _, r in mine],
+            [r.http_status for _, r in mine],
+            [r.error_code for _, r in mine],
+            [r.error_message for _, r in mine],
+            [r.request_id for _, r in mine],
+            [r.first_attempt_at for _, r in mine],
         )
+        for r in results:  # only once written: a batch that failed is written again later
+            claims.pop((job, r.account_id), None)
 
     async def aclose(self) -> None:
         """Close the pool, or cut it off if it does not close in time."""

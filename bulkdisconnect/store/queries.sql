@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS accounts (
     first_attempt_at {real},
     updated_at {real},
     run_id TEXT,  -- the run that claimed or recorded it
+    claim_gen INTEGER NOT NULL DEFAULT 0,  -- each claim increments it: a write names its claim
     confirmed_at {real},
     event_id TEXT,
     UNIQUE (job, account_id)
@@ -33,11 +34,13 @@ CREATE TABLE IF NOT EXISTS customers (
     listed_at {real} NOT NULL,
     PRIMARY KEY (job, customer_id)
 );
+-- Replay protection per job: Stripe sends one event to every endpoint, and jobs share stores.
 CREATE TABLE IF NOT EXISTS events (
-    event_id TEXT PRIMARY KEY,
     job TEXT NOT NULL,
+    event_id TEXT NOT NULL,
     account_id TEXT NOT NULL,
-    received_at {real} NOT NULL
+    received_at {real} NOT NULL,
+    PRIMARY KEY (job, event_id)
 );
 -- Deliveries of events for accounts outside the job: counted, their accounts not kept.
 CREATE TABLE IF NOT EXISTS unknown_events (
@@ -104,6 +107,10 @@ VALUES (:job, :owner, :pid, :host, {now}, {now}, :lease, :shared, :share_of, :so
 -- A heartbeat: renew a hold that has not run out (a lapsed one stays lost).
 UPDATE locks SET heartbeat_at = {now}
 WHERE job = :job AND owner = :owner AND {now} - heartbeat_at < lease;
+
+-- name: holds_lease
+-- Whether this owner still holds the job: its lease has not run out, nobody took over.
+SELECT 1 FROM locks WHERE job = :job AND owner = :owner AND {now} - heartbeat_at < lease;
 
 -- name: live_shares
 -- The live holders of the job and the share of --rate each runs at.
@@ -231,7 +238,7 @@ WHERE job = :job AND account_id = :account_id;
 
 -- name: forget_event
 -- The event's account is not in the job: keep nothing of it.
-DELETE FROM events WHERE event_id = :event_id;
+DELETE FROM events WHERE job = :job AND event_id = :event_id;
 
 -- name: count_unknown_event
 -- Count a delivery for an account outside the job.
@@ -240,7 +247,8 @@ ON CONFLICT (job) DO UPDATE SET count = unknown_events.count + 1, last_at = excl
 
 -- name: start_run
 -- A run of the job started.
-INSERT INTO runs (run_id, job, started_at) VALUES (:run_id, :job, :now);
+INSERT INTO runs (run_id, job, started_at) VALUES (:run_id, :job, :now)
+ON CONFLICT DO NOTHING;
 
 -- name: finish_run
 -- How a run ended.

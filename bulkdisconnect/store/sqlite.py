@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from bulkdisconnect.errors import UsageError
+from bulkdisconnect.errors import LockHeldError, UsageError
 from bulkdisconnect.model import ItemResult
 from bulkdisconnect.store.dialect import Row, load_queries
 
@@ -36,6 +36,7 @@ QUERIES = load_queries(
 )
 
 # Layout 1 held one lock row per job; layout 2 has a row per holder, as PostgreSQL's.
+# Layout 3 keys events by (job, event) and numbers each account's claims.
 MIGRATIONS = {
     1: (
         "ALTER TABLE locks RENAME TO locks_v1",
@@ -44,31 +45,44 @@ MIGRATIONS = {
             "share_of, planned, source) SELECT job, owner, pid, host, acquired_at, heartbeat_at, "
             "lease, 0, 1, 1, '' FROM locks_v1; DROP TABLE locks_v1"
         ),
-    )
+    ),
+    2: (
+        "ALTER TABLE events RENAME TO events_v2",
+        (
+            "INSERT INTO events (job, event_id, account_id, received_at) "
+            "SELECT job, event_id, account_id, received_at FROM events_v2; DROP TABLE events_v2; "
+            "ALTER TABLE accounts ADD COLUMN claim_gen INTEGER NOT NULL DEFAULT 0"
+        ),
+    ),
 }
 
 CLAIM = (
-    "SELECT rowid, account_id FROM accounts NOT INDEXED WHERE rowid > ? AND job = ? "
+    "SELECT rowid, account_id, claim_gen FROM accounts NOT INDEXED WHERE rowid > ? AND job = ? "
     "AND outcome IS NULL ORDER BY rowid LIMIT ?"
 )
 MARK_CLAIMED = (
-    "UPDATE accounts NOT INDEXED SET run_id = ? WHERE rowid > ? AND rowid <= ? AND job = ? "
-    "AND outcome IS NULL"
+    "UPDATE accounts NOT INDEXED SET run_id = ?, claim_gen = claim_gen + 1 "
+    "WHERE rowid > ? AND rowid <= ? AND job = ? AND outcome IS NULL"
 )
-RECORD = """
+HOLDS_LEASE = QUERIES["holds_lease"].replace(":job", "?").replace(":owner", "?")
+# A result lands only on the claim it was made under (the run and the claim's generation), and
+# once: a worker that lost its lease cannot overwrite what the run that took over recorded.
+FENCE = "WHERE rowid = ? AND run_id = ? AND claim_gen = ? AND outcome IS NULL"
+RECORD = f"""
 UPDATE accounts SET outcome = ?, attempts = attempts + ?, http_status = ?, error_code = ?,
     error_message = ?, request_id = ?, first_attempt_at = COALESCE(first_attempt_at, ?),
-    updated_at = ?, run_id = ?
-"""
+    updated_at = ?
+{FENCE}
+"""  # noqa: S608 - FENCE is a constant
 # sqlite3 binds None and bool through its adaptation protocol: two failed attribute lookups,
 # each formatting an AttributeError, ~1,300 instructions a parameter (callgrind). An outcome
 # without error fields, the common case, is written by a statement that sets them NULL itself.
-RECORD_CLEAN = """
+RECORD_CLEAN = f"""
 UPDATE accounts SET outcome = ?, attempts = attempts + ?, http_status = ?, error_code = NULL,
     error_message = NULL, request_id = ?, first_attempt_at = COALESCE(first_attempt_at, ?),
-    updated_at = ?, run_id = ?
-WHERE rowid = ?
-"""
+    updated_at = ?
+{FENCE}
+"""  # noqa: S608 - FENCE is a constant
 
 
 class SQLiteDialect:
@@ -84,7 +98,8 @@ class SQLiteDialect:
         self._lock = anyio.Lock()
         self.reader = _Statements(self, locked=False)
         self._claimed_up_to: dict[str, int] = {}  # run_id -> rowid of its last claimed account
-        self._rowids: dict[tuple[str, str], int] = {}  # claimed (job, account) -> rowid
+        # (job, account) this dialect claimed -> (its rowid, the claim's generation)
+        self._claims: dict[tuple[str, str], tuple[int, int]] = {}
 
     @classmethod
     async def connect(cls, path: Path, *, create: bool = True) -> SQLiteDialect:
@@ -143,54 +158,62 @@ class SQLiteDialect:
         """The run's next page in input order, after its last: a range scan of rowids.
 
         Not the (job, account_id) index: through it every page would visit all of the
-        job's rows and sort them (quadratic in N).
+        job's rows and sort them (quadratic in N). A run whose lease ran out claims nothing
+        (LockHeldError): another may be working the job now.
         """
         after = self._claimed_up_to.get(run_id)
 
-        def claim(db: sqlite3.Connection) -> list[tuple[int, str]]:
+        def claim(db: sqlite3.Connection) -> list[tuple[int, str, int]] | None:
             start = after
             if start is None:  # the job's first row, found once through the index
                 first = db.execute("SELECT min(rowid) FROM accounts WHERE job = ?", (job,))
                 start = (first.fetchone()[0] or 1) - 1
             with _immediate(db):
-                rows: list[tuple[int, str]] = db.execute(CLAIM, (start, job, limit)).fetchall()
+                if not db.execute(HOLDS_LEASE, (job, run_id)).fetchone():
+                    return None
+                rows: list[tuple[int, str, int]] = db.execute(CLAIM, (start, job, limit)).fetchall()
                 if rows:
                     db.execute(MARK_CLAIMED, (run_id, start, rows[-1][0], job))
             return rows
 
         rows = await self._call_here(claim)
+        if rows is None:
+            raise LockHeldError(f"job {job!r}: lost the lock's lease (taken over); stopped")
         if rows:
             self._claimed_up_to[run_id] = rows[-1][0]
-            # Recorded by rowid later: an integer key, cheaper than (job, account_id).
-            self._rowids.update(((job, account_id), rowid) for rowid, account_id in rows)
-        return [account_id for _, account_id in rows]
+            # Recorded by rowid and under this claim's generation (one more than it was).
+            self._claims.update(((job, account), (rowid, gen + 1)) for rowid, account, gen in rows)
+        return [account_id for _, account_id, _ in rows]
 
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
-        """Record a batch in one transaction, by rowid where the account was claimed here."""
+        """Record a batch in one transaction, each result under the claim it was made under.
+
+        A result for an account this run did not claim has nothing to land on: it is dropped.
+        """
         now = time.time()
-        pop = self._rowids.pop
-        clean, by_rowid, by_name = [], [], []
+        claims = self._claims
+        clean, full = [], []
         for r in results:
-            rowid = pop((job, r.account_id), None)
+            claim = claims.get((job, r.account_id))
+            if claim is None:
+                continue
             head = (r.outcome.value, r.attempts, r.http_status)
-            tail = (r.request_id, r.first_attempt_at, now, run_id)
-            if rowid is None:
-                by_name.append((*head, r.error_code, r.error_message, *tail, job, r.account_id))
-            elif r.error_code is None and r.error_message is None:
-                clean.append((*head, *tail, rowid))
+            tail = (r.request_id, r.first_attempt_at, now, claim[0], run_id, claim[1])
+            if r.error_code is None and r.error_message is None:
+                clean.append((*head, *tail))
             else:
-                by_rowid.append((*head, r.error_code, r.error_message, *tail, rowid))
+                full.append((*head, r.error_code, r.error_message, *tail))
 
         def write(db: sqlite3.Connection) -> None:
             with _immediate(db):
                 if clean:
                     db.executemany(RECORD_CLEAN, clean)
-                if by_rowid:
-                    db.executemany(RECORD + "WHERE rowid = ?", by_rowid)
-                if by_name:
-                    db.executemany(RECORD + "WHERE job = ? AND account_id = ?", by_name)
+                if full:
+                    db.executemany(RECORD, full)
 
         await self._call_here(write)
+        for r in results:  # only once written: a batch that failed is written again later
+            claims.pop((job, r.account_id), None)
 
     async def aclose(self) -> None:
         """Close the connection (checkpointing the WAL)."""
