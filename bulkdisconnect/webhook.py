@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import anyio
 import msgspec
 import structlog
 from aiohttp import web
@@ -31,14 +32,27 @@ EXPECTED_SCHEME = "v1"
 DISCONNECTED = "financial_connections.account.disconnected"
 # In-flight deliveries get this long to finish (one SQLite write each) when the server stops.
 _SHUTDOWN_GRACE = 5.0  # seconds
+# A delivery's body must be in this long after its headers: Stripe sends a few kilobytes at
+# once, and a connection left waiting on a stalled body is one a delivery cannot have.
+BODY_TIMEOUT = 10.0  # seconds
 
 _DIGITS = re.compile(r"[0-9]+")
+# What an event or account ID may hold before it reaches the store: Stripe's IDs are a prefix
+# and letters and digits. A NUL (which PostgreSQL's text cannot hold), another control
+# character, a space or a kilobyte of ID never came from Stripe.
+_STRIPE_ID = re.compile(r"[!-~]{1,255}")
+_STRIPE_ID_RULE = "1 to 255 printable ASCII characters without spaces"
+_NOT_AN_EVENT = "the body is not a JSON event with a string id and type"
 
 log = structlog.get_logger("bulkdisconnect")
 
 
 class SignatureError(Exception):
     """The Stripe-Signature header is missing, malformed, does not match, or is too old."""
+
+
+class EventError(Exception):
+    """A signed body is not an event the receiver can record: not JSON, or a malformed ID."""
 
 
 def _digest(timestamp: int, payload: bytes, secret: str) -> str:
@@ -123,35 +137,45 @@ def parse_secrets(value: str | None) -> list[str]:
     return secrets
 
 
-def _error(reason: str) -> web.Response:
-    return web.json_response({"error": reason}, status=400)
+def _error(reason: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
 
 
 def _received(result: str) -> web.Response:
     return web.json_response({"received": True, "result": result})
 
 
-def _event(payload: bytes) -> dict[str, Any] | None:
-    """The event object in a body, or None if it is not a JSON object with string id and type."""
+def _event(payload: bytes) -> dict[str, Any]:
+    """The event object in a body: a JSON object with a Stripe ID and a string type."""
     try:
         event = msgspec.json.decode(payload)
     except (msgspec.DecodeError, RecursionError):  # not JSON, or nested too deep to decode
-        return None
+        raise EventError(_NOT_AN_EVENT) from None
     if not isinstance(event, dict):
-        return None
+        raise EventError(_NOT_AN_EVENT)
     if not (isinstance(event.get("id"), str) and event["id"]):
-        return None
+        raise EventError(_NOT_AN_EVENT)
     if not (isinstance(event.get("type"), str) and event["type"]):
-        return None
+        raise EventError(_NOT_AN_EVENT)
+    if _STRIPE_ID.fullmatch(event["id"]) is None:
+        raise EventError(f"the event id is not a Stripe ID ({_STRIPE_ID_RULE})")
     return event
 
 
-def _account_id(event: dict[str, Any]) -> str | None:
-    """data.object.id of an event, if it is a non-empty string."""
+def _account_id(event: dict[str, Any]) -> str:
+    """data.object.id of a disconnected event, if it is a Stripe ID."""
     data = event.get("data")
     account = data.get("object") if isinstance(data, dict) else None
     found = account.get("id") if isinstance(account, dict) else None
-    return found if isinstance(found, str) and found else None
+    if not (isinstance(found, str) and found):
+        # Acknowledging it would lose a confirmation silently; a 400 shows in Stripe's
+        # dashboard as a failed delivery.
+        raise EventError(f"{DISCONNECTED} event without a string data.object.id")
+    if _STRIPE_ID.fullmatch(found) is None:
+        raise EventError(
+            f"{DISCONNECTED} event whose data.object.id is not a Stripe ID ({_STRIPE_ID_RULE})"
+        )
+    return found
 
 
 class ConfirmStore(Protocol):
@@ -182,30 +206,40 @@ class WebhookReceiver:
         app.router.add_post(path, self.handle)
         return app
 
-    def _reject(self, reason: str) -> web.Response:
+    def _reject(self, reason: str, status: int = 400) -> web.Response:
         self.counts["rejected"] += 1
-        # The reason never holds a secret or a signature value: verify builds it from neither.
-        log.warning("bulkdisconnect.webhook.rejected", reason=reason)
-        return _error(reason)
+        # The reason never holds a secret, a signature value or an ID: none is built from them.
+        log.warning("bulkdisconnect.webhook.rejected", reason=reason, status=status)
+        return _error(reason, status)
+
+    async def _too_slow(self, request: web.Request) -> web.Response:
+        """Answer 408 to a delivery whose body stalled, and close its connection."""
+        response = self._reject(f"the body did not arrive within {BODY_TIMEOUT:g} s", 408)
+        # Sent here, then the connection dropped: aiohttp would otherwise linger for the rest
+        # of a body that is not coming before closing it.
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+        return response
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one delivery: 400 if unsigned or malformed, else 200 with what it did."""
-        payload = await request.read()
+        try:
+            with anyio.fail_after(BODY_TIMEOUT):
+                payload = await request.read()
+        except TimeoutError:
+            return await self._too_slow(request)
         try:
             verify(payload, request.headers.get(SIGNATURE_HEADER), self._secrets)
-        except SignatureError as exc:
+            event = _event(payload)
+            # Every ID is checked before any reaches the store.
+            account_id = _account_id(event) if event["type"] == DISCONNECTED else None
+        except (SignatureError, EventError) as exc:
             return self._reject(str(exc))
-        event = _event(payload)
-        if event is None:
-            return self._reject("the body is not a JSON event with a string id and type")
-        if event["type"] != DISCONNECTED:
+        if account_id is None:
             result = "ignored"
         else:
-            account_id = _account_id(event)
-            if account_id is None:
-                # Acknowledging it would lose a confirmation silently; a 400 shows in Stripe's
-                # dashboard as a failed delivery.
-                return self._reject(f"{DISCONNECTED} event without a string data.object.id")
             confirmation: Confirmation = await self.store.confirm(
                 self.job, account_id, event_id=event["id"], confirmed_at=time.time()
             )
