@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("bulkdisconnect")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0"
+def __getattr__(name: str) -> str:
+    # Looked up when asked for, not on import: `python -m bulkdisconnect` imports this
+    # package before anything else, and its stop signals must be caught early (early.py).
+    if name != "__version__":
+        raise AttributeError(name)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bulkdisconnect")
+    except PackageNotFoundError:  # pragma: no cover - a source tree without install
+        return "0.0.0"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import click
 
-from bulkdisconnect import __version__
+from bulkdisconnect import __version__, early
 from bulkdisconnect.config import default
 from bulkdisconnect.errors import BulkDisconnectError, ExitCode, UsageError
 
@@ -36,10 +36,17 @@ def _run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         sys.exit(int(exc.exit_code))
 
 
+# The commands that take over the stop signals remembered since start-up (see early.py).
+_RUNS = ("run", "plan")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bulkdisconnect")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Disconnect Stripe Financial Connections accounts in bulk, resumably, within a rate limit."""
+    if ctx.invoked_subcommand not in _RUNS:
+        early.restore_default()
 
 
 def _setting(flag: str, kind: type[float] | type[int], text: str) -> Callable[[Any], Any]:

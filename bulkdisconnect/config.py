@@ -159,6 +159,18 @@ def _positive(v: _Value) -> float:
     return number
 
 
+# The shortest lease a run accepts: a heartbeat must get through within half of it on a busy
+# machine, while a plan merges a large input and the store takes the results.
+MIN_LEASE = 2.0
+
+
+def _lease(v: _Value) -> float:
+    number = _number(v)
+    if number < MIN_LEASE:
+        raise v.fail(f"must be at least {MIN_LEASE:g} seconds, got {v.value!r}")
+    return number
+
+
 def _non_negative(v: _Value) -> float:
     number = _number(v)
     if number < 0:
@@ -288,7 +300,7 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "retry_max_delay": (_non_negative, 20.0),
     "breaker_min_sample": (_positive_int, 100),
     "breaker_threshold": (_fraction, 0.5),
-    "lock_stale_after": (_positive, 30.0),
+    "lock_stale_after": (_lease, 30.0),
     "metrics_file": (_text, None),
     "pushgateway": (_url, None),
     "yes": (_bool, False),

@@ -4,11 +4,12 @@
     ├── UsageError                 bad flag, job file or input: nothing was called (exit 2)
     │   └── InputError             the input cannot be read or a row is malformed
     ├── LockHeldError              another live run holds this job's lock (exit 4)
-    └── RunRefusedError            the API refused the run as a whole (exit 5)
-        ├── AuthenticationError    401 / 403 / expired key: fix the key
-        ├── WrongModeError         the key's mode (test/live) is not the accounts' mode
-        ├── UnreachableError       no connection to the API could be made at all
-        └── BreakerTrippedError    most answers were failures or resource_missing
+    ├── RunRefusedError            the API refused the run as a whole (exit 5)
+    │   ├── AuthenticationError    401 / 403 / expired key: fix the key
+    │   ├── WrongModeError         the key's mode (test/live) is not the accounts' mode
+    │   ├── UnreachableError       no connection to the API could be made at all
+    │   └── BreakerTrippedError    most answers were failures or resource_missing
+    └── StoreError                 the state store failed mid-run (exit 6)
 
 Interruption by a signal is not an exception: the runner returns ExitCode.INTERRUPTED.
 """
@@ -27,6 +28,7 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 3  # SIGINT/SIGTERM; a rerun resumes
     LOCKED = 4  # another run holds this job's lock
     REFUSED = 5  # the API refused the run as a whole; fix the key/config and rerun
+    STORE_FAILED = 6  # the state store failed; nothing was lost, a rerun resumes
 
     @property
     def meaning(self) -> str:
@@ -41,6 +43,7 @@ _MEANINGS = {
     ExitCode.INTERRUPTED: "interrupted; a rerun resumes",
     ExitCode.LOCKED: "another run holds the job, or this run lost its lease",
     ExitCode.REFUSED: "the API refused the run",
+    ExitCode.STORE_FAILED: "the store failed; nothing was lost, a rerun resumes",
 }
 
 
@@ -86,3 +89,13 @@ class UnreachableError(RunRefusedError):
 
 class BreakerTrippedError(RunRefusedError):
     """Most answers were failures or resource_missing after the minimum sample."""
+
+
+class StoreError(BulkDisconnectError):
+    """The state store failed (I/O, disk full, lock timeout, lost database) mid-run.
+
+    Nothing is lost: an answer that was not recorded leaves its account pending, and a rerun
+    calls it again under the same idempotency key.
+    """
+
+    exit_code = ExitCode.STORE_FAILED

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, TextIO
@@ -22,7 +22,13 @@ import structlog
 from bulkdisconnect.breaker import BreakerSettings, FailureBreaker
 from bulkdisconnect.client import ClientSettings, StripeClient, make_session
 from bulkdisconnect.config import RunConfig
-from bulkdisconnect.errors import BreakerTrippedError, BulkDisconnectError, ExitCode, UsageError
+from bulkdisconnect.errors import (
+    BreakerTrippedError,
+    BulkDisconnectError,
+    ExitCode,
+    StoreError,
+    UsageError,
+)
 from bulkdisconnect.lease import Lease
 from bulkdisconnect.limiter import MAX_CONCURRENCY, Meters, RateLimiter
 from bulkdisconnect.logs import redact_text
@@ -113,7 +119,7 @@ async def _opened(config: RunConfig, hooks: RunHooks, stop: Stop) -> AsyncIterat
                 config, hooks, store, client, source, book, meters, retrier, stats, stop, metrics
             )
         finally:
-            with anyio.CancelScope(shield=True):
+            with stop.bounded():
                 await store.aclose()
 
 
@@ -177,13 +183,31 @@ async def _locked(run: _Run) -> ExitCode:
         exit_code, message = error.exit_code, str(error)
         raise
     finally:
-        with anyio.CancelScope(shield=True):
-            await store.finish_run(run_id, int(exit_code), redact_text(message))
-            if run.metrics is not None:
-                run.metrics.finish(int(exit_code))
-                await anyio.to_thread.run_sync(run.metrics.publish)
-            await store.release_lock(config.job, run_id)
+        await _last_words(run, run_id, exit_code, redact_text(message))
     return exit_code
+
+
+async def _last_words(run: _Run, run_id: str, exit_code: ExitCode, message: str) -> None:
+    """Record how the run ended and let the job go, as far as the store allows in time: a
+    lock left behind lapses with its lease."""
+    job, store, stop = run.config.job, run.store, run.stop
+    with stop.bounded(), _unless_the_store_fails("the run's end"):
+        await store.finish_run(run_id, int(exit_code), message)
+    if run.metrics is not None:
+        run.metrics.finish(int(exit_code))
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(run.metrics.publish)
+    with stop.bounded(), _unless_the_store_fails("the lock"):
+        await store.release_lock(job, run_id)
+
+
+@contextlib.contextmanager
+def _unless_the_store_fails(what: str) -> Iterator[None]:
+    """Log, not raise, a store that fails on the way out: the run's exit code says why."""
+    try:
+        yield
+    except StoreError as exc:
+        log.error("bulkdisconnect.store.unwritten", what=what, reason=str(exc))  # noqa: TRY400
 
 
 async def _plan_and_work(run: _Run, run_id: str) -> tuple[ExitCode, str]:
@@ -203,7 +227,13 @@ async def _plan_and_work(run: _Run, run_id: str) -> tuple[ExitCode, str]:
         concurrency=config.concurrency or "adaptive",
     )
     if counts.to_call:
-        await _work(run, run_id)
+        unwritten = await _work(run, run_id)
+        if unwritten and not run.stop.requested.is_set():
+            raise StoreError(
+                f"the state store {run.store.description} did not take the last "
+                f"{unwritten} results in time; their accounts stay pending and a rerun "
+                "sends them again under the same idempotency keys"
+            )
     return await _summarise(run, run_id, time.monotonic() - started)
 
 
@@ -272,8 +302,9 @@ def _warn_if_empty(run: _Run, counts: PlanCounts) -> None:
     log.warning("bulkdisconnect.empty_source", job=run.config.job, source=run.source.description)
 
 
-async def _work(run: _Run, run_id: str) -> None:
-    """Call the API for every pending account; flush every outcome however this ends."""
+async def _work(run: _Run, run_id: str) -> int:
+    """Call the API for every pending account; flush every outcome however this ends, as
+    far as the store allows in time: how many results it did not take."""
     config, store, stats = run.config, run.store, run.stats
     assert run.client is not None
     writer = ResultWriter(store, config.job, run_id)
@@ -311,7 +342,8 @@ async def _work(run: _Run, run_id: str) -> None:
             tg.cancel_scope.cancel()
     except* BreakerTrippedError as group:
         # The answers that tripped the breaker are not final: a rerun calls them again.
-        with anyio.CancelScope(shield=True):
+        released = None
+        with run.stop.bounded(), _unless_the_store_fails("the breaker's release"):
             await writer.flush()
             released = await store.release_refused(config.job, run_id)
         log.error(  # noqa: TRY400 - the reason is the message; a traceback says nothing more
@@ -319,14 +351,30 @@ async def _work(run: _Run, run_id: str) -> None:
         )
         raise
     finally:
-        with anyio.CancelScope(shield=True):
+        with run.stop.bounded(), _unless_the_store_fails("the last results"):
             await writer.flush()
+        if writer.unwritten:
+            log.error(
+                "bulkdisconnect.store.unwritten",
+                what="the last results",
+                accounts=writer.unwritten,
+                reason="the store did not take them in time; their accounts stay pending",
+            )
+    return writer.unwritten
 
 
 async def _summarise(run: _Run, run_id: str, elapsed: float) -> tuple[ExitCode, str]:
     """Print the summary and log the run's end; the exit code and the summary."""
     config, stats = run.config, run.stats
-    job_counts = await run.store.counts(config.job)
+    job_counts = None
+    with run.stop.bounded():
+        job_counts = await run.store.counts(config.job)
+    if job_counts is None:
+        silent = f"the state store {run.store.description} did not answer in time"
+        if not run.stop.requested.is_set():
+            raise StoreError(f"{silent}; nothing was lost, a rerun resumes")
+        run.hooks.out.write(f"interrupted; {silent}: a rerun resumes\n")
+        return ExitCode.INTERRUPTED, f"interrupted; {silent}"
     if run.metrics is not None:
         run.metrics.set_progress(pending=job_counts.get(None, 0), target_rate=stats.current_rate)
     exit_code = _exit_code(job_counts, interrupted=run.stop.requested.is_set())

@@ -4,6 +4,10 @@ The first signal stops intake: whatever waits under `Stop.cancels()` (a worker a
 meter, a back-off, planning) is woken and gives up, so nothing new is sent. Requests on the
 wire get the grace period (`cancel_after_grace`); a second signal ends that at once, and a
 third abandons the run without its summary.
+
+The store calls on the way out (the last results, the summary's counts, the run's end, the
+lock) run under `Stop.bounded()`: STOP_DEADLINE seconds in all, so that a stalled database
+cannot hold a stopping run, and HURRIED seconds once a second signal came.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ from contextlib import asynccontextmanager, contextmanager
 import anyio
 import structlog
 
+from bulkdisconnect import early
+
 log = structlog.get_logger("bulkdisconnect")
+
+STOP_DEADLINE = 5.0  # seconds the store gets, in all, for a run's last writes and reads
+LAST_CALL = 0.5  # ...but each call at least this long, unless hurried
+HURRIED = 0.5  # seconds it gets once a second signal came
 
 
 class StoppedError(Exception):
@@ -29,12 +39,44 @@ class Stop:
         self.requested = anyio.Event()
         self.hurry = anyio.Event()
         self._waiting: set[anyio.CancelScope] = set()
+        self._bounded: set[anyio.CancelScope] = set()
+        self._wind_down_by: float | None = None  # the deadline of the calls on the way out
 
     def request(self) -> None:
         """Stop intake: set `requested` and wake whatever waits under `cancels()`."""
         self.requested.set()
         for scope in list(self._waiting):
             scope.cancel()
+
+    def hasten(self) -> None:
+        """A second signal: drop in-flight work, and give the store HURRIED seconds more."""
+        self.hurry.set()
+        hurried_by = anyio.current_time() + HURRIED
+        if self._wind_down_by is None or self._wind_down_by > hurried_by:
+            self._wind_down_by = hurried_by
+        for scope in self._bounded:
+            scope.deadline = min(scope.deadline, hurried_by)
+
+    @contextmanager
+    def bounded(self) -> Iterator[anyio.CancelScope]:
+        """A shielded scope for a store call on the way out, under the shared deadline.
+
+        The first such call starts the STOP_DEADLINE clock; a call that finds it run out
+        still gets LAST_CALL seconds, unless a second signal hurried the run.
+        """
+        now = anyio.current_time()
+        if self._wind_down_by is None:
+            self._wind_down_by = now + STOP_DEADLINE
+        deadline = self._wind_down_by
+        if not self.hurry.is_set():
+            deadline = max(deadline, now + LAST_CALL)
+        scope = anyio.CancelScope(shield=True, deadline=deadline)
+        self._bounded.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._bounded.discard(scope)
 
     @contextmanager
     def cancels(self) -> Iterator[anyio.CancelScope]:
@@ -55,27 +97,32 @@ class Stop:
 
 @asynccontextmanager
 async def on_signals() -> AsyncIterator[Stop]:
-    """A `Stop` driven by SIGINT/SIGTERM while the body runs."""
+    """A `Stop` driven by SIGINT/SIGTERM while the body runs (and by any that came before)."""
     stop = Stop()
 
-    async def watch(body: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if stop.hurry.is_set():
-                    body.cancel()
-                    return
-                if stop.requested.is_set():
-                    log.warning("bulkdisconnect.stopping.now", signal=name)
-                    stop.hurry.set()
-                    continue
-                log.warning("bulkdisconnect.stopping", signal=name)
-                stop.request()
+    def obey(signum: signal.Signals, body: anyio.CancelScope) -> None:
+        if stop.hurry.is_set():
+            body.cancel()
+        elif stop.requested.is_set():
+            log.warning("bulkdisconnect.stopping.now", signal=signum.name)
+            stop.hasten()
+        else:
+            log.warning("bulkdisconnect.stopping", signal=signum.name)
+            stop.request()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch, tg.cancel_scope)
-        yield stop
-        tg.cancel_scope.cancel()
+    async def watch(signals: AsyncIterator[signal.Signals], body: anyio.CancelScope) -> None:
+        async for signum in signals:
+            obey(signal.Signals(signum), body)
+
+    # The receiver is in place before the signals remembered at start-up are taken: none
+    # can fall between the two.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, signals, tg.cancel_scope)
+            for signum in early.take():
+                obey(signum, tg.cancel_scope)
+            yield stop
+            tg.cancel_scope.cancel()
 
 
 async def cancel_after_grace(stop: Stop, scope: anyio.CancelScope, grace: float) -> None:

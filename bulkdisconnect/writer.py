@@ -65,6 +65,11 @@ class ResultWriter:
         while self._buffer:
             await self._write_batch()
 
+    @property
+    def unwritten(self) -> int:
+        """Results not written (yet): after a failed flush, accounts that stay pending."""
+        return len(self._buffer)
+
     async def _write_batch(self) -> None:
         """Write what is buffered now (up to four batches' worth), in one transaction.
 
@@ -74,10 +79,11 @@ class ResultWriter:
         """
         batch = self._buffer[: self.batch_size * 4]
         if batch:
-            # Shielded so a batch is either written and dropped from the buffer, or kept.
-            with anyio.CancelScope(shield=True):
-                await self.store.record(self.job, self.run_id, batch)
-                del self._buffer[: len(batch)]
+            # A batch is dropped from the buffer once written; cancelled (a stop that cannot
+            # wait for a stalled store), it is kept, and writing it again changes nothing
+            # that was written: a record lands once, under the claim it was made under.
+            await self.store.record(self.job, self.run_id, batch)
+            del self._buffer[: len(batch)]
         if len(self._buffer) < 4 * self.batch_size:
             self._room.set()
         if len(self._buffer) >= self.batch_size:

@@ -77,10 +77,17 @@ class Workspace:
             raise outcome.exception
         return Result(outcome.exit_code, outcome.stdout, outcome.stderr)
 
-    def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        """Start the CLI as a real subprocess (for signals, kill -9 and concurrent runs)."""
+    def spawn(
+        self, *args: str, env: dict[str, str] | None = None, limits: str = ""
+    ) -> subprocess.Popen[str]:
+        """Start the CLI as a real subprocess (for signals, kill -9 and concurrent runs);
+        `limits` are `ulimit` options for it (the shell sets them: no preexec_fn in a
+        process that runs threads)."""
+        command = [sys.executable, "-m", "bulkdisconnect", *args]
+        if limits:
+            command = ["/bin/sh", "-c", f'ulimit {limits} && exec "$@"', "sh", *command]
         return subprocess.Popen(
-            [sys.executable, "-m", "bulkdisconnect", *args],
+            command,
             cwd=self.root,
             env={**os.environ, **(env if env is not None else self.env())},
             stdout=subprocess.PIPE,

@@ -9,15 +9,18 @@ import contextlib
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import asyncpg
+import psycopg
 import pytest
 
 from bulkdisconnect.sandbox import SandboxThread
+from bulkdisconnect.stopping import HURRIED, STOP_DEADLINE
 from tests.support import FAST, Workspace, wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,6 +54,9 @@ def query(state: str, sql: str, *args: object) -> list[tuple[object, ...]]:
     async def fetch() -> list[tuple[object, ...]]:
         conn = await asyncpg.connect(url, server_settings={"search_path": schema})
         try:
+            if ";" in numbered:  # a script: no rows
+                await conn.execute(numbered)
+                return []
             return [tuple(row) for row in await conn.fetch(numbered, *args)]
         except asyncpg.UndefinedTableError:
             return []
@@ -151,3 +157,240 @@ def test_a_worker_that_lost_its_lease_overwrites_nothing(
     assert a.returncode == 4, stderr
     assert "lost the lock's lease" in stderr
     assert accounts(state) == after_b
+
+
+# -- exit codes a scheduler can act on --------------------------------------------------------
+
+
+def one_error_line(stderr: str) -> str:
+    """The run's one-line error (and no traceback)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("bulkdisconnect: error:")]
+    return line
+
+
+def keys_per_account(sandbox: SandboxThread) -> dict[str, set[str | None]]:
+    """The idempotency keys each account was sent under."""
+    keys: dict[str, set[str | None]] = {}
+    for entry in sandbox.sandbox.journal_snapshot():
+        keys.setdefault(entry.account_id or "", set()).add(entry.idempotency_key)
+    return keys
+
+
+def test_a_full_disk_exits_6_and_a_rerun_finishes(ws: Workspace, sandbox: SandboxThread) -> None:
+    """The store's file cannot grow past what the plan took (RLIMIT_FSIZE stands in for a full
+    disk): the run stops with exit 6 and one line naming the store; a rerun finishes the job,
+    each account under one idempotency key."""
+    ids = ws.ids(3000)
+    ws.write("ids.txt", ids)
+    proc = ws.spawn(  # files of at most 781 blocks of 512 bytes: 400 kB
+        "run", "--job", JOB, "--input", "ids.txt", "--rate", "3000", *FAST, limits="-f 781"
+    )
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 6, stderr[-3000:]
+    assert "the state store" in one_error_line(stderr)
+    assert "a rerun resumes" in one_error_line(stderr)
+    pending = sum(1 for outcome in ws.outcomes(JOB).values() if outcome is None)
+    assert pending > 0
+    # As if its lease had run out, should the full disk have kept it from letting go.
+    query(str(ws.state(JOB)), "UPDATE locks SET heartbeat_at = heartbeat_at - 60")
+    rerun = ws.run("run", "--job", JOB, "--input", "ids.txt", "--rate", "3000", *FAST)
+    assert rerun.exit_code == 0, rerun.stderr
+    assert ws.outcomes(JOB) == dict.fromkeys(ids, "disconnected")
+    keys = keys_per_account(sandbox)
+    assert set(keys) == set(ids)
+    assert all(len(k) == 1 for k in keys.values())
+
+
+def test_a_store_error_exits_6_records_it_and_lets_the_job_go(
+    ws: Workspace, sandbox: SandboxThread, pg_state: str
+) -> None:
+    """PostgreSQL refuses to record outcomes (a trigger stands in for a failing disk): exit 6,
+    the runs table says 6, the lock is released, and a rerun resumes at once."""
+    ids = ws.ids(600)
+    ws.write("ids.txt", ids)
+    sandbox.sandbox.configure(latency_ms=20)
+    common = ["--job", JOB, "--input", "ids.txt", "--state", pg_state, *FAST]
+    proc = ws.spawn("run", *common, "--rate", "200")
+    try:
+        wait_for(lambda: outcome_count(pg_state, "disconnected") >= 50)
+        query(
+            pg_state,
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$; "
+            "CREATE TRIGGER refuse BEFORE UPDATE OF outcome ON accounts "
+            "FOR EACH ROW EXECUTE FUNCTION refuse()",
+        )
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 6, stderr[-3000:]
+    assert "No space left on device" in one_error_line(stderr)
+    assert query(pg_state, "SELECT exit_code FROM runs WHERE job = ?", JOB) == [(6,)]
+    assert query(pg_state, "SELECT owner FROM locks WHERE job = ?", JOB) == []
+
+    query(pg_state, "DROP TRIGGER refuse ON accounts")
+    rerun = ws.run("run", *common, "--rate", "1000")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert outcome_count(pg_state, "disconnected") == len(ids)
+    assert all(len(k) == 1 for k in keys_per_account(sandbox).values())
+
+
+def test_postgresql_connections_cut_again_and_again_are_ridden_out(
+    ws: Workspace, sandbox: SandboxThread, pg_state: str
+) -> None:
+    """An administrator terminates the run's connections while its statements wait on a lock,
+    five times, 0.2 s apart: the run reconnects (and says so), finishes with exit 0, every
+    account disconnected under one key."""
+    ids = ws.ids(1500)
+    ws.write("ids.txt", ids)
+    sandbox.sandbox.configure(latency_ms=10)
+    proc = ws.spawn(
+        "run", "--job", JOB, "--input", "ids.txt", "--state", pg_state, "--rate", "300", *FAST
+    )
+    try:
+        wait_for(lambda: outcome_count(pg_state, "disconnected") >= 100)
+        for _ in range(5):
+            with table_locked(pg_state):
+                time.sleep(0.6)  # a batch of results waits for the table
+                query(
+                    pg_state,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'bulkdisconnect'",
+                )
+            time.sleep(0.2)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "bulkdisconnect.store.retry" in stderr
+    assert outcome_count(pg_state, "disconnected") == len(ids)
+    assert all(len(k) == 1 for k in keys_per_account(sandbox).values())
+
+
+HOLD_THE_WRITE_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+time.sleep(12)
+db.execute("ROLLBACK")
+"""
+
+
+def test_a_write_lock_held_12_s_by_another_process_is_waited_out(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """Another process holds the SQLite file's write lock for 12 s, past the busy timeout:
+    the run waits it out (off the event loop) and finishes with exit 0."""
+    ids = ws.ids(600)
+    ws.write("ids.txt", ids)
+    state = ws.state(JOB)
+    proc = ws.spawn("run", "--job", JOB, "--input", "ids.txt", "--rate", "100", *FAST)
+    try:
+        wait_for(lambda: outcome_count(str(state), "disconnected") >= 50)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_THE_WRITE_LOCK, str(state)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        holder.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert ws.outcomes(JOB) == dict.fromkeys(ids, "disconnected")
+
+
+def test_sigterm_while_the_process_starts_exits_3(ws: Workspace, sandbox: SandboxThread) -> None:
+    """SIGTERM before the run has installed its own handlers (while it imports) still stops it
+    the documented way: exit 3, as later ones do."""
+    ws.write("ids.txt", ws.ids(50))
+    for delay in (0.15, 0.3, 0.5):
+        proc = ws.spawn("run", "--job", JOB, "--input", "ids.txt", *FAST)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 3, (delay, stderr[-3000:])
+
+
+def test_a_lease_too_short_to_hold_is_refused(ws: Workspace, sandbox: SandboxThread) -> None:
+    ws.write("ids.txt", ws.ids(5))
+    result = ws.run("run", "--input", "ids.txt", "--lock-stale-after", "1", *FAST)
+    assert result.exit_code == 2
+    assert "lock-stale-after" in result.stderr or "lock_stale_after" in result.stderr
+    assert "at least 2" in result.stderr
+    assert not (ws.root / "state").exists()
+
+
+def test_a_large_plan_keeps_its_short_lease(ws: Workspace, sandbox: SandboxThread) -> None:
+    """200,000 values planned under a 2 s lease (the shortest accepted): the heartbeat gets
+    through while they are staged, counted and merged, and the run goes on to work."""
+    values = [f"bad_{n:07d}" for n in range(200_000)] + ws.ids(10)
+    ws.write("ids.txt", values)
+    proc = ws.spawn(
+        "run", "--job", JOB, "--input", "ids.txt", "--lock-stale-after", "2", "--rate", "100", *FAST
+    )
+    out, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-3000:]  # the invalid values: finished, some invalid
+    assert "lost the lock's lease" not in stderr
+    assert "read 200010" in out
+    assert outcome_count(str(ws.state(JOB)), "disconnected") == 10
+
+
+# -- bounded in time --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def table_locked(state: str) -> Iterator[None]:
+    """Another session holds an ACCESS EXCLUSIVE lock on the accounts table until leaving."""
+    url, _, schema = state.partition("?schema=")
+    conn = psycopg.connect(url, options=f"-c search_path={schema}", autocommit=False)
+    try:
+        conn.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_stalled_store_does_not_hold_a_stopping_run(
+    ws: Workspace, sandbox: SandboxThread, pg_state: str, signals: int
+) -> None:
+    """The accounts table is locked by another session; SIGTERM with --grace 2: the run exits 3
+    within the grace and the store's deadline on the way out. A second SIGTERM: at once."""
+    ws.write("ids.txt", ws.ids(2000))
+    sandbox.sandbox.configure(latency_ms=20)
+    proc = ws.spawn(
+        "run",
+        *("--job", JOB, "--input", "ids.txt", "--state", pg_state, "--rate", "100"),
+        *("--grace", "2", *FAST),
+    )
+    try:
+        wait_for(lambda: outcome_count(pg_state, "disconnected") >= 50)
+        with table_locked(pg_state):
+            time.sleep(1)  # the run's writes now wait for the lock
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            if signals == 2:
+                time.sleep(0.5)
+                proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+            _, stderr = proc.communicate(timeout=40)
+            took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 3, stderr[-3000:]
+    # 2 s of grace and 5 s for the store on the way out; a second signal leaves 0.5 s.
+    assert took < (2 + STOP_DEADLINE + 3 if signals == 1 else HURRIED + 3), took

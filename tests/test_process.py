@@ -35,7 +35,7 @@ def test_kill_9_mid_run_then_rerun_records_every_account_once(
         "--concurrency",
         "8",
         "--lock-stale-after",
-        "1",
+        "2",
         *FAST,
     )
     wait_for(lambda: recorded(ws.state("ids")) >= 60)
@@ -44,8 +44,8 @@ def test_kill_9_mid_run_then_rerun_records_every_account_once(
     assert proc.returncode == -signal.SIGKILL
     assert recorded(ws.state("ids")) < 400
     assert ws.run("run", "--input", "ids.txt", *FAST).exit_code == 4  # its lease still runs
-    with sqlite3.connect(ws.state("ids")) as db:  # as if its 1 s lease had run out
-        db.execute("UPDATE locks SET heartbeat_at = heartbeat_at - 1.5")
+    with sqlite3.connect(ws.state("ids")) as db:  # as if its 2 s lease had run out
+        db.execute("UPDATE locks SET heartbeat_at = heartbeat_at - 2.5")
 
     result = ws.run("run", "--input", "ids.txt", "--rate", "1000", *FAST)
     assert result.exit_code == 0, result.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from pathlib import Path
@@ -375,7 +376,7 @@ async def test_a_write_lands_only_under_the_claim_it_was_made_under(
         await store.claim(JOB, "stale", limit=4)
 
 
-async def write_transactions(store: SqlStore, location: str, work: Awaitable[None]) -> int:
+async def write_transactions(store: SqlStore, location: str, work: Awaitable[object]) -> int:
     """How many write transactions the store committed while `work` ran."""
     if location.startswith("postgresql://"):
         # Only a transaction that writes is given a transaction ID; each probe takes one.
@@ -688,6 +689,47 @@ async def test_sqlite_claims_range_scan_rowids(tmp_path: Path) -> None:
         for sql, args in ((CLAIM, (0, JOB, 500)), (MARK_CLAIMED, ("r1", 0, 500, JOB))):
             plan = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, args))
             assert "INTEGER PRIMARY KEY (rowid>?" in plan, plan
+
+
+@pytest.mark.anyio
+async def test_a_heartbeat_does_not_queue_behind_a_long_statement(tmp_path: Path) -> None:
+    """While a plan's statement holds the store's connection (counting or merging a large
+    input), the heartbeat goes through on a connection of its own."""
+    store = await open_store(tmp_path / "s.sqlite")
+    try:
+        await store.acquire_lock(JOB, "r1", stale_after=30)
+        finished = threading.Event()
+        order: list[str] = []
+
+        async def long_statement() -> None:
+            await store._dialect.call(lambda db: finished.wait(10))  # type: ignore[attr-defined]
+            order.append("statement")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_statement)
+            await anyio.sleep(0.05)
+            assert await store.heartbeat(JOB, "r1") == Beat(workers=1, ready=True)
+            order.append("beat")
+            finished.set()
+        assert order == ["beat", "statement"]
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_sqlite_merges_a_large_input_a_span_at_a_time(tmp_path: Path) -> None:
+    """The file's write lock is the whole file's: a large input is merged in spans of
+    transactions, in input order, so that heartbeats get through between them."""
+    location = str(tmp_path / "s.sqlite")
+    store = await open_store(location)
+    try:
+        accounts = ids(45_000)
+        planned = plan(store, accounts)
+        assert await write_transactions(store, location, planned) == 1 + 3  # staged, merged
+
+        assert [r.account_id for r in await all_rows(store)] == accounts
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.anyio

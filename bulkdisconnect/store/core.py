@@ -10,15 +10,18 @@ and how planning is serialised among workers.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import anyio
+import structlog
 
-from bulkdisconnect.errors import LockHeldError, UsageError
+from bulkdisconnect.errors import LockHeldError, StoreError, UsageError
 from bulkdisconnect.model import (
     ACCOUNT_ID_PATTERN,
     MAX_ACCOUNT_ID_LENGTH,
@@ -37,11 +40,35 @@ from bulkdisconnect.store import (
 )
 from bulkdisconnect.store.dialect import Dialect, Row, Staging
 
+log = structlog.get_logger("bulkdisconnect")
+P = ParamSpec("P")
+T = TypeVar("T")
+
 # The layout a store is migrated to when opened; a dialect's MIGRATIONS lead up to it.
 SCHEMA_VERSION = 3
+# How long a store call rides out a database that fails in passing (a restart, a failover,
+# terminated connections, a lock held by another process) before the run stops with exit 6.
+OUTAGE = 15.0
+RETRY_DELAY = (0.1, 2.0)  # the first wait between tries, and the longest
 REPORT_PAGE = 5000
 SETTLED_MESSAGE = "already disconnected when listed: recorded without a call"
 INVALID_MESSAGE = "not a Financial Connections account ID (fca_ followed by letters and digits)"
+
+
+def _guarded(
+    method: Callable[Concatenate[SqlStore, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[SqlStore, P], Coroutine[Any, Any, T]]:
+    """A store call that is tried again through a passing outage, else fails as StoreError.
+
+    Every call so marked is safe to repeat: writes are idempotent (fenced records, ON
+    CONFLICT inserts), so a reply lost after the commit is harmless.
+    """
+
+    @functools.wraps(method)
+    async def call(self: SqlStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._retried(method.__name__, lambda: method(self, *args, **kwargs))
+
+    return call
 
 
 class SqlStore:
@@ -60,7 +87,8 @@ class SqlStore:
         """The store over `dialect`, its schema created or migrated to the current layout."""
         store = cls(dialect)
         try:
-            await store._migrate()
+            with store._failing("opening"):
+                await store._migrate()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await dialect.aclose()
@@ -101,8 +129,45 @@ class SqlStore:
         """Close the store's connections."""
         await self._dialect.aclose()
 
+    async def _retried(self, operation: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, tried again while its errors are transient, for up to OUTAGE seconds."""
+        dialect = self._dialect
+        delay, longest = RETRY_DELAY
+        started: float | None = None
+        while True:
+            try:
+                return await attempt()
+            except dialect.errors as exc:
+                now = time.monotonic()
+                started = now if started is None else started
+                if not dialect.transient(exc) or now + delay - started > OUTAGE:
+                    raise self._failure(operation, exc) from exc
+                log.warning(
+                    "bulkdisconnect.store.retry",
+                    operation=operation,
+                    error=dialect.describe(exc),
+                    retry_in=delay,
+                )
+            await anyio.sleep(delay)
+            delay = min(2 * delay, longest)
+
+    @contextmanager
+    def _failing(self, operation: str) -> Iterator[None]:
+        """The database's errors inside, as StoreError (what cannot simply be tried again)."""
+        try:
+            yield
+        except self._dialect.errors as exc:
+            raise self._failure(operation, exc) from exc
+
+    def _failure(self, operation: str, exc: Exception) -> StoreError:
+        return StoreError(
+            f"the state store {self.description} failed ({operation}): "
+            f"{self._dialect.describe(exc)}; nothing was lost, a rerun resumes"
+        )
+
     # -- the lease ----------------------------------------------------------------------------
 
+    @_guarded
     async def acquire_lock(
         self, job: str, owner: str, *, stale_after: float, join: bool = False, source: str = ""
     ) -> None:
@@ -118,7 +183,8 @@ class SqlStore:
             raise UsageError("--join needs a shared store: --state postgresql://...")
         async with self._dialect.transaction(exclusive_for=f"lock:{job}") as tx:
             holders = [_lock_info(row) for row in await tx.fetch("holders", job=job)]
-            live = [h for h in holders if h.live]
+            # Itself excepted: tried again after a lost reply, it finds its own row.
+            live = [h for h in holders if h.live and h.owner != owner]
             await tx.execute("drop_stale_holders", job=job)
             _check_can_hold(job, live, join=join, source=source)
             await tx.execute(
@@ -133,13 +199,14 @@ class SqlStore:
                 source=source,
             )
 
+    @_guarded
     async def heartbeat(self, job: str, owner: str) -> Beat | None:
         """Renew the lease and take the current share; None if it ran out or was taken.
 
         A holder that missed its own lease has lost it even if nobody took over: others may
         already be working the accounts it claimed.
         """
-        async with self._dialect.transaction() as tx:
+        async with self._dialect.transaction(beat=True) as tx:
             if not await tx.execute("renew_lease", job=job, owner=owner):
                 return None
             live = await tx.fetch("live_shares", job=job)
@@ -147,11 +214,13 @@ class SqlStore:
         ready = all(share >= len(live) for holder, share in live if holder != owner)
         return Beat(workers=len(live), ready=ready)
 
+    @_guarded
     async def release_lock(self, job: str, owner: str) -> None:
         """Give up this owner's hold on the job."""
         async with self._dialect.transaction() as tx:
             await tx.execute("drop_holder", job=job, owner=owner)
 
+    @_guarded
     async def locks(self, job: str) -> list[LockInfo]:
         """The job's holders (live or stale), oldest first."""
         return [_lock_info(row) for row in await self._read.fetch("holders", job=job)]
@@ -163,23 +232,27 @@ class SqlStore:
         Workers joining a job take turns; the first plans the input, the others find it
         planned. A holder alone on its job (SQLite's) always finds it not planned yet.
         """
-        async with self._dialect.plan_turn(job):
-            (row,) = await self._read.fetch("planned_by_a_live_holder", job=job)
-            yield not row[0]
-            await self._read.execute("mark_planned", job=job, owner=owner)
+        with self._failing("planning"):
+            async with self._dialect.plan_turn(job):
+                (row,) = await self._read.fetch("planned_by_a_live_holder", job=job)
+                yield not row[0]
+                await self._read.execute("mark_planned", job=job, owner=owner)
 
     # -- planning -----------------------------------------------------------------------------
 
     @asynccontextmanager
     async def stage(self, job: str, *, retry_failed: bool) -> AsyncIterator[StagedInput]:
         """An input counted in a temporary table; leaving without `commit` discards it."""
-        async with self._dialect.staging() as staging:
-            yield StagedInput(staging, job, retry_failed=retry_failed)
+        with self._failing("planning"):
+            async with self._dialect.staging() as staging:
+                yield StagedInput(staging, job, retry_failed=retry_failed)
 
+    @_guarded
     async def listed_before(self, job: str, customer: str) -> bool:
         """Whether an earlier plan of the job listed this customer's accounts."""
         return bool(await self._read.fetch("listed_before", job=job, customer=customer))
 
+    @_guarded
     async def remember_listed(self, job: str, customers: Sequence[str]) -> None:
         """Remember that these customers' accounts are in the job: a rerun skips them."""
         async with self._dialect.transaction() as tx:
@@ -188,19 +261,23 @@ class SqlStore:
 
     # -- work ---------------------------------------------------------------------------------
 
+    @_guarded
     async def claim(self, job: str, run_id: str, *, limit: int) -> list[str]:
         """The run's next page of accounts still to call, in input order."""
         return await self._dialect.claim(job, run_id, limit)
 
+    @_guarded
     async def pending_elsewhere(self, job: str, run_id: str) -> bool:
         """Whether accounts still to call are held by another run (or free to claim)."""
         (row,) = await self._read.fetch("pending_elsewhere", job=job, run_id=run_id)
         return bool(row[0])
 
+    @_guarded
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
         """Record a batch of outcomes in one write."""
         await self._dialect.record(job, run_id, results)
 
+    @_guarded
     async def release_refused(self, job: str, run_id: str) -> int:
         """Turn this run's failed and not_found outcomes back to pending; how many."""
         async with self._dialect.transaction() as tx:
@@ -208,6 +285,7 @@ class SqlStore:
 
     # -- confirmations ------------------------------------------------------------------------
 
+    @_guarded
     async def confirm(
         self, job: str, account_id: str, *, event_id: str, confirmed_at: float
     ) -> Confirmation:
@@ -227,15 +305,18 @@ class SqlStore:
 
     # -- reading ------------------------------------------------------------------------------
 
+    @_guarded
     async def counts(self, job: str) -> dict[str | None, int]:
         """Accounts per outcome (None: still to call)."""
         return {row[0]: int(row[1]) for row in await self._read.fetch("outcome_counts", job=job)}
 
+    @_guarded
     async def confirmed_count(self, job: str) -> int:
         """Accounts whose disconnection a webhook event confirmed."""
         (row,) = await self._read.fetch("confirmed_count", job=job)
         return int(row[0])
 
+    @_guarded
     async def unknown_events(self, job: str) -> int:
         """Events received for accounts outside the job (counted, not kept)."""
         rows = await self._read.fetch("unknown_events", job=job)
@@ -245,15 +326,21 @@ class SqlStore:
         """Every account of the job in input order (or only disconnected, unconfirmed ones)."""
         after = 0
         while True:
-            page = await self._read.fetch(
-                "report_page", job=job, after=after, unconfirmed=int(unconfirmed), limit=REPORT_PAGE
-            )
+            with self._failing("reading"):
+                page = await self._read.fetch(
+                    "report_page",
+                    job=job,
+                    after=after,
+                    unconfirmed=int(unconfirmed),
+                    limit=REPORT_PAGE,
+                )
             for row in page:
                 yield ReportRow(*row[1:])
             if len(page) < REPORT_PAGE:
                 return
             after = page[-1][0]
 
+    @_guarded
     async def has_job(self, job: str) -> bool:
         """Whether the store holds anything of this job."""
         (row,) = await self._read.fetch("has_job", job=job)
@@ -261,16 +348,19 @@ class SqlStore:
 
     # -- runs ---------------------------------------------------------------------------------
 
+    @_guarded
     async def start_run(self, job: str, run_id: str) -> None:
         """Record that a run of the job started."""
         await self._read.execute("start_run", job=job, run_id=run_id, now=time.time())
 
+    @_guarded
     async def finish_run(self, run_id: str, exit_code: int, summary: str) -> None:
         """Record how a run ended."""
         await self._read.execute(
             "finish_run", run_id=run_id, exit_code=exit_code, summary=summary, now=time.time()
         )
 
+    @_guarded
     async def last_run(self, job: str) -> RunInfo | None:
         """The job's most recent run."""
         rows = await self._read.fetch("last_run", job=job)
@@ -316,25 +406,31 @@ class StagedInput:
         )
 
     async def commit(self) -> None:
-        """Merge the staged input into the job in one transaction."""
+        """Merge the staged input into the job: in one transaction, or (SQLite, whose write
+        lock is the whole file's) a span of positions at a time, in input order."""
         if not self._sealed:
             await self.count()
         job = self._job
-        async with self._staging.transaction() as tx:
-            if self._retry_failed:
-                await tx.execute("reopen_failed", job=job)
-            if self._nothing_new:
-                return
-            await tx.execute(
-                "merge_staged",
-                job=job,
-                invalid_message=INVALID_MESSAGE,
-                settled_message=SETTLED_MESSAGE,
-                now=time.time(),
-            )
-            await tx.execute(
-                "settle_pending", job=job, settled_message=SETTLED_MESSAGE, now=time.time()
-            )
+        spans = [(0, 0)] if self._nothing_new else await self._staging.spans()
+        for n, (after, upto) in enumerate(spans):
+            async with self._staging.transaction() as tx:
+                if n == 0 and self._retry_failed:
+                    await tx.execute("reopen_failed", job=job)
+                if self._nothing_new:
+                    continue
+                await tx.execute(
+                    "merge_staged",
+                    job=job,
+                    invalid_message=INVALID_MESSAGE,
+                    settled_message=SETTLED_MESSAGE,
+                    now=time.time(),
+                    after=after,
+                    upto=upto,
+                )
+                if n == len(spans) - 1:
+                    await tx.execute(
+                        "settle_pending", job=job, settled_message=SETTLED_MESSAGE, now=time.time()
+                    )
 
 
 def _staged_rows(chunk: Sequence[str | Settled]) -> list[tuple[str, int, str]]:

@@ -53,6 +53,10 @@ class Staging(Connection, Protocol):
         """Make `staged` ready for counting and merging (deduplicated, indexed)."""
         ...
 
+    async def spans(self) -> list[tuple[int, int]]:
+        """(after, up to) ranges of `pos` to merge one transaction each, in order."""
+        ...
+
     def transaction(self) -> AbstractAsyncContextManager[Connection]:
         """A write transaction on the staging connection (the merge)."""
         ...
@@ -86,10 +90,24 @@ class Dialect(Protocol):
         """Whether processes on several machines can share the store (`run --join`)."""
         ...
 
+    @property
+    def errors(self) -> tuple[type[Exception], ...]:
+        """What the driver raises when the database fails (I/O, connection, disk, locks)."""
+        ...
+
+    def transient(self, exc: Exception) -> bool:
+        """Whether an error of `errors` may pass if the statement is tried again shortly."""
+        ...
+
+    def describe(self, exc: Exception) -> str:
+        """An error of `errors` in one line, fit for output."""
+        ...
+
     def transaction(
-        self, *, exclusive_for: str | None = None
+        self, *, exclusive_for: str | None = None, beat: bool = False
     ) -> AbstractAsyncContextManager[Connection]:
-        """A write transaction; with `exclusive_for`, one at a time for that key."""
+        """A write transaction; with `exclusive_for`, one at a time for that key. A
+        heartbeat's (`beat`) must not queue behind other statements of this process."""
         ...
 
     def staging(self) -> AbstractAsyncContextManager[Staging]:

@@ -97,12 +97,38 @@ WHERE a.id = r.id AND a.job = $1 AND a.run_id = $2 AND a.claim_gen = r.claim_gen
 """
 
 
+# What may pass if tried again: a lost or refused connection (a restart, a failover, an
+# administrator's pg_terminate_backend), a cancelled statement, a serialisation conflict.
+TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
 class PostgresDialect:
     """PostgreSQL for `SqlStore`, over a small asyncpg pool."""
 
     schema = QUERIES["schema"] + INDEXES
     migrations = MIGRATIONS
     shared = True
+    errors: tuple[type[Exception], ...] = (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        OSError,
+        TimeoutError,
+    )
+
+    def transient(self, exc: Exception) -> bool:
+        return isinstance(exc, TRANSIENT)
+
+    def describe(self, exc: Exception) -> str:
+        return describe_error(exc)
 
     def __init__(self, pool: asyncpg.Pool, description: str, schema: str) -> None:
         self._pool = pool
@@ -150,8 +176,13 @@ class PostgresDialect:
         return int.from_bytes(digest[:8], "big", signed=True)
 
     @asynccontextmanager
-    async def transaction(self, *, exclusive_for: str | None = None) -> AsyncIterator[_Statements]:
-        """A transaction; with `exclusive_for`, under an advisory lock held until it ends."""
+    async def transaction(
+        self, *, exclusive_for: str | None = None, beat: bool = False
+    ) -> AsyncIterator[_Statements]:
+        """A transaction; with `exclusive_for`, under an advisory lock held until it ends.
+
+        A heartbeat (`beat`) needs nothing special: each transaction has its own connection.
+        """
         async with self._pool.acquire() as conn, conn.transaction():
             if exclusive_for is not None:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", self._key(exclusive_for))
@@ -235,12 +266,16 @@ class PostgresDialect:
             claims.pop((job, r.account_id), None)
 
     async def aclose(self) -> None:
-        """Close the pool, or cut it off if it does not close in time."""
-        with anyio.CancelScope(shield=True):
+        """Close the pool, or cut it off if it does not close in time (or the caller's
+        deadline comes first)."""
+        closed = False
+        try:
             with anyio.move_on_after(CLOSE_TIMEOUT):
                 await self._pool.close()
-                return
-            self._pool.terminate()
+                closed = True
+        finally:
+            if not closed:
+                self._pool.terminate()
 
     def __repr__(self) -> str:
         return f"PostgresDialect({self.description})"
@@ -277,6 +312,10 @@ class _Staging(_Statements):
         await self._connection.copy_records_to_table(
             "staged_raw", records=rows, columns=["account_id", "valid", "settled"]
         )
+
+    async def spans(self) -> list[tuple[int, int]]:
+        """One span: rows, not the whole table, are locked while merging."""
+        return [(0, 2**62)]
 
     async def seal(self) -> None:
         # Each value's first occurrence decides its place and its kind, as in SQLite.

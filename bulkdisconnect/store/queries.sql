@@ -101,7 +101,8 @@ DELETE FROM locks WHERE job = :job AND {now} - heartbeat_at >= lease;
 -- Hold the job (alone, or as one of its `run --join` workers).
 INSERT INTO locks (job, owner, pid, host, acquired_at, heartbeat_at, lease, shared, share_of,
                    source)
-VALUES (:job, :owner, :pid, :host, {now}, {now}, :lease, :shared, :share_of, :source);
+VALUES (:job, :owner, :pid, :host, {now}, {now}, :lease, :shared, :share_of, :source)
+ON CONFLICT (job, owner) DO NOTHING;
 
 -- name: renew_lease
 -- A heartbeat: renew a hold that has not run out (a lapsed one stays lost).
@@ -161,6 +162,7 @@ UPDATE accounts SET outcome = NULL WHERE job = :job AND outcome = 'failed';
 -- name: merge_staged
 -- Add the staged values the job lacks, in input order: invalid ones recorded invalid_id,
 -- settled ones (a Stripe list showed them disconnected) with their outcome, the rest to call.
+-- A span of positions at a time (after, up to].
 INSERT INTO accounts (job, account_id, outcome, error_code, error_message, updated_at)
 SELECT :job, s.account_id,
     CASE WHEN s.valid = 0 THEN 'invalid_id' ELSE s.settled END,
@@ -168,7 +170,7 @@ SELECT :job, s.account_id,
     CASE WHEN s.valid = 0 THEN :invalid_message
          WHEN s.settled IS NOT NULL THEN :settled_message END,
     CASE WHEN s.valid = 0 OR s.settled IS NOT NULL THEN CAST(:now AS DOUBLE PRECISION) END
-FROM staged s WHERE TRUE ORDER BY s.pos
+FROM staged s WHERE s.pos > :after AND s.pos <= :upto ORDER BY s.pos
 ON CONFLICT (job, account_id) DO NOTHING;
 
 -- name: settle_pending

@@ -6,9 +6,10 @@ with a cursor over the input order rather than with SKIP LOCKED, and records by 
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,12 @@ from bulkdisconnect.model import ItemResult
 from bulkdisconnect.store.dialect import Row, load_queries
 
 T = TypeVar("T")
+
+# How long a statement waits for another connection's write lock on the file.
+BUSY_TIMEOUT_MS = 10_000
+# Staged values merged into the job per write transaction: ~0.1 s each, so that a heartbeat
+# gets through while a large input is merged (the file's write lock is the whole file's).
+MERGE_SPAN = 20_000
 
 QUERIES = load_queries(
     {
@@ -91,12 +98,23 @@ class SQLiteDialect:
     schema = QUERIES["schema"]
     migrations = MIGRATIONS
     shared = False  # one file: `run --join` needs PostgreSQL
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+
+    def transient(self, exc: Exception) -> bool:
+        """The file's write lock, held by another process past the busy timeout."""
+        return isinstance(exc, sqlite3.OperationalError) and _busy(exc)
+
+    def describe(self, exc: Exception) -> str:
+        return str(exc) or type(exc).__name__
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
+        self._path = path
         self.description = str(path)
         self._lock = anyio.Lock()
-        self.reader = _Statements(self, locked=False)
+        self.reader = _Statements(self.call)
+        self._beat_db: sqlite3.Connection | None = None  # the heartbeat's own connection
+        self._beat_lock = anyio.Lock()
         self._claimed_up_to: dict[str, int] = {}  # run_id -> rowid of its last claimed account
         # (job, account) this dialect claimed -> (its rowid, the claim's generation)
         self._claims: dict[tuple[str, str], tuple[int, int]] = {}
@@ -107,28 +125,46 @@ class SQLiteDialect:
         alone and an empty database in memory stands in for it."""
         return cls(await anyio.to_thread.run_sync(_connect, path, create), path)
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T], *, locked: bool = False) -> T:
-        """Run fn in a worker thread, holding the connection unless the caller does."""
-        if locked:
-            return await anyio.to_thread.run_sync(fn, self._db)
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn in a worker thread, holding the connection."""
         async with self._lock:
             return await anyio.to_thread.run_sync(fn, self._db)
 
     async def _call_here(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a short, bounded fn on the event loop's own thread.
+        """Run a short, bounded fn (one write transaction) on the event loop's own thread.
 
         Measured: a worker thread doing the per-batch writes while the loop serves requests
         costs ~20 % of throughput. sqlite3 drops and retakes the GIL on every row, and each
         handover can make the loop wait. A 500-row batch done here blocks the loop ~2 ms.
+        If another process holds the file's write lock, fn is run again in a thread, which
+        waits for it: the loop (heartbeats, signals, requests) never does.
         """
         async with self._lock:
-            return fn(self._db)
+            db = self._db
+            db.execute("PRAGMA busy_timeout = 0")
+            try:
+                return fn(db)
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            return await anyio.to_thread.run_sync(fn, db)
 
     @asynccontextmanager
-    async def transaction(self, *, exclusive_for: str | None = None) -> AsyncIterator[_Statements]:
-        """BEGIN IMMEDIATE ... COMMIT; every write transaction is exclusive in SQLite."""
-        async with self._lock:
-            statements = _Statements(self, locked=True)
+    async def transaction(
+        self, *, exclusive_for: str | None = None, beat: bool = False
+    ) -> AsyncIterator[_Statements]:
+        """BEGIN IMMEDIATE ... COMMIT; every write transaction is exclusive in SQLite.
+
+        A heartbeat (`beat`) has a connection of its own: it never queues behind a plan's
+        long statements on the store's connection, only (briefly) behind the file's lock.
+        """
+        db, lock = self._db, self._lock
+        if beat:
+            db, lock = await self._beat_connection(), self._beat_lock
+        async with lock:
+            statements = _Statements(functools.partial(_in_thread, db=db))
             await statements.script("BEGIN IMMEDIATE")
             try:
                 yield statements
@@ -138,6 +174,11 @@ class SQLiteDialect:
                 raise
             with anyio.CancelScope(shield=True):
                 await statements.script("COMMIT")
+
+    async def _beat_connection(self) -> sqlite3.Connection:
+        if self._beat_db is None:
+            self._beat_db = await anyio.to_thread.run_sync(_connect, self._path, True)
+        return self._beat_db
 
     @asynccontextmanager
     async def staging(self) -> AsyncIterator[_Staging]:
@@ -216,28 +257,35 @@ class SQLiteDialect:
             claims.pop((job, r.account_id), None)
 
     async def aclose(self) -> None:
-        """Close the connection (checkpointing the WAL)."""
+        """Close the connections (checkpointing the WAL)."""
+        if self._beat_db is not None:
+            async with self._beat_lock:
+                await anyio.to_thread.run_sync(self._beat_db.close)
         await self.call(lambda db: db.close())
 
 
-class _Statements:
-    """The named statements of queries.sql on the dialect's connection (`Connection`)."""
+Run = Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]]
 
-    def __init__(self, dialect: SQLiteDialect, *, locked: bool) -> None:
-        self._dialect = dialect
-        self._locked = locked  # inside a transaction, which holds the connection already
+
+async def _in_thread(fn: Callable[[sqlite3.Connection], T], *, db: sqlite3.Connection) -> T:
+    return await anyio.to_thread.run_sync(fn, db)
+
+
+class _Statements:
+    """The named statements of queries.sql on a connection (`Connection`), run by `run`."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
 
     async def execute(self, name: str, **params: Any) -> int:
         sql = QUERIES[name]
-        return await self._dialect.call(
-            lambda db: db.execute(sql, params).rowcount, locked=self._locked
-        )
+        rowcount: int = await self._run(lambda db: db.execute(sql, params).rowcount)
+        return rowcount
 
     async def fetch(self, name: str, **params: Any) -> list[Row]:
         sql = QUERIES[name]
-        return await self._dialect.call(
-            lambda db: db.execute(sql, params).fetchall(), locked=self._locked
-        )
+        rows: list[Row] = await self._run(lambda db: db.execute(sql, params).fetchall())
+        return rows
 
     async def script(self, sql: str) -> None:
         # executescript would COMMIT the transaction first: run the statements one by one.
@@ -247,29 +295,43 @@ class _Statements:
             for statement in statements:
                 db.execute(statement)
 
-        await self._dialect.call(run, locked=self._locked)
+        await self._run(run)
 
 
 class _Staging(_Statements):
     """The staging side of the dialect (`Staging`): the store's own connection."""
 
     def __init__(self, dialect: SQLiteDialect) -> None:
-        super().__init__(dialect, locked=False)
+        super().__init__(dialect.call)
+        self._dialect = dialect
 
     async def add(self, rows: list[tuple[str, int, str]]) -> None:
-        # INSERT OR IGNORE keeps each value's first-seen position (pos is the rowid).
+        # INSERT OR IGNORE keeps each value's first-seen position (pos is the rowid). A
+        # deferred transaction: it writes the temporary table only, never locking the file.
         def insert(db: sqlite3.Connection) -> None:
-            with _immediate(db):
+            db.execute("BEGIN")
+            try:
                 db.executemany(
                     "INSERT OR IGNORE INTO temp.staged (account_id, valid, settled) "
                     "VALUES (?, ?, NULLIF(?, ''))",
                     rows,
                 )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
         await self._dialect.call(insert)
 
     async def seal(self) -> None:
         """Nothing to do: the UNIQUE column deduplicated the values as they came."""
+
+    async def spans(self) -> list[tuple[int, int]]:
+        """Spans of MERGE_SPAN positions: the file's write lock is held a span at a time."""
+        ((last,),) = await self._dialect.call(
+            lambda db: db.execute("SELECT COALESCE(max(pos), 0) FROM temp.staged").fetchall()
+        )
+        return [(after, after + MERGE_SPAN) for after in range(0, last, MERGE_SPAN)] or [(0, 0)]
 
     def transaction(self) -> Any:
         return self._dialect.transaction()
@@ -281,7 +343,7 @@ def _connect(path: Path, create: bool) -> sqlite3.Connection:
             path = Path(":memory:")
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode survives a killed process; a power loss may drop the last
         # batches, which a rerun redoes with the same idempotency keys.
@@ -290,6 +352,11 @@ def _connect(path: Path, create: bool) -> sqlite3.Connection:
     except (sqlite3.Error, OSError) as exc:
         raise UsageError(f"cannot open the state store {path}: {exc}") from exc
     return db
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether the error is another connection's lock on the file ("database is locked")."""
+    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _create_staging(db: sqlite3.Connection) -> None:
