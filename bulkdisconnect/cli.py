@@ -14,7 +14,7 @@ import click
 
 from bulkdisconnect import __version__, early
 from bulkdisconnect.config import default
-from bulkdisconnect.errors import BulkDisconnectError, ExitCode, UsageError
+from bulkdisconnect.errors import BulkDisconnectError, ExitCode, StoreError, UsageError
 
 if TYPE_CHECKING:
     from bulkdisconnect.store.core import SqlStore
@@ -258,26 +258,34 @@ def status(job: str, state: str | None) -> None:
 
 @contextlib.asynccontextmanager
 async def _job_store(
-    job: str, state: str | None, *, planned: bool = False
+    job: str, state: str | None, *, read_only: bool = True, planned: bool = False
 ) -> AsyncIterator[SqlStore]:
-    """The store holding `job`; UsageError if it does not (with `planned`: no account yet)."""
+    """The store holding `job`; UsageError if it does not (with `planned`: no account yet).
+
+    Opened `read_only` unless told (status and report write nothing); a store that cannot be
+    read (corrupted, unreachable) is a UsageError naming it: these commands resume nothing.
+    """
     from bulkdisconnect.store import open_store, shown_location
 
     location = _state_for(job, state)
-    store = await open_store(location)
     try:
-        where = shown_location(location)
-        if not await store.has_job(job):
-            raise UsageError(f"job {job!r} is not in {where}: check --job and --state")
-        if planned and not sum((await store.counts(job)).values()):
-            raise UsageError(
-                f"job {job!r} has no accounts in {where} yet: start the receiver once its "
-                "first run has planned it (Stripe retries the deliveries that failed meanwhile)"
-            )
-        yield store
-    finally:
-        with anyio.CancelScope(shield=True):
-            await store.aclose()
+        store = await open_store(location, read_only=read_only)
+        try:
+            where = shown_location(location)
+            if not await store.has_job(job):
+                raise UsageError(f"job {job!r} is not in {where}: check --job and --state")
+            if planned and not sum((await store.counts(job)).values()):
+                raise UsageError(
+                    f"job {job!r} has no accounts in {where} yet: start the receiver once its "
+                    "first run has planned it (Stripe retries the deliveries that failed "
+                    "meanwhile)"
+                )
+            yield store
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.aclose()
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _first_webhook_secret() -> str:
@@ -329,7 +337,7 @@ def webhook(job: str, state: str | None, host: str, port: int, path: str) -> Non
 
     async def go() -> None:
         secrets = parse_secrets(os.environ.get("STRIPE_WEBHOOK_SECRET"))
-        async with _job_store(job, state, planned=True) as store:
+        async with _job_store(job, state, read_only=False, planned=True) as store:
             receiver = WebhookReceiver(store, job, secrets)
             signal_name = None
             try:

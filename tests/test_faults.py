@@ -394,3 +394,55 @@ def test_a_stalled_store_does_not_hold_a_stopping_run(
     assert proc.returncode == 3, stderr[-3000:]
     # 2 s of grace and 5 s for the store on the way out; a second signal leaves 0.5 s.
     assert took < (2 + STOP_DEADLINE + 3 if signals == 1 else HURRIED + 3), took
+
+
+# -- status and report: read-only, and a damaged store ----------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["pages", "header"])
+def test_status_and_report_say_in_one_line_that_the_store_is_corrupted(
+    ws: Workspace, sandbox: SandboxThread, damage: str
+) -> None:
+    ws.write("ids.txt", ws.ids(3000))
+    assert (
+        ws.run("run", "--job", JOB, "--input", "ids.txt", "--rate", "10000", *FAST).exit_code == 0
+    )
+    state = ws.state(JOB)
+    size = state.stat().st_size
+    with state.open("r+b") as file:
+        for offset in range(2 * 4096, size, 3 * 4096) if damage == "pages" else [0]:
+            file.seek(offset)
+            file.write(b"\xa5" * 4096)
+    for command in ("status", "report"):
+        result = ws.run(command, "--job", JOB)
+        assert result.exit_code == 2, result.stderr
+        assert "corrupted" in one_error_line(result.stderr)
+        assert "restore it from a backup" in result.stderr
+
+
+def test_status_reads_a_store_whose_write_lock_another_process_holds(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """status and report open the store read-only: no write lock, no layout check that
+    writes, so a run (or anything) holding the file's write lock does not delay them."""
+    ws.write("ids.txt", ws.ids(20))
+    assert ws.run("run", "--job", JOB, "--input", "ids.txt", *FAST).exit_code == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_WRITE_LOCK, str(ws.state(JOB))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        started = time.monotonic()
+        status = ws.run("status", "--job", JOB)
+        report = ws.run("report", "--job", JOB)
+        took = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert (status.exit_code, report.exit_code) == (0, 0), status.stderr + report.stderr
+    assert "disconnected 20" in status.stdout
+    assert len(report.stdout.splitlines()) == 20
+    assert took < 8  # the busy timeout (10 s) was never waited for

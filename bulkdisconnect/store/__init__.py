@@ -118,19 +118,25 @@ def shown_location(location: str | Path) -> str:
     return mask_url(str(location)) if is_shared_location(location) else str(location)
 
 
-async def open_store(location: str | Path, *, create: bool = True) -> SqlStore:
+async def open_store(
+    location: str | Path, *, create: bool = True, read_only: bool = False
+) -> SqlStore:
     """Open the store at a path or sqlite:/// URL, or a PostgreSQL URL; created if missing.
 
     With `create` false a missing SQLite file is not created: an empty store in memory
     stands in for it (a dry run compares its input with nothing, and writes nothing).
+    `read_only` (status, report) opens an existing store without writing or locking anything,
+    even its layout: a file the user may only read, or one a run is writing, reads fine.
     """
     from bulkdisconnect.store.core import SqlStore
 
     if is_shared_location(location):
         from bulkdisconnect.store.postgres import PostgresDialect
 
-        return await SqlStore.open(await PostgresDialect.connect(str(location)))
+        shared = await PostgresDialect.connect(str(location), read_only=read_only)
+        return await SqlStore.open(shared, read_only=read_only)
     from bulkdisconnect.store.sqlite import SQLiteDialect
 
     path = Path(str(location).removeprefix("sqlite:///"))
-    return await SqlStore.open(await SQLiteDialect.connect(path, create=create))
+    local = await SQLiteDialect.connect(path, create=create, read_only=read_only)
+    return await SqlStore.open(local, read_only=read_only)

@@ -46,6 +46,7 @@ T = TypeVar("T")
 
 # The layout a store is migrated to when opened; a dialect's MIGRATIONS lead up to it.
 SCHEMA_VERSION = 3
+READABLE_FROM = 2  # the oldest layout status and report read without migrating it
 # How long a store call rides out a database that fails in passing (a restart, a failover,
 # terminated connections, a lock held by another process) before the run stops with exit 6.
 OUTAGE = 15.0
@@ -83,17 +84,32 @@ class SqlStore:
         self._read = dialect.reader
 
     @classmethod
-    async def open(cls, dialect: Dialect) -> SqlStore:
-        """The store over `dialect`, its schema created or migrated to the current layout."""
+    async def open(cls, dialect: Dialect, *, read_only: bool = False) -> SqlStore:
+        """The store over `dialect`, its schema created or migrated to the current layout;
+        `read_only`, its layout only checked to be one this version reads."""
         store = cls(dialect)
         try:
             with store._failing("opening"):
-                await store._migrate()
+                await (store._check_readable() if read_only else store._migrate())
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await dialect.aclose()
             raise
         return store
+
+    async def _check_readable(self) -> None:
+        """Refuse a store this version cannot read as it is (not created, too old, too new)."""
+        tables = {row[0] for row in await self._read.fetch("tables")}
+        if "accounts" not in tables:
+            raise UsageError(f"{self.description} holds no bulkdisconnect store")
+        rows = await self._read.fetch("schema_version") if "meta" in tables else []
+        version = int(rows[0][0]) if rows else 1
+        _check_version(self.description, version)
+        if version < READABLE_FROM:
+            raise UsageError(
+                f"the store {self.description} has layout {version}: a run of this "
+                "bulkdisconnect migrates it (status and report only read)"
+            )
 
     async def _migrate(self) -> None:
         """Create the tables, or bring an older store's up to SCHEMA_VERSION."""
@@ -107,11 +123,7 @@ class SqlStore:
                 version = 1 if "accounts" in tables else SCHEMA_VERSION
             if version == SCHEMA_VERSION and "meta" in tables:
                 return  # up to date
-            if version > SCHEMA_VERSION:
-                raise UsageError(
-                    f"the store {dialect.description} has layout {version}, newer than this "
-                    f"bulkdisconnect knows ({SCHEMA_VERSION}): upgrade bulkdisconnect"
-                )
+            _check_version(dialect.description, version)
             steps = [dialect.migrations.get(v, ("", "")) for v in range(version, SCHEMA_VERSION)]
             for before, _ in steps:
                 await tx.script(before)
@@ -160,9 +172,11 @@ class SqlStore:
             raise self._failure(operation, exc) from exc
 
     def _failure(self, operation: str, exc: Exception) -> StoreError:
+        dialect = self._dialect
+        advice = "" if dialect.corrupted(exc) else "; nothing was lost, a rerun resumes"
         return StoreError(
             f"the state store {self.description} failed ({operation}): "
-            f"{self._dialect.describe(exc)}; nothing was lost, a rerun resumes"
+            f"{dialect.describe(exc)}{advice}"
         )
 
     # -- the lease ----------------------------------------------------------------------------
@@ -452,6 +466,14 @@ def _unusual_row(value: str | Settled) -> tuple[str, int, str]:
     if isinstance(value, str):
         return stored_value(value), int(is_valid_account_id(value)), ""
     return value.account_id, int(is_valid_account_id(value.account_id)), value.outcome.value
+
+
+def _check_version(description: str, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise UsageError(
+            f"the store {description} has layout {version}, newer than this "
+            f"bulkdisconnect knows ({SCHEMA_VERSION}): upgrade bulkdisconnect"
+        )
 
 
 def _lock_info(row: Row) -> LockInfo:

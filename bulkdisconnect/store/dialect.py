@@ -103,6 +103,10 @@ class Dialect(Protocol):
         """An error of `errors` in one line, fit for output."""
         ...
 
+    def corrupted(self, exc: Exception) -> bool:
+        """Whether an error of `errors` says the stored data is damaged (no rerun helps)."""
+        ...
+
     def transaction(
         self, *, exclusive_for: str | None = None, beat: bool = False
     ) -> AbstractAsyncContextManager[Connection]:

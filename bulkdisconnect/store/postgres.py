@@ -130,6 +130,11 @@ class PostgresDialect:
     def describe(self, exc: Exception) -> str:
         return describe_error(exc)
 
+    def corrupted(self, exc: Exception) -> bool:
+        return isinstance(exc, asyncpg.exceptions.InternalServerError) and (
+            exc.sqlstate in ("XX001", "XX002")  # data_corrupted, index_corrupted
+        )
+
     def __init__(self, pool: asyncpg.Pool, description: str, schema: str) -> None:
         self._pool = pool
         self.description = description
@@ -140,8 +145,9 @@ class PostgresDialect:
         self._claims: dict[tuple[str, str], tuple[int, int]] = {}
 
     @classmethod
-    async def connect(cls, url: str) -> PostgresDialect:
-        """Connect, and create the URL's schema if missing."""
+    async def connect(cls, url: str, *, read_only: bool = False) -> PostgresDialect:
+        """Connect, and create the URL's schema if missing (unless `read_only`: then every
+        transaction is read-only)."""
         dsn, schema = _split_schema(url)
         description = mask_url(url)
         try:
@@ -154,6 +160,7 @@ class PostgresDialect:
                     "search_path": schema,
                     "application_name": "bulkdisconnect",
                     "synchronous_commit": "off",
+                    "default_transaction_read_only": "on" if read_only else "off",
                 },
             )
         except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, OSError) as exc:
@@ -161,6 +168,8 @@ class PostgresDialect:
                 f"cannot open the state store {mask_url(dsn)}: {describe_error(exc)}"
             ) from None
         dialect = cls(pool, description, schema)
+        if read_only:
+            return dialect
         try:
             async with dialect.transaction(exclusive_for="schema") as tx:
                 await tx.script(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')

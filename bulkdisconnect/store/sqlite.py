@@ -105,7 +105,10 @@ class SQLiteDialect:
         return isinstance(exc, sqlite3.OperationalError) and _busy(exc)
 
     def describe(self, exc: Exception) -> str:
-        return str(exc) or type(exc).__name__
+        return _described(exc)
+
+    def corrupted(self, exc: Exception) -> bool:
+        return _corrupted(exc)
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
@@ -120,10 +123,14 @@ class SQLiteDialect:
         self._claims: dict[tuple[str, str], tuple[int, int]] = {}
 
     @classmethod
-    async def connect(cls, path: Path, *, create: bool = True) -> SQLiteDialect:
+    async def connect(
+        cls, path: Path, *, create: bool = True, read_only: bool = False
+    ) -> SQLiteDialect:
         """Open (creating if needed) the store file; without `create`, a missing file is left
-        alone and an empty database in memory stands in for it."""
-        return cls(await anyio.to_thread.run_sync(_connect, path, create), path)
+        alone and an empty database in memory stands in for it. `read_only` opens the file
+        for reading only (SQLite's mode=ro)."""
+        db = await anyio.to_thread.run_sync(functools.partial(_connect, path, create, read_only))
+        return cls(db, path)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn in a worker thread, holding the connection."""
@@ -337,8 +344,14 @@ class _Staging(_Statements):
         return self._dialect.transaction()
 
 
-def _connect(path: Path, create: bool) -> sqlite3.Connection:
+def _connect(path: Path, create: bool, read_only: bool = False) -> sqlite3.Connection:
     try:
+        if read_only:
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA schema_version")  # reads the header: not a database fails here
+            return db
         if not create and not path.exists():
             path = Path(":memory:")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,8 +363,21 @@ def _connect(path: Path, create: bool) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA temp_store = FILE")
     except (sqlite3.Error, OSError) as exc:
-        raise UsageError(f"cannot open the state store {path}: {exc}") from exc
+        raise UsageError(f"cannot open the state store {path}: {_described(exc)}") from exc
     return db
+
+
+def _corrupted(exc: BaseException) -> bool:
+    """Whether the file is damaged, or not a SQLite database at all."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _described(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if _corrupted(exc):
+        return f"the file is corrupted ({text}): restore it from a backup"
+    return text
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
