@@ -135,6 +135,7 @@ Exit codes:
   3  interrupted by SIGINT/SIGTERM; a rerun resumes
   4  another run holds the job, or this run lost its lease
   5  the API refused the run (key, mode, breaker) or cannot be reached; nothing marked failed
+  6  the state store failed mid-run (disk, I/O, database down); nothing lost, a rerun resumes
 """
 
 
