@@ -22,7 +22,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from bulkdisconnect.errors import UsageError
+from bulkdisconnect.errors import StoreError, UsageError
 from bulkdisconnect.serving import serve_app
 from bulkdisconnect.store import Confirmation
 
@@ -240,9 +240,15 @@ class WebhookReceiver:
         if account_id is None:
             result = "ignored"
         else:
-            confirmation: Confirmation = await self.store.confirm(
-                self.job, account_id, event_id=event["id"], confirmed_at=time.time()
-            )
+            try:
+                confirmation: Confirmation = await self.store.confirm(
+                    self.job, account_id, event_id=event["id"], confirmed_at=time.time()
+                )
+            except StoreError as exc:
+                # Not acknowledged: Stripe delivers it again, by then to a store that works.
+                log.error("bulkdisconnect.webhook.store", reason=str(exc))  # noqa: TRY400
+                self.counts["unavailable"] += 1
+                return web.json_response({"error": "the store is unavailable"}, status=503)
             result = confirmation.value
         self.counts[result] += 1
         log.debug(

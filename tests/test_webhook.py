@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -483,3 +484,29 @@ def test_non_ascii_signature_is_a_mismatch_not_a_crash() -> None:
     verify(b"{}", header, [WHSEC], now=T0)
     with pytest.raises(SignatureError, match="no v1 signature matches"):
         verify(b"{}", f"t={T0},v1=caf\u00e9", [WHSEC], now=T0)
+
+
+@pytest.mark.anyio
+async def test_a_store_that_fails_is_503_so_that_stripe_delivers_again(
+    store: SqlStore,
+    receiver: WebhookReceiver,
+    url: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The store refuses the write (a trigger stands in for a full disk): 503, not an
+    acknowledgement, so Stripe retries; once it works again, the retry confirms."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.sqlite")) as db, db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF confirmed_at ON accounts "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+    body = event(ACCOUNTS[1], "evt_later")
+    status, answer = await post(http, url, body, sign(body, WHSEC))
+    assert (status, answer) == (503, {"error": "the store is unavailable"})
+    assert receiver.counts["unavailable"] == 1
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.sqlite")) as db, db:
+        db.execute("DROP TRIGGER refuse")
+    status, answer = await post(http, url, body, sign(body, WHSEC))
+    assert (status, answer) == (200, {"received": True, "result": "confirmed"})
+    assert (await confirmed(store)) == {ACCOUNTS[1]: "evt_later"}
