@@ -9,6 +9,7 @@ that list calls and disconnects share), metrics.py, report.py.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -181,6 +182,7 @@ async def _locked(run: _Run) -> ExitCode:
         error = _ours(group)
         assert error is not None
         exit_code, message = error.exit_code, str(error)
+        run.stop.failed()
         raise
     finally:
         await _last_words(run, run_id, exit_code, redact_text(message))
@@ -342,6 +344,7 @@ async def _work(run: _Run, run_id: str) -> int:
             tg.cancel_scope.cancel()
     except* BreakerTrippedError as group:
         # The answers that tripped the breaker are not final: a rerun calls them again.
+        run.stop.failed()
         released = None
         with run.stop.bounded(), _unless_the_store_fails("the breaker's release"):
             await writer.flush()
@@ -351,6 +354,8 @@ async def _work(run: _Run, run_id: str) -> int:
         )
         raise
     finally:
+        if sys.exc_info()[0] is not None:  # failing: the store may be what fails
+            run.stop.failed()
         with run.stop.bounded(), _unless_the_store_fails("the last results"):
             await writer.flush()
         if writer.unwritten:

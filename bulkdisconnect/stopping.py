@@ -6,8 +6,9 @@ wire get the grace period (`cancel_after_grace`); a second signal ends that at o
 third abandons the run without its summary.
 
 The store calls on the way out (the last results, the summary's counts, the run's end, the
-lock) run under `Stop.bounded()`: STOP_DEADLINE seconds in all, so that a stalled database
-cannot hold a stopping run, and HURRIED seconds once a second signal came.
+lock) run under `Stop.bounded()`. A run that stops (a signal) or fails gives them
+STOP_DEADLINE seconds in all, so that a stalled database cannot hold it, and HURRIED seconds
+once a second signal came; a run that ends well gives them the time they take.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Stop:
         self._waiting: set[anyio.CancelScope] = set()
         self._bounded: set[anyio.CancelScope] = set()
         self._wind_down_by: float | None = None  # the deadline of the calls on the way out
+        self._failed = False
 
     def request(self) -> None:
         """Stop intake: set `requested` and wake whatever waits under `cancels()`."""
@@ -57,20 +59,26 @@ class Stop:
         for scope in self._bounded:
             scope.deadline = min(scope.deadline, hurried_by)
 
+    def failed(self) -> None:
+        """The run is failing: its way out is bounded as a stopped run's is."""
+        self._failed = True
+
     @contextmanager
     def bounded(self) -> Iterator[anyio.CancelScope]:
-        """A shielded scope for a store call on the way out, under the shared deadline.
+        """A shielded scope for a store call on the way out.
 
-        The first such call starts the STOP_DEADLINE clock; a call that finds it run out
-        still gets LAST_CALL seconds, unless a second signal hurried the run.
+        Once the run stops or fails, the first such call starts the STOP_DEADLINE clock and
+        every call is bounded by it; a call that finds it run out still gets LAST_CALL
+        seconds, unless a second signal hurried the run.
         """
-        now = anyio.current_time()
-        if self._wind_down_by is None:
-            self._wind_down_by = now + STOP_DEADLINE
-        deadline = self._wind_down_by
-        if not self.hurry.is_set():
-            deadline = max(deadline, now + LAST_CALL)
-        scope = anyio.CancelScope(shield=True, deadline=deadline)
+        scope = anyio.CancelScope(shield=True)
+        if self.requested.is_set() or self._failed:
+            now = anyio.current_time()
+            if self._wind_down_by is None:
+                self._wind_down_by = now + STOP_DEADLINE
+            scope.deadline = self._wind_down_by
+            if not self.hurry.is_set():
+                scope.deadline = max(scope.deadline, now + LAST_CALL)
         self._bounded.add(scope)
         try:
             with scope:
