@@ -1,4 +1,5 @@
-"""The webhook receiver against slow clients and hostile IDs: a real process, real sockets."""
+"""The webhook receiver against slow clients, hostile IDs and jobs sharing a store: a real
+process, real sockets."""
 
 from __future__ import annotations
 
@@ -58,14 +59,16 @@ class Receiver:
 
 
 @contextlib.contextmanager
-def receiver(ws: Workspace, *state: str, descriptors: int | None = None) -> Iterator[Receiver]:
-    """Start the receiver for JOB on a free port (under `ulimit -n descriptors` if given), and
-    stop it with SIGTERM afterwards."""
-    command = [sys.executable, "-m", "bulkdisconnect", "webhook", "--job", JOB, "--port", "0"]
+def receiver(
+    ws: Workspace, *state: str, descriptors: int | None = None, job: str = JOB
+) -> Iterator[Receiver]:
+    """Start the receiver for `job` on a free port (under `ulimit -n descriptors` if given),
+    and stop it with SIGTERM afterwards."""
+    command = [sys.executable, "-m", "bulkdisconnect", "webhook", "--job", job, "--port", "0"]
     command += state
     if descriptors is not None:  # a shell sets the limit, then becomes the receiver
         command = ["/bin/sh", "-c", f'ulimit -n {descriptors} && exec "$@"', "sh", *command]
-    log = ws.root / "receiver.log"
+    log = ws.root / f"receiver-{job}.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen(
             command,
@@ -246,3 +249,27 @@ def test_the_connection_cap_fits_in_the_descriptor_limit(descriptors: int) -> No
     assert cap + 3 * backlog + OTHER_DESCRIPTORS <= descriptors
     assert backlog >= 1
     assert min(descriptors // 4, MAX_CONNECTIONS) <= cap <= MAX_CONNECTIONS
+
+
+def test_one_event_confirms_the_account_for_every_job_of_a_shared_store(
+    ws: Workspace, sandbox: SandboxThread, pg_state: str
+) -> None:
+    """Two jobs in one PostgreSQL schema hold the same account; Stripe sends the one event to
+    both endpoints: each receiver confirms it for its own job (replays are per job)."""
+    ids = ws.ids(3)
+    ws.write("ids.txt", ids)
+    for job in ("retention", "offboarding"):
+        result = ws.run("run", "--job", job, "--input", "ids.txt", "--state", pg_state, *FAST)
+        assert result.exit_code == 0, result.stderr
+    with (
+        receiver(ws, "--state", pg_state, job="retention") as first,
+        receiver(ws, "--state", pg_state, job="offboarding") as second,
+    ):
+        for hook in (first, second):
+            status, body = deliver(hook.url, "evt_to_every_endpoint", ids[1])
+            assert (status, json.loads(body)["result"]) == (200, "confirmed")
+            status, body = deliver(hook.url, "evt_to_every_endpoint", ids[1])
+            assert (status, json.loads(body)["result"]) == (200, "replayed")
+    for job in ("retention", "offboarding"):
+        status = ws.run("status", "--job", job, "--state", pg_state)
+        assert "confirmed 1, unconfirmed 2" in status.stdout, status.stdout
