@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import shutil
 import sqlite3
 import statistics
@@ -199,6 +200,46 @@ def throttled(box: Sandbox, quick: bool) -> list[str]:
             f"429 answers: {rejected} of {len(arrivals)} = **{rejected / len(arrivals):.1%}** "
             "(target < 10 %)."
         ),
+    ]
+
+
+def hangs(box: Sandbox, quick: bool) -> list[str]:
+    """1 % of requests hang: does --rate 300 hold? Side by side with the same run without."""
+    count, rate = (3_000 if quick else 9_000), 300
+    rows = []
+    for label, knobs in (("no hangs", {}), ("1 % of requests hang", {"p_hang": 0.01})):
+        box.reset(seed=13, **knobs)
+        result = bulkdisconnect(
+            "--input",
+            str(ids_file(count)),
+            "--rate",
+            str(rate),
+            url=box.url,
+            state=fresh_state("hangs"),
+        )
+        assert result.returncode == 0, result
+        firsts, hung = box.first_calls()
+        assert len(firsts) == count
+        pause = max(b - a for a, b in itertools.pairwise(firsts))
+        rows.append((label, (count - 1) / (firsts[-1] - firsts[0]), pause, hung, result.seconds))
+    ratio = rows[1][1] / rows[0][1]
+    return [
+        (
+            f"{count:,} IDs, sandbox latency 0, `--rate {rate}`, no `--concurrency`, default "
+            "`--timeout` (30 s); a hung request gets no answer until the client times out, "
+            "then is retried. Rate = accounts ÷ seconds from the first account's request to "
+            "the last account's first request at the server (the run then waits out the last "
+            "hangs' timeouts, in the whole-run column)."
+        ),
+        "",
+        "| run | rate | longest pause between first requests | hung | whole run |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {label} | {r:.1f}/s | {pause:.2f} s | {hung} | {seconds:.0f} s |"
+            for label, r, pause, hung, seconds in rows
+        ),
+        "",
+        f"With 1 % hung ÷ without: **{ratio:.2f}** (target ≥ 0.8).",
     ]
 
 
@@ -411,6 +452,7 @@ SECTIONS: dict[str, tuple[str, Section]] = {
     "resume": ("5. Resume", resume),
     "report": ("6. Audit export", report),
     "workers": ("7. Workers sharing a job (PostgreSQL)", workers),
+    "hangs": ("8. Hung requests", hangs),
 }
 MEMORY_STATE: dict[int, Path] = {}
 

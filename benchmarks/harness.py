@@ -52,6 +52,8 @@ class Sandbox:
             "rate_limit": None,
             "p500": 0.0,
             "p429": 0.0,
+            "p_hang": 0.0,
+            "hang_seconds": 3600.0,
         }
         self.control("config", {**defaults, **knobs})
 
@@ -60,6 +62,15 @@ class Sandbox:
         journal = self.control("journal")
         assert isinstance(journal, list)
         return sorted((entry["at"], entry["status"]) for entry in journal)
+
+    def first_calls(self) -> tuple[list[float], int]:
+        """When each account's first request arrived, in order, and how many requests hung."""
+        journal = self.control("journal")
+        assert isinstance(journal, list)
+        first: dict[str, float] = {}
+        for entry in sorted(journal, key=lambda entry: entry["at"]):
+            first.setdefault(entry["account_id"], entry["at"])
+        return sorted(first.values()), sum(1 for e in journal if e["fault"] == "hang")
 
 
 @contextmanager

@@ -4,7 +4,8 @@
 - `AdaptivePacer`: AIMD pacing *below* the cap, lowered when Stripe answers 429.
 - `ConcurrencyTuner`: sizes the in-flight cap from rate x latency (Little's law).
 - `Meters`: the three stacked in front of every call to Stripe, disconnects and list calls
-  alike, and what each answer teaches them.
+  alike, and what each answer teaches them; a request overdue for its answer gives back its
+  in-flight slot (a `Ticket` names each admitted request).
 
 Each takes its clock (and the limiter and pacer their sleep) as arguments: the tests drive
 them on a fake clock.
@@ -12,6 +13,7 @@ them on a fake clock.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -50,6 +52,16 @@ SHARED_MARGIN = 0.02
 # Bounds of the in-flight cap when it adapts (no --concurrency).
 MIN_CONCURRENCY = 4
 MAX_CONCURRENCY = 256
+
+# A request unanswered for OVERDUE_FACTOR x the average latency, and at least OVERDUE_FLOOR
+# seconds, gives back its in-flight slot (it still waits for its answer, until --timeout):
+# hung requests must not fill the cap. Four times the average is past nearly every answer of
+# a healthy API (the sandbox's 250 ± 50 ms never gets there); the floor spares a fast API's
+# hiccups (a GC pause, a busy event loop) and is short enough that, at 1 % hung requests
+# against a fast API, the few slots they hold meanwhile fit in the cap's headroom. Giving a
+# slot back too early costs little: --rate stays capped, and the workers bound what is open.
+OVERDUE_FACTOR = 4.0
+OVERDUE_FLOOR = 0.5
 
 
 class RateLimiter:
@@ -236,6 +248,11 @@ class ConcurrencyTuner:
         self._headroom = headroom
         self._latency = 0.0  # EWMA of seconds per request
 
+    @property
+    def latency(self) -> float:
+        """The moving average of seconds per request (0 before any answer)."""
+        return self._latency
+
     def observe_latency(self, seconds: float) -> None:
         """Fold one request's latency into the moving average."""
         self._latency = seconds if self._latency == 0.0 else 0.9 * self._latency + 0.1 * seconds
@@ -259,12 +276,27 @@ def initial_concurrency(rate: float) -> int:
     return max(MIN_CONCURRENCY, min(MAX_CONCURRENCY, math.ceil(rate * 0.5 * 1.5) + 2))
 
 
+class Ticket:
+    """One admitted request: it holds the in-flight slot, and says when it went out."""
+
+    __slots__ = ("latency", "overdue", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0.0  # on the meters' clock
+        self.latency = 0.0  # set when it is released
+        self.overdue = False  # its slot was given back before its answer came
+
+
 class Meters:
     """The meters every call to Stripe passes, stacked, and what each answer teaches them.
 
     In order: the in-flight cap (adaptive without --concurrency; a fixed one is the number of
     workers), the AIMD pacer (when 429s lowered the target), then the hard rate cap. Waiting
     at any of them ends when the run stops: a request not sent by then is not sent.
+
+    The adaptive cap is held per `Ticket`, so that `tune` can give back the slot of a request
+    unanswered for longer than the observed latency makes plausible (`release_overdue`): a
+    hung request must not hold a slot until --timeout while the rest of the job waits.
     """
 
     def __init__(
@@ -282,7 +314,10 @@ class Meters:
         self._stats = stats
         self._stop = stop
         self._metrics = metrics
+        self._clock = clock
         self._in_flight: anyio.CapacityLimiter | None = None
+        # The tickets holding an adaptive slot, in the order they went out (so oldest first).
+        self._flying: dict[Ticket, None] = {}
         self.tuner: ConcurrencyTuner | None = None
         if concurrency:
             stats.concurrency = concurrency
@@ -295,16 +330,18 @@ class Meters:
         stats.current_rate = limiter.rate
         self.reached = False  # whether any request got an HTTP answer
 
-    async def admit(self) -> bool:
-        """Wait for an in-flight slot, the pacer and a rate token; False, holding nothing,
-        if the run stops first. Only an actual wait pays for a cancel scope."""
+    async def admit(self) -> Ticket | None:
+        """Wait for an in-flight slot, the pacer and a rate token; the request's ticket, or
+        None, holding nothing, if the run stops first. Only an actual wait pays for a cancel
+        scope."""
+        ticket = Ticket()
         in_flight = self._in_flight
         if in_flight is not None:
             try:
-                in_flight.acquire_nowait()
+                in_flight.acquire_on_behalf_of_nowait(ticket)
             except anyio.WouldBlock:
-                if not await self._unless_stopped(in_flight.acquire):
-                    return False
+                if not await self._unless_stopped(lambda: in_flight.acquire_on_behalf_of(ticket)):
+                    return None
         pacer, limiter = self.pacer, self.limiter
         admitted = (
             (pacer.current >= pacer.cap or await self._unless_stopped(pacer.wait))
@@ -312,30 +349,57 @@ class Meters:
             and not self._stop.requested.is_set()
         )
         if not admitted:
-            self.release()
-            return False
+            if in_flight is not None:
+                in_flight.release_on_behalf_of(ticket)
+            return None
         self._stats.requests += 1
-        return True
+        ticket.sent = self._clock()
+        if in_flight is not None:
+            self._flying[ticket] = None
+        return ticket
 
-    def release(self) -> None:
-        """Give back the in-flight slot of an admitted request."""
-        if self._in_flight is not None:
-            self._in_flight.release()
+    def release(self, ticket: Ticket) -> None:
+        """The request is over: note its latency, give back its slot unless it was overdue."""
+        ticket.latency = self._clock() - ticket.sent
+        if self._in_flight is not None and not ticket.overdue:
+            del self._flying[ticket]
+            self._in_flight.release_on_behalf_of(ticket)
+
+    def release_overdue(self) -> int:
+        """Give back the slots of requests unanswered for OVERDUE_FACTOR x the average
+        latency (at least OVERDUE_FLOOR s); how many. Each teaches the tuner that limit as
+        its latency, not what it ends up taking: one 30 s hang must not inflate the average,
+        yet an API that became slower must raise it."""
+        tuner, in_flight = self.tuner, self._in_flight
+        if tuner is None or in_flight is None or not self._flying:
+            return 0
+        limit = max(OVERDUE_FLOOR, OVERDUE_FACTOR * tuner.latency)
+        before = self._clock() - limit
+        overdue = list(itertools.takewhile(lambda ticket: ticket.sent <= before, self._flying))
+        for ticket in overdue:
+            ticket.overdue = True
+            del self._flying[ticket]
+            in_flight.release_on_behalf_of(ticket)
+            tuner.observe_latency(limit)
+        if overdue:
+            log.debug("bulkdisconnect.overdue", requests=len(overdue), after=round(limit, 3))
+        return len(overdue)
 
     async def _unless_stopped(self, wait: Callable[[], Awaitable[None]]) -> bool:
         with self._stop.cancels() as scope:
             await wait()
         return not scope.cancelled_caught
 
-    def observe(self, answer: Answer, latency: float) -> None:
-        """Feed one answer to the meters: latency to the tuner and metrics, 429s to the pacer."""
+    def observe(self, ticket: Ticket, answer: Answer) -> None:
+        """Feed one released request's answer to the meters: its latency to the tuner (unless
+        it was overdue) and metrics, 429s to the pacer."""
         stats, pacer = self._stats, self.pacer
         if answer.status:
             self.reached = True
-        if self.tuner is not None:
-            self.tuner.observe_latency(latency)
+        if self.tuner is not None and not ticket.overdue:
+            self.tuner.observe_latency(ticket.latency)
         if self._metrics is not None:
-            self._metrics.request(latency, status=answer.status)
+            self._metrics.request(ticket.latency, status=answer.status)
         if pacer.cap != self.limiter.rate:  # workers joined or left the job
             pacer.set_cap(self.limiter.rate)
         if answer.status == 429:
@@ -351,9 +415,11 @@ class Meters:
         stats.current_rate = pacer.current
 
     async def tune(self, every: float = 0.25) -> None:
-        """Keep the in-flight cap at rate x latency (Little's law); runs until cancelled."""
+        """Keep the in-flight cap at rate x latency (Little's law), giving back the slots of
+        overdue requests; runs until cancelled."""
         if self.tuner is None:
             return
         while True:
+            self.release_overdue()
             self._stats.concurrency = self.tuner.retune(self.pacer.current)
             await anyio.sleep(every)

@@ -21,6 +21,7 @@ import structlog
 
 from bulkdisconnect.client import Answer
 from bulkdisconnect.errors import AuthenticationError, RunRefusedError, WrongModeError
+from bulkdisconnect.limiter import Ticket
 from bulkdisconnect.metrics import RunMetrics
 from bulkdisconnect.model import Outcome, RunStats
 from bulkdisconnect.stopping import Stop
@@ -135,16 +136,17 @@ def _key_refused(answer: Answer) -> AuthenticationError:
 class Meter(Protocol):
     """What every attempt passes before it goes out, and learns from after (limiter.Meters)."""
 
-    async def admit(self) -> bool:
-        """Wait for the attempt's turn; False, holding nothing, if the run stopped first."""
+    async def admit(self) -> Ticket | None:
+        """Wait for the attempt's turn; its ticket, or None, holding nothing, if the run
+        stopped first."""
         ...
 
-    def release(self) -> None:
-        """The attempt is over: give back what `admit` took."""
+    def release(self, ticket: Ticket) -> None:
+        """The attempt is over: give back what `admit` took (once), note how long it took."""
         ...
 
-    def observe(self, answer: Answer, latency: float) -> None:
-        """Learn from an attempt's answer and how long it took."""
+    def observe(self, ticket: Ticket, answer: Answer) -> None:
+        """Learn from a released attempt's answer and how long it took."""
         ...
 
 
@@ -184,15 +186,15 @@ class Retrier:
         first_attempt_at = time.time()
         attempts = 0
         while True:
-            if not await meter.admit():
+            ticket = await meter.admit()
+            if ticket is None:
                 return None
             try:
-                sent = time.monotonic()
                 answer = await send()
             finally:
-                meter.release()
+                meter.release(ticket)
             attempts += 1
-            meter.observe(answer, time.monotonic() - sent)
+            meter.observe(ticket, answer)
             decision = judge(answer)
             if decision.action is Action.FATAL:
                 assert decision.refusal is not None
