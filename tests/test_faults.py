@@ -100,6 +100,17 @@ def idle_in_a_transaction(state: str) -> bool:
 
 
 @contextlib.contextmanager
+def reaped(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """The process, killed on leaving if it still runs: a failed test leaves none behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@contextlib.contextmanager
 def frozen(proc: subprocess.Popen[str], state: str) -> Iterator[None]:
     """SIGSTOP the process between two store transactions; SIGCONT it on leaving."""
     for _ in range(50):
@@ -126,21 +137,22 @@ def test_a_worker_that_lost_its_lease_overwrites_nothing(
     ws.write("ids.txt", ws.ids(400))
     sandbox.sandbox.configure(p500=1.0, latency_ms=300)
     common = ["--job", JOB, "--input", "ids.txt", "--state", state, *FAST]
-    a = ws.spawn(
-        "run",
-        *common,
-        "--rate",
-        "50",
-        "--concurrency",
-        "10",
-        "--max-attempts",
-        "1",
-        "--lock-stale-after",
-        "3",
-        "--breaker-min-sample",
-        "100000",
-    )
-    try:
+    with reaped(
+        ws.spawn(
+            "run",
+            *common,
+            "--rate",
+            "50",
+            "--concurrency",
+            "10",
+            "--max-attempts",
+            "1",
+            "--lock-stale-after",
+            "3",
+            "--breaker-min-sample",
+            "100000",
+        )
+    ) as a:
         wait_for(lambda: outcome_count(state, "failed") >= 20)
         with frozen(a, state):
             sandbox.sandbox.configure(p500=0.0, latency_ms=0)
@@ -150,10 +162,6 @@ def test_a_worker_that_lost_its_lease_overwrites_nothing(
             after_b = accounts(state)
             assert not [row for row in after_b if row[1] is None]
         _, stderr = a.communicate(timeout=60)
-    finally:
-        if a.poll() is None:
-            a.kill()
-            a.communicate()
     assert a.returncode == 4, stderr
     assert "lost the lock's lease" in stderr
     assert accounts(state) == after_b
@@ -211,8 +219,7 @@ def test_a_store_error_exits_6_records_it_and_lets_the_job_go(
     ws.write("ids.txt", ids)
     sandbox.sandbox.configure(latency_ms=20)
     common = ["--job", JOB, "--input", "ids.txt", "--state", pg_state, *FAST]
-    proc = ws.spawn("run", *common, "--rate", "200")
-    try:
+    with reaped(ws.spawn("run", *common, "--rate", "200")) as proc:
         wait_for(lambda: outcome_count(pg_state, "disconnected") >= 50)
         query(
             pg_state,
@@ -222,10 +229,6 @@ def test_a_store_error_exits_6_records_it_and_lets_the_job_go(
             "FOR EACH ROW EXECUTE FUNCTION refuse()",
         )
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 6, stderr[-3000:]
     assert "No space left on device" in one_error_line(stderr)
     assert query(pg_state, "SELECT exit_code FROM runs WHERE job = ?", JOB) == [(6,)]
@@ -247,10 +250,11 @@ def test_postgresql_connections_cut_again_and_again_are_ridden_out(
     ids = ws.ids(1500)
     ws.write("ids.txt", ids)
     sandbox.sandbox.configure(latency_ms=10)
-    proc = ws.spawn(
-        "run", "--job", JOB, "--input", "ids.txt", "--state", pg_state, "--rate", "300", *FAST
-    )
-    try:
+    with reaped(
+        ws.spawn(
+            "run", "--job", JOB, "--input", "ids.txt", "--state", pg_state, "--rate", "300", *FAST
+        )
+    ) as proc:
         wait_for(lambda: outcome_count(pg_state, "disconnected") >= 100)
         for _ in range(5):
             with table_locked(pg_state):
@@ -262,10 +266,6 @@ def test_postgresql_connections_cut_again_and_again_are_ridden_out(
                 )
             time.sleep(0.2)
         _, stderr = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
     assert "bulkdisconnect.store.retry" in stderr
     assert outcome_count(pg_state, "disconnected") == len(ids)
@@ -290,8 +290,9 @@ def test_a_write_lock_held_12_s_by_another_process_is_waited_out(
     ids = ws.ids(600)
     ws.write("ids.txt", ids)
     state = ws.state(JOB)
-    proc = ws.spawn("run", "--job", JOB, "--input", "ids.txt", "--rate", "100", *FAST)
-    try:
+    with reaped(
+        ws.spawn("run", "--job", JOB, "--input", "ids.txt", "--rate", "100", *FAST)
+    ) as proc:
         wait_for(lambda: outcome_count(str(state), "disconnected") >= 50)
         holder = subprocess.Popen(
             [sys.executable, "-c", HOLD_THE_WRITE_LOCK, str(state)],
@@ -302,10 +303,6 @@ def test_a_write_lock_held_12_s_by_another_process_is_waited_out(
         assert holder.stdout.readline() == "held\n"
         holder.communicate(timeout=30)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
     assert ws.outcomes(JOB) == dict.fromkeys(ids, "disconnected")
 
@@ -370,12 +367,13 @@ def test_a_stalled_store_does_not_hold_a_stopping_run(
     within the grace and the store's deadline on the way out. A second SIGTERM: at once."""
     ws.write("ids.txt", ws.ids(2000))
     sandbox.sandbox.configure(latency_ms=20)
-    proc = ws.spawn(
-        "run",
-        *("--job", JOB, "--input", "ids.txt", "--state", pg_state, "--rate", "100"),
-        *("--grace", "2", *FAST),
-    )
-    try:
+    with reaped(
+        ws.spawn(
+            "run",
+            *("--job", JOB, "--input", "ids.txt", "--state", pg_state, "--rate", "100"),
+            *("--grace", "2", *FAST),
+        )
+    ) as proc:
         wait_for(lambda: outcome_count(pg_state, "disconnected") >= 50)
         with table_locked(pg_state):
             time.sleep(1)  # the run's writes now wait for the lock
@@ -387,10 +385,6 @@ def test_a_stalled_store_does_not_hold_a_stopping_run(
                 signalled = time.monotonic()
             _, stderr = proc.communicate(timeout=40)
             took = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 3, stderr[-3000:]
     # 2 s of grace and 5 s for the store on the way out; a second signal leaves 0.5 s.
     assert took < (2 + STOP_DEADLINE + 3 if signals == 1 else HURRIED + 3), took

@@ -271,5 +271,5 @@ def test_one_event_confirms_the_account_for_every_job_of_a_shared_store(
             status, body = deliver(hook.url, "evt_to_every_endpoint", ids[1])
             assert (status, json.loads(body)["result"]) == (200, "replayed")
     for job in ("retention", "offboarding"):
-        status = ws.run("status", "--job", job, "--state", pg_state)
-        assert "confirmed 1, unconfirmed 2" in status.stdout, status.stdout
+        shown = ws.run("status", "--job", job, "--state", pg_state).stdout
+        assert "confirmed 1, unconfirmed 2" in shown, shown
