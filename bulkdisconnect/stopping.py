@@ -79,12 +79,8 @@ class Stop:
             scope.deadline = self._wind_down_by
             if not self.hurry.is_set():
                 scope.deadline = max(scope.deadline, now + LAST_CALL)
-        self._bounded.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._bounded.discard(scope)
+        with _entered(scope, self._bounded):
+            yield scope
 
     @contextmanager
     def cancels(self) -> Iterator[anyio.CancelScope]:
@@ -95,12 +91,19 @@ class Stop:
         scope = anyio.CancelScope()
         if self.requested.is_set():
             scope.cancel()
-        self._waiting.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._waiting.discard(scope)
+        with _entered(scope, self._waiting):
+            yield scope
+
+
+@contextmanager
+def _entered(scope: anyio.CancelScope, registry: set[anyio.CancelScope]) -> Iterator[None]:
+    """Enter `scope`, known to `registry` (which a stop walks) while it is entered."""
+    registry.add(scope)
+    try:
+        with scope:
+            yield
+    finally:
+        registry.discard(scope)
 
 
 @asynccontextmanager
