@@ -237,6 +237,7 @@ def claiming_cost(count: int) -> tuple[float, float, float]:
     async def drain(store: SqlStore, page: int) -> tuple[float, float]:
         """Claim a page, record it, and again, as a worker does; seconds in each, per account."""
         await plan_input(store, "bench", chunks(), retry_failed=False)
+        await store.acquire_lock("bench", "r1", stale_after=3600)  # only a holder claims
         claiming = recording = 0.0
         done = 0
         while True:
