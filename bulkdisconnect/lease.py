@@ -1,9 +1,10 @@
 """Holding a job's lease while a run works it: heartbeats, and this worker's share of --rate.
 
 A run holds its job through a row in the store's lock table. `hold_lease` keeps that row's
-heartbeat going, re-divides --rate as `run --join` workers come and go, and stops the run
-(LockHeldError, exit 4) as soon as a heartbeat fails or does not get through within half the
-lease: by the time the lease runs out, others may take over the accounts this run holds.
+heartbeat going, re-divides --rate as `run --join` workers come and go, and stops the run as
+soon as a heartbeat finds the lease lost (LockHeldError, exit 4) or does not get through
+within half the lease (StoreError, exit 6): by the time the lease runs out, others may take
+over the accounts this run holds.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Protocol
 
 import anyio
 
-from bulkdisconnect.errors import LockHeldError
+from bulkdisconnect.errors import LockHeldError, StoreError
 from bulkdisconnect.limiter import RateLimiter
 from bulkdisconnect.store import Beat
 
@@ -42,6 +43,7 @@ class Lease:
     limiter: RateLimiter
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep  # the clock's: tests fake it
     lost: bool = field(default=False, init=False)
+    silent: bool = field(default=False, init=False)  # lost because the store did not answer
 
     @property
     def every(self) -> float:
@@ -67,11 +69,15 @@ class Lease:
                 tg.start_soon(self._renew, body)
                 yield
             tg.cancel_scope.cancel()
-        if self.lost:
-            raise LockHeldError(
-                f"job {self.job!r}: lost the lock's lease (taken over, or no heartbeat got "
-                f"through for {self.lease / 2:g}s); stopped"
+        if self.silent:
+            # Not "taken over": the store did not answer. Others cannot take over through it
+            # either, and a rerun resumes once it answers (exit 6, which schedulers retry).
+            raise StoreError(
+                f"job {self.job!r}: no heartbeat got through for {self.lease / 2:g}s (the "
+                "store did not answer in time); stopped: nothing was lost, a rerun resumes"
             )
+        if self.lost:
+            raise LockHeldError(f"job {self.job!r}: lost the lock's lease (taken over); stopped")
 
     async def _renew(self, body: anyio.CancelScope) -> None:
         while True:
@@ -84,7 +90,8 @@ class Lease:
             self.limiter.share(beat.workers)
 
     async def _heartbeat(self, within: float | None = None) -> Beat | None:
-        """One heartbeat; None if it failed, or did not get through `within` seconds."""
+        """One heartbeat; None if the lease was lost, or (`silent`) did not get through
+        within `within` seconds."""
         beat: Beat | None = None
         async with anyio.create_task_group() as tg:
 
@@ -95,6 +102,7 @@ class Lease:
 
             async def watchdog(seconds: float) -> None:
                 await self.sleep(seconds)
+                self.silent = True
                 tg.cancel_scope.cancel()
 
             tg.start_soon(renew)

@@ -847,6 +847,29 @@ async def test_a_postgresql_store_of_layout_2_is_migrated(pg: SqlStore, pg_state
 
 
 @pytest.mark.anyio
+async def test_accounts_a_lost_reply_left_claimed_are_claimed_again(
+    pg: SqlStore, pg_state: str
+) -> None:
+    """A claim commits but its reply is lost (the connection cut): the run tries again and
+    gets those accounts, not nothing; the ones it has in hand it is not given twice."""
+    accounts = ids(6)
+    await plan(pg, accounts)
+    assert await claim(pg, "w1", limit=2) == accounts[:2]  # in hand
+    url, _, schema = pg_state.partition("?schema=")
+    conn = await asyncpg.connect(url, server_settings={"search_path": schema})
+    try:  # what the lost claim did: marked, never handed over
+        await conn.execute(
+            "UPDATE accounts SET run_id = 'w1', claim_gen = claim_gen + 1 "
+            "WHERE account_id = ANY($1)",
+            accounts[2:4],
+        )
+    finally:
+        await conn.close()
+    assert await pg.claim(JOB, "w1", limit=10) == accounts[2:]
+    assert await pg.claim(JOB, "w1", limit=10) == []
+
+
+@pytest.mark.anyio
 async def test_sqlite_refuses_join(tmp_path: Path) -> None:
     """Only a shared store can be joined; SQLite says what to use instead."""
     store = await open_store(tmp_path / "s.sqlite")

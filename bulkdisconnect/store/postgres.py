@@ -66,13 +66,17 @@ MIGRATIONS = {
 
 # S608: the f-strings below put in LIVE, a constant; every value is a bound parameter.
 # A claim takes pending accounts no live worker holds, for a claimer that still holds its
-# own lease, and increments their claim generation.
+# own lease, and increments their claim generation. Its own accounts it does not have in hand
+# ($5: those in memory, in flight or not yet recorded) it takes again: a claim whose reply
+# was lost, a record whose commit a crash undid.
 CLAIM = f"""
 UPDATE accounts SET run_id = $2, claim_gen = claim_gen + 1
 WHERE id = ANY(ARRAY(
     SELECT id FROM accounts
-    WHERE job = $1 AND id > $4 AND outcome IS NULL AND run_id IS DISTINCT FROM $2
-      AND (run_id IS NULL OR run_id NOT IN (SELECT owner FROM locks WHERE job = $1 AND {LIVE}))
+    WHERE job = $1 AND id > $4 AND outcome IS NULL
+      AND (run_id IS NULL
+           OR (run_id = $2 AND id <> ALL($5::bigint[]))
+           OR run_id NOT IN (SELECT owner FROM locks WHERE job = $1 AND {LIVE}))
       AND EXISTS (SELECT 1 FROM locks WHERE job = $1 AND owner = $2 AND {LIVE})
     ORDER BY id LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -238,9 +242,10 @@ class PostgresDialect:
         for accounts a dead worker left behind or a breaker released.
         """
         after = self._claimed_up_to.get(run_id, 0)
-        rows = await self._pool.fetch(CLAIM, job, run_id, limit, after)
+        in_hand = [claim[0] for (of, _), claim in self._claims.items() if of == job]
+        rows = await self._pool.fetch(CLAIM, job, run_id, limit, after, in_hand)
         if not rows and after:
-            rows = await self._pool.fetch(CLAIM, job, run_id, limit, 0)
+            rows = await self._pool.fetch(CLAIM, job, run_id, limit, 0, in_hand)
         if not rows and not await self.reader.fetch("holds_lease", job=job, owner=run_id):
             raise LockHeldError(f"job {job!r}: lost the lock's lease (taken over); stopped")
         rows = sorted(rows, key=lambda row: row["id"])
