@@ -6,6 +6,7 @@ act on, and nothing waits unbounded."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import sqlite3
 import subprocess
@@ -71,6 +72,11 @@ def outcome_count(state: str, outcome: str) -> int:
     return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
 
 
+def progressed(state: str, done: int) -> bool:
+    """Whether more than `done` accounts are disconnected now."""
+    return outcome_count(state, "disconnected") > done
+
+
 def accounts(state: str) -> list[tuple[object, ...]]:
     """Every account of the job with what a run writes of it."""
     return query(
@@ -97,6 +103,70 @@ def idle_in_a_transaction(state: str) -> bool:
     except sqlite3.OperationalError:
         return True
     return False
+
+
+def waiting_for_the_table(state: str) -> bool:
+    """Whether a statement of the run waits for a lock (the table another session holds)."""
+    rows = query(
+        state,
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'bulkdisconnect' "
+        "AND wait_event_type = 'Lock'",
+    )
+    return bool(rows[0][0])
+
+
+@contextlib.contextmanager
+def table_locked(state: str) -> Iterator[None]:
+    """Another session holds an ACCESS EXCLUSIVE lock on the accounts table until leaving."""
+    url, _, schema = state.partition("?schema=")
+    conn = psycopg.connect(url, options=f"-c search_path={schema}", autocommit=False)
+    try:
+        conn.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+# Holds the SQLite file's write lock for argv[2] seconds once it prints "held".
+HOLD_THE_WRITE_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+"""
+
+
+@contextlib.contextmanager
+def write_lock_held(path: Path, seconds: float) -> Iterator[subprocess.Popen[str]]:
+    """Another process holds the SQLite file's write lock from now on, for `seconds`."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_WRITE_LOCK, str(path), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.communicate()
+
+
+@contextlib.contextmanager
+def stalled(state: str) -> Iterator[None]:
+    """The store stalls the run's writes: a table lock (PostgreSQL), the file's (SQLite)."""
+    if state.startswith("postgresql://"):
+        with table_locked(state):
+            wait_for(lambda: waiting_for_the_table(state))
+            yield
+    else:
+        with write_lock_held(Path(state), 60):
+            yield
 
 
 @contextlib.contextmanager
@@ -245,8 +315,8 @@ def test_postgresql_connections_cut_again_and_again_are_ridden_out(
     ws: Workspace, sandbox: SandboxThread, pg_state: str
 ) -> None:
     """An administrator terminates the run's connections while its statements wait on a lock,
-    five times, 0.2 s apart: the run reconnects (and says so), finishes with exit 0, every
-    account disconnected under one key."""
+    five times, each once the run has made progress again: the run reconnects (and says so),
+    finishes with exit 0, every account disconnected under one key."""
     ids = ws.ids(1500)
     ws.write("ids.txt", ids)
     sandbox.sandbox.configure(latency_ms=10)
@@ -257,29 +327,20 @@ def test_postgresql_connections_cut_again_and_again_are_ridden_out(
     ) as proc:
         wait_for(lambda: outcome_count(pg_state, "disconnected") >= 100)
         for _ in range(5):
+            done = outcome_count(pg_state, "disconnected")
             with table_locked(pg_state):
-                time.sleep(0.6)  # a batch of results waits for the table
+                wait_for(lambda: waiting_for_the_table(pg_state))
                 query(
                     pg_state,
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE application_name = 'bulkdisconnect'",
                 )
-            time.sleep(0.2)
+            wait_for(functools.partial(progressed, pg_state, done))
         _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 0, stderr[-3000:]
     assert "bulkdisconnect.store.retry" in stderr
     assert outcome_count(pg_state, "disconnected") == len(ids)
     assert all(len(k) == 1 for k in keys_per_account(sandbox).values())
-
-
-HOLD_THE_WRITE_LOCK = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN IMMEDIATE")
-print("held", flush=True)
-time.sleep(12)
-db.execute("ROLLBACK")
-"""
 
 
 def test_a_write_lock_held_12_s_by_another_process_is_waited_out(
@@ -294,14 +355,8 @@ def test_a_write_lock_held_12_s_by_another_process_is_waited_out(
         ws.spawn("run", "--job", JOB, "--input", "ids.txt", "--rate", "100", *FAST)
     ) as proc:
         wait_for(lambda: outcome_count(str(state), "disconnected") >= 50)
-        holder = subprocess.Popen(
-            [sys.executable, "-c", HOLD_THE_WRITE_LOCK, str(state)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert holder.stdout is not None
-        assert holder.stdout.readline() == "held\n"
-        holder.communicate(timeout=30)
+        with write_lock_held(state, 12) as holder:
+            holder.communicate(timeout=30)
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr[-3000:]
     assert ws.outcomes(JOB) == dict.fromkeys(ids, "disconnected")
@@ -346,43 +401,29 @@ def test_a_large_plan_keeps_its_short_lease(ws: Workspace, sandbox: SandboxThrea
 # -- bounded in time --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def table_locked(state: str) -> Iterator[None]:
-    """Another session holds an ACCESS EXCLUSIVE lock on the accounts table until leaving."""
-    url, _, schema = state.partition("?schema=")
-    conn = psycopg.connect(url, options=f"-c search_path={schema}", autocommit=False)
-    try:
-        conn.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
-        yield
-    finally:
-        conn.rollback()
-        conn.close()
-
-
 @pytest.mark.parametrize("signals", [1, 2])
 def test_a_stalled_store_does_not_hold_a_stopping_run(
-    ws: Workspace, sandbox: SandboxThread, pg_state: str, signals: int
+    ws: Workspace, sandbox: SandboxThread, state: str, signals: int
 ) -> None:
-    """The accounts table is locked by another session; SIGTERM with --grace 2: the run exits 3
-    within the grace and the store's deadline on the way out. A second SIGTERM: at once."""
+    """Another session holds the accounts table (PostgreSQL) or the file's write lock (SQLite);
+    SIGTERM with --grace 2: the run exits 3 within the grace and the store's deadline on the
+    way out. A second SIGTERM: at once."""
     ws.write("ids.txt", ws.ids(2000))
     sandbox.sandbox.configure(latency_ms=20)
     with reaped(
         ws.spawn(
             "run",
-            *("--job", JOB, "--input", "ids.txt", "--state", pg_state, "--rate", "100"),
+            *("--job", JOB, "--input", "ids.txt", "--state", state, "--rate", "100"),
             *("--grace", "2", *FAST),
         )
     ) as proc:
-        wait_for(lambda: outcome_count(pg_state, "disconnected") >= 50)
-        with table_locked(pg_state):
-            time.sleep(1)  # the run's writes now wait for the lock
+        wait_for(lambda: outcome_count(state, "disconnected") >= 50)
+        with stalled(state):
             proc.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
             if signals == 2:
-                time.sleep(0.5)
+                time.sleep(0.5)  # two signals at once would merge into one
                 proc.send_signal(signal.SIGTERM)
-                signalled = time.monotonic()
+            signalled = time.monotonic()
             _, stderr = proc.communicate(timeout=40)
             took = time.monotonic() - signalled
     assert proc.returncode == 3, stderr[-3000:]
@@ -421,21 +462,11 @@ def test_status_reads_a_store_whose_write_lock_another_process_holds(
     writes, so a run (or anything) holding the file's write lock does not delay them."""
     ws.write("ids.txt", ws.ids(20))
     assert ws.run("run", "--job", JOB, "--input", "ids.txt", *FAST).exit_code == 0
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_THE_WRITE_LOCK, str(ws.state(JOB))],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline() == "held\n"
+    with write_lock_held(ws.state(JOB), 60):
         started = time.monotonic()
         status = ws.run("status", "--job", JOB)
         report = ws.run("report", "--job", JOB)
         took = time.monotonic() - started
-    finally:
-        holder.kill()
-        holder.communicate()
     assert (status.exit_code, report.exit_code) == (0, 0), status.stderr + report.stderr
     assert "disconnected 20" in status.stdout
     assert len(report.stdout.splitlines()) == 20

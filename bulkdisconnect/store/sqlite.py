@@ -23,8 +23,11 @@ from bulkdisconnect.store.dialect import Row, load_queries
 
 T = TypeVar("T")
 
-# How long a statement waits for another connection's write lock on the file.
-BUSY_TIMEOUT_MS = 10_000
+# How long a statement waits in all for another connection's write lock on the file, in
+# waits of BUSY_SLICE_MS (the connection's busy timeout) between which a deadline (a stopping
+# run's) gets through: SQLite's own wait cannot be cancelled.
+BUSY_TIMEOUT = 10.0
+BUSY_SLICE_MS = 100
 # Staged values merged into the job per write transaction: ~0.1 s each, so that a heartbeat
 # gets through while a large input is merged (the file's write lock is the whole file's).
 MERGE_SPAN = 20_000
@@ -135,7 +138,7 @@ class SQLiteDialect:
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn in a worker thread, holding the connection."""
         async with self._lock:
-            return await anyio.to_thread.run_sync(fn, self._db)
+            return await _in_thread(fn, db=self._db)
 
     async def _call_here(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a short, bounded fn (one write transaction) on the event loop's own thread.
@@ -143,20 +146,19 @@ class SQLiteDialect:
         Measured: a worker thread doing the per-batch writes while the loop serves requests
         costs ~20 % of throughput. sqlite3 drops and retakes the GIL on every row, and each
         handover can make the loop wait. A 500-row batch done here blocks the loop ~2 ms.
-        If another process holds the file's write lock, fn is run again in a thread, which
-        waits for it: the loop (heartbeats, signals, requests) never does.
+        It never waits for another process's lock on the loop: refused, it tries again later.
         """
-        async with self._lock:
+
+        async def once() -> T:
             db = self._db
             db.execute("PRAGMA busy_timeout = 0")
             try:
                 return fn(db)
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc):
-                    raise
             finally:
-                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            return await anyio.to_thread.run_sync(fn, db)
+                db.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
+
+        async with self._lock:
+            return await _patiently(once)
 
     @asynccontextmanager
     async def transaction(
@@ -175,12 +177,13 @@ class SQLiteDialect:
             await statements.script("BEGIN IMMEDIATE")
             try:
                 yield statements
+                with anyio.CancelScope(shield=True):
+                    await statements.script("COMMIT")
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await statements.script("ROLLBACK")
+                    if db.in_transaction:
+                        await statements.script("ROLLBACK")
                 raise
-            with anyio.CancelScope(shield=True):
-                await statements.script("COMMIT")
 
     async def _beat_connection(self) -> sqlite3.Connection:
         if self._beat_db is None:
@@ -275,7 +278,21 @@ Run = Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]]
 
 
 async def _in_thread(fn: Callable[[sqlite3.Connection], T], *, db: sqlite3.Connection) -> T:
-    return await anyio.to_thread.run_sync(fn, db)
+    return await _patiently(lambda: anyio.to_thread.run_sync(fn, db))
+
+
+async def _patiently(attempt: Callable[[], Awaitable[T]]) -> T:
+    """`attempt()`, again while another connection's lock on the file refuses it, for up to
+    BUSY_TIMEOUT in all; cancellable between attempts. Refused, an attempt did nothing: a
+    write transaction is refused at its BEGIN IMMEDIATE, a statement before it runs."""
+    deadline = anyio.current_time() + BUSY_TIMEOUT
+    while True:
+        try:
+            return await attempt()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or anyio.current_time() >= deadline:
+                raise
+        await anyio.sleep(BUSY_SLICE_MS / 1000 / 2)
 
 
 class _Statements:
@@ -349,14 +366,14 @@ def _connect(path: Path, create: bool, read_only: bool = False) -> sqlite3.Conne
         if read_only:
             uri = f"{path.resolve().as_uri()}?mode=ro"
             db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
             db.execute("PRAGMA schema_version")  # reads the header: not a database fails here
             return db
         if not create and not path.exists():
             path = Path(":memory:")
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
         db.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode survives a killed process; a power loss may drop the last
         # batches, which a rerun redoes with the same idempotency keys.
@@ -399,7 +416,8 @@ def _immediate(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
