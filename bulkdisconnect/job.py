@@ -89,6 +89,7 @@ async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
             return await _locked(run)
     except BaseExceptionGroup as group:  # a task group's: ours is the one that tells the exit
         raise _ours(group) or group from None
+    return ExitCode.INTERRUPTED  # a third signal abandoned the run
 
 
 @asynccontextmanager
@@ -240,16 +241,23 @@ async def _plan_and_work(run: _Run, run_id: str) -> tuple[ExitCode, str]:
 
 
 async def _plan(run: _Run, run_id: str) -> PlanCounts | None:
-    """Plan the input into the job; None if a stop came first (nothing merged).
+    """Plan the input into the job; None if a stop came first (nothing called; in SQLite,
+    spans of the input already merged stay, and a rerun merges the rest).
 
     Of the workers joining one job, the first plans and the others find the plan in place.
     """
     job = run.config.job
     if not run.config.join:
         return await _plan_unless_stopped(run, commit=True)
-    async with run.store.planning(job, run_id) as must_plan:
-        if must_plan:
-            return await _plan_unless_stopped(run, commit=True)
+    with contextlib.suppress(StoppedError):
+        async with run.store.planning(job, run_id) as must_plan:
+            if must_plan:
+                counts = await _plan_unless_stopped(run, commit=True)
+                if counts is None:  # leave it unplanned: the next worker plans
+                    raise StoppedError
+                return counts
+    if run.stop.requested.is_set():
+        return None
     pending = (await run.store.counts(job)).get(None, 0)
     run.hooks.out.write(f"joined job {job}: planned by another worker, {pending} to call\n")
     log.info("bulkdisconnect.joined", job=job, run_id=run_id, pending=pending)
@@ -346,8 +354,9 @@ async def _work(run: _Run, run_id: str) -> int:
         # The answers that tripped the breaker are not final: a rerun calls them again.
         run.stop.failed()
         released = None
-        with run.stop.bounded(), _unless_the_store_fails("the breaker's release"):
+        with run.stop.bounded(), _unless_the_store_fails("the last results"):
             await writer.flush()
+        with run.stop.bounded(), _unless_the_store_fails("the breaker's release"):
             released = await store.release_refused(config.job, run_id)
         log.error(  # noqa: TRY400 - the reason is the message; a traceback says nothing more
             "bulkdisconnect.breaker", released=released, reason=str(group.exceptions[0])

@@ -45,10 +45,12 @@ class Stop:
         self._failed = False
 
     def request(self) -> None:
-        """Stop intake: set `requested` and wake whatever waits under `cancels()`."""
+        """Stop intake: set `requested` and wake whatever waits under `cancels()`; store calls
+        on the way out already under way are bounded from now on."""
         self.requested.set()
         for scope in list(self._waiting):
             scope.cancel()
+        self._bound_those_under_way()
 
     def hasten(self) -> None:
         """A second signal: drop in-flight work, and give the store HURRIED seconds more."""
@@ -56,31 +58,39 @@ class Stop:
         hurried_by = anyio.current_time() + HURRIED
         if self._wind_down_by is None or self._wind_down_by > hurried_by:
             self._wind_down_by = hurried_by
-        for scope in self._bounded:
-            scope.deadline = min(scope.deadline, hurried_by)
+        self._bound_those_under_way()
 
     def failed(self) -> None:
         """The run is failing: its way out is bounded as a stopped run's is."""
         self._failed = True
+        self._bound_those_under_way()
 
     @contextmanager
     def bounded(self) -> Iterator[anyio.CancelScope]:
         """A shielded scope for a store call on the way out.
 
         Once the run stops or fails, the first such call starts the STOP_DEADLINE clock and
-        every call is bounded by it; a call that finds it run out still gets LAST_CALL
-        seconds, unless a second signal hurried the run.
+        every call is bounded by it (those under way too); a call that finds it run out still
+        gets LAST_CALL seconds, unless a second signal hurried the run.
         """
         scope = anyio.CancelScope(shield=True)
         if self.requested.is_set() or self._failed:
-            now = anyio.current_time()
-            if self._wind_down_by is None:
-                self._wind_down_by = now + STOP_DEADLINE
-            scope.deadline = self._wind_down_by
-            if not self.hurry.is_set():
-                scope.deadline = max(scope.deadline, now + LAST_CALL)
+            scope.deadline = self._deadline()
         with _entered(scope, self._bounded):
             yield scope
+
+    def _deadline(self) -> float:
+        """The deadline of a store call on the way out, starting the clock if need be."""
+        now = anyio.current_time()
+        if self._wind_down_by is None:
+            self._wind_down_by = now + STOP_DEADLINE
+        if self.hurry.is_set():
+            return self._wind_down_by
+        return max(self._wind_down_by, now + LAST_CALL)
+
+    def _bound_those_under_way(self) -> None:
+        for scope in self._bounded:
+            scope.deadline = min(scope.deadline, self._deadline())
 
     @contextmanager
     def cancels(self) -> Iterator[anyio.CancelScope]:

@@ -54,3 +54,15 @@ async def test_a_second_signal_shortens_the_calls_under_way_and_to_come() -> Non
         assert to_come.deadline < anyio.current_time()  # no last call once hurried
         await anyio.lowlevel.checkpoint()
     assert to_come.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_a_stop_bounds_the_store_calls_already_under_way() -> None:
+    """A healthy end's last call, unbounded, is bounded once a signal comes or the run fails."""
+    for stopping in ("request", "failed"):
+        stop = Stop()
+        with stop.bounded() as under_way:
+            assert under_way.deadline == math.inf
+            getattr(stop, stopping)()
+            expected = anyio.current_time() + STOP_DEADLINE
+            assert under_way.deadline == pytest.approx(expected, abs=0.1)
