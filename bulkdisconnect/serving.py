@@ -187,34 +187,35 @@ async def serve_app(
     )
     await runner.setup()
     listener: asyncio.Server | None = None
-    try:
-        assert runner.server is not None
-        max_connections, backlog = connection_budget(_descriptor_limit())
-        guard = _Guard(
-            runner.server, header_timeout=header_timeout, max_connections=max_connections
-        )
+    # The stop signals are listened for before "ready" is said: a supervisor may signal then.
+    with anyio.open_signal_receiver(*stop_signals) as signals:
         try:
-            listener = await asyncio.get_running_loop().create_server(
-                guard.protocol, host, port, backlog=backlog
+            assert runner.server is not None
+            max_connections, backlog = connection_budget(_descriptor_limit())
+            guard = _Guard(
+                runner.server, header_timeout=header_timeout, max_connections=max_connections
             )
-        except OSError as exc:
-            raise UsageError(_cannot_listen(host, port, exc)) from None
-        bound_host, bound_port = listener.sockets[0].getsockname()[:2]
-        if ":" in bound_host:  # IPv6
-            bound_host = f"[{bound_host}]"
-        if ready is not None:
-            ready(f"http://{bound_host}:{bound_port}")
-        if not stop_signals:
-            await anyio.sleep_forever()
-        with anyio.open_signal_receiver(*stop_signals) as signals:
+            try:
+                listener = await asyncio.get_running_loop().create_server(
+                    guard.protocol, host, port, backlog=backlog
+                )
+            except OSError as exc:
+                raise UsageError(_cannot_listen(host, port, exc)) from None
+            bound_host, bound_port = listener.sockets[0].getsockname()[:2]
+            if ":" in bound_host:  # IPv6
+                bound_host = f"[{bound_host}]"
+            if ready is not None:
+                ready(f"http://{bound_host}:{bound_port}")
+            if not stop_signals:
+                await anyio.sleep_forever()
             async for signum in signals:
                 return signal.Signals(signum).name
-        return None
-    finally:
-        with anyio.CancelScope(shield=True):
-            if listener is not None:
-                listener.close()
-            await runner.cleanup()  # closing every connection cancels its header deadline
+            return None
+        finally:
+            with anyio.CancelScope(shield=True):
+                if listener is not None:
+                    listener.close()
+                await runner.cleanup()  # closing every connection cancels its header deadline
 
 
 def _cannot_listen(host: str, port: int, exc: OSError) -> str:
