@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import math
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -460,9 +461,15 @@ def _api_key(key_file: _Value | None, env: Mapping[str, str]) -> Secret:
     if key_file is not None:
         path = Path(_text(key_file))
         try:
+            world_readable = path.stat().st_mode & stat.S_IROTH
             key, origin = path.read_text(encoding="utf-8").strip(), f"the key in {path}"
         except OSError as exc:
             raise key_file.fail(f"cannot be read ({path}: {exc.strerror})") from None
+        if world_readable:  # group-readable is how Kubernetes mounts a Secret for an fsGroup
+            raise key_file.fail(
+                f"is readable by any user of this machine ({path}): `chmod 600` it, or on "
+                "Kubernetes mount the Secret with defaultMode: 0440 and an fsGroup"
+            )
     elif env.get("STRIPE_API_KEY"):
         key, origin = env["STRIPE_API_KEY"].strip(), "STRIPE_API_KEY"
     else:

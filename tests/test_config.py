@@ -380,11 +380,24 @@ def test_key_from_file_strips_trailing_newline(tmp_path: Path) -> None:
     """api_key_file is read and its trailing newline stripped; it wins over the environment."""
     key_path = tmp_path / "key"
     key_path.write_text("rk_live_abc123\n", encoding="utf-8")
+    key_path.chmod(0o640)  # group-readable, as Kubernetes mounts a Secret for an fsGroup
     path = job_file(tmp_path, f'api_key_file = "{key_path}"\n')
     config = build(job_file=path, env={"STRIPE_API_KEY": KEY})
     assert config.api_key is not None
     assert config.api_key.reveal() == "rk_live_abc123"
     assert config.is_live
+
+
+def test_a_key_file_any_user_may_read_is_refused(tmp_path: Path) -> None:
+    """The world bit on the key file: exit 2, saying how to fix it; the key is not echoed."""
+    key_path = tmp_path / "key"
+    key_path.write_text("rk_live_abc123\n", encoding="utf-8")
+    key_path.chmod(0o644)
+    with pytest.raises(UsageError, match=r"^api_key_file in .* is readable by any user") as info:
+        build(job_file=job_file(tmp_path, f'api_key_file = "{key_path}"\n'))
+    assert "chmod 600" in str(info.value)
+    assert "defaultMode: 0440" in str(info.value)
+    assert "rk_live_abc123" not in str(info.value)
 
 
 def test_unreadable_key_file_names_it(tmp_path: Path) -> None:
@@ -419,6 +432,7 @@ def test_malformed_key_error_never_echoes_the_key(key: str, tmp_path: Path) -> N
         build(env={"STRIPE_API_KEY": key})
     key_path = tmp_path / "key"
     key_path.write_text(key + "\n", encoding="utf-8")
+    key_path.chmod(0o600)
     with pytest.raises(UsageError) as from_file:
         build(job_file=job_file(tmp_path, f'api_key_file = "{key_path}"\n'))
     for info in (from_env, from_file):
