@@ -157,6 +157,7 @@ class RunMetrics:
         # file: it reads only *.prom).
         try:
             write_to_textfile(str(path), self.registry)
+            path.chmod(0o644)  # counts only: node_exporter, another user, must read it
         except PUBLISH_ERRORS as error:
             # Metrics must never stop a run that is disconnecting accounts.
             log.warning("bulkdisconnect.metrics.write_failed", path=str(path), error=str(error))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -123,6 +124,17 @@ def test_textfile_is_replaced_whole_with_no_temp_file_left(tmp_path: Path) -> No
     assert [entry.name for entry in tmp_path.iterdir()] == [path.name]
     assert path.read_bytes() == generate_latest(metrics.registry)
     assert path.stat().st_ino != old_inode  # a rename, not a rewrite in place
+
+
+def test_textfile_is_readable_by_node_exporter_whatever_the_umask(tmp_path: Path) -> None:
+    """Counts only, read by another user: 0644 even under umask 077."""
+    metrics, path = textfile_metrics(tmp_path)
+    before = os.umask(0o077)
+    try:
+        metrics.publish()
+    finally:
+        os.umask(before)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_runs_in_one_process_keep_separate_registries(tmp_path: Path) -> None:

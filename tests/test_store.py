@@ -8,6 +8,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from pathlib import Path
@@ -659,7 +660,95 @@ async def test_one_event_confirms_the_account_in_every_job_that_holds_it(store: 
         assert await store.confirmed_count(job) == 1
 
 
+# -- forgetting -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_forget_deletes_one_job_and_nothing_of_the_others(store: SqlStore) -> None:
+    mine, theirs = ids(5, "m"), ids(3, "t")
+    await plan(store, mine)
+    await plan(store, theirs, job="other")
+    await settle(store, "r1", [result(mine[0], Outcome.DISCONNECTED)])
+    await store.start_run(JOB, "r1")
+    await store.finish_run("r1", 0, "ok")
+    await store.confirm(JOB, mine[0], event_id="e1", confirmed_at=1.0)
+    await store.confirm(JOB, "fca_stranger", event_id="e2", confirmed_at=1.0)
+    assert await store.forget(JOB, "forget-1") == (5, 1, 1)
+    assert not await store.has_job(JOB)
+    assert await store.counts(JOB) == {}
+    assert await store.unknown_events(JOB) == 0
+    assert await store.locks(JOB) == []
+    assert await store.counts("other") == {None: 3}
+    # Forgotten, the job starts afresh: its old event is no replay.
+    await plan(store, mine)
+    assert await store.confirm(JOB, mine[0], event_id="e1", confirmed_at=2.0) is (
+        Confirmation.CONFIRMED
+    )
+
+
+@pytest.mark.anyio
+async def test_forget_refuses_while_a_run_holds_the_job(store: SqlStore) -> None:
+    await plan(store, ids(2))
+    await store.acquire_lock(JOB, "running", stale_after=30)
+    with pytest.raises(LockHeldError):
+        await store.forget(JOB, "forget-1")
+    assert await store.counts(JOB) == {None: 2}
+
+
+@pytest.mark.anyio
+async def test_jobs_finished_before_a_date(store: SqlStore, location: str) -> None:
+    """Finished is a last run that ended 0 or 1; a job to resume (3) is not finished."""
+    for job, code in (("done", 0), ("some-failed", 1), ("interrupted", 3), ("recent", 0)):
+        await store.start_run(job, f"run-{job}")
+        await store.finish_run(f"run-{job}", code, "")
+    cutoff = time.time() + 1
+    await store.start_run("running", "run-running")
+    assert await store.jobs_finished_before(cutoff) == ["done", "recent", "some-failed"]
+    assert await store.jobs_finished_before(cutoff - 3600) == []
+
+
+@pytest.mark.anyio
+async def test_forget_leaves_no_trace_in_the_sqlite_file(tmp_path: Path) -> None:
+    """Deleted rows' pages are rebuilt away and the WAL emptied: the IDs are not in the bytes."""
+    path = tmp_path / "s.sqlite"
+    store = await open_store(path)
+    try:
+        await plan(store, ids(2000, "secret"))
+        await plan(store, ["fca_kept"], job="other")
+        await store.forget(JOB, "forget-1")
+    finally:
+        await store.aclose()
+    data = b"".join(
+        (tmp_path / name).read_bytes() if (tmp_path / name).exists() else b""
+        for name in ("s.sqlite", "s.sqlite-wal", "s.sqlite-shm")
+    )
+    assert b"fca_secret" not in data
+    assert b"fca_kept" in data
+
+
 # -- the file ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Customers' account IDs: the folder is created 0700, the file and its -wal and -shm 0600,
+    even under umask 000; a file an older version left 0644 is closed to others."""
+    folder = tmp_path / "state"
+    before = os.umask(0)
+    try:
+        store = await open_store(folder / "s.sqlite")
+        try:
+            await plan(store, ids(10))
+            modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        finally:
+            await store.aclose()
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert modes == {"s.sqlite": 0o600, "s.sqlite-wal": 0o600, "s.sqlite-shm": 0o600}
+        (folder / "s.sqlite").chmod(0o644)
+        await (await open_store(folder / "s.sqlite")).aclose()
+        assert (folder / "s.sqlite").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(before)
 
 
 @pytest.mark.anyio

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from bulkdisconnect.model import MAX_ACCOUNT_ID_LENGTH
 
@@ -95,6 +95,14 @@ class RunInfo:
     finished_at: float | None
     exit_code: int | None
     summary: str | None
+
+
+class Forgotten(NamedTuple):
+    """What `forget` deleted of a job."""
+
+    accounts: int
+    runs: int
+    confirmations: int  # webhook events kept for replay protection
 
 
 def stored_value(value: str) -> str:

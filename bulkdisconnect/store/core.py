@@ -32,6 +32,7 @@ from bulkdisconnect.model import (
 from bulkdisconnect.store import (
     Beat,
     Confirmation,
+    Forgotten,
     LockInfo,
     PlanCounts,
     ReportRow,
@@ -359,6 +360,29 @@ class SqlStore:
         """Whether the store holds anything of this job."""
         (row,) = await self._read.fetch("has_job", job=job)
         return bool(row[0])
+
+    # -- forgetting ---------------------------------------------------------------------------
+
+    @_guarded
+    async def forget(self, job: str, owner: str) -> Forgotten:
+        """Delete everything the store holds of `job`, under its lock (LockHeldError while
+        another run holds it); what was deleted."""
+        await self.acquire_lock(job, owner, stale_after=60)
+        async with self._dialect.transaction(exclusive_for=f"lock:{job}") as tx:
+            forgotten = Forgotten(
+                accounts=await tx.execute("forget_accounts", job=job),
+                runs=await tx.execute("forget_runs", job=job),
+                confirmations=await tx.execute("forget_events", job=job),
+            )
+            for table in ("customers", "unknown_events", "holders"):
+                await tx.execute(f"forget_{table}", job=job)
+        await self._dialect.scrub()
+        return forgotten
+
+    @_guarded
+    async def jobs_finished_before(self, before: float) -> list[str]:
+        """Jobs whose last run finished (exit 0 or 1) before `before` (epoch seconds)."""
+        return [row[0] for row in await self._read.fetch("jobs_finished_before", before=before)]
 
     # -- runs ---------------------------------------------------------------------------------
 

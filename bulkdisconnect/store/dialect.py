@@ -130,6 +130,10 @@ class Dialect(Protocol):
         """Record a batch of outcomes in one write."""
         ...
 
+    async def scrub(self) -> None:
+        """Leave no trace of deleted rows in the database's files, where it can (`forget`)."""
+        ...
+
     async def aclose(self) -> None:
         """Close the connections."""
         ...

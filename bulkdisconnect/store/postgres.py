@@ -279,6 +279,9 @@ class PostgresDialect:
         for r in results:  # only once written: a batch that failed is written again later
             claims.pop((job, r.account_id), None)
 
+    async def scrub(self) -> None:
+        """Nothing here: PostgreSQL's (auto)vacuum reclaims the deleted rows' space."""
+
     async def aclose(self) -> None:
         """Close the pool, or cut it off if it does not close in time (or the caller's
         deadline comes first)."""

@@ -247,6 +247,32 @@ DELETE FROM events WHERE job = :job AND event_id = :event_id;
 INSERT INTO unknown_events (job, count, last_at) VALUES (:job, 1, :at)
 ON CONFLICT (job) DO UPDATE SET count = unknown_events.count + 1, last_at = excluded.last_at;
 
+-- name: forget_accounts
+-- `forget`: the job's accounts and their outcomes.
+DELETE FROM accounts WHERE job = :job;
+
+-- name: forget_customers
+DELETE FROM customers WHERE job = :job;
+
+-- name: forget_events
+DELETE FROM events WHERE job = :job;
+
+-- name: forget_unknown_events
+DELETE FROM unknown_events WHERE job = :job;
+
+-- name: forget_runs
+DELETE FROM runs WHERE job = :job;
+
+-- name: forget_holders
+DELETE FROM locks WHERE job = :job;
+
+-- name: jobs_finished_before
+-- Jobs whose last run finished (exit 0 or 1: nothing left to resume) before :before.
+SELECT r.job FROM runs r
+WHERE r.started_at = (SELECT max(started_at) FROM runs WHERE job = r.job)
+  AND r.finished_at IS NOT NULL AND r.finished_at < :before AND r.exit_code IN (0, 1)
+ORDER BY r.job;
+
 -- name: start_run
 -- A run of the job started.
 INSERT INTO runs (run_id, job, started_at) VALUES (:run_id, :job, :now)

@@ -6,7 +6,9 @@ with a cursor over the input order rather than with SKIP LOCKED, and records by 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -266,6 +268,15 @@ class SQLiteDialect:
         for r in results:  # only once written: a batch that failed is written again later
             claims.pop((job, r.account_id), None)
 
+    async def scrub(self) -> None:
+        """Rebuild the file without the deleted rows' pages, and empty the WAL."""
+
+        def vacuum(db: sqlite3.Connection) -> None:
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        await self.call(vacuum)
+
     async def aclose(self) -> None:
         """Close the connections (checkpointing the WAL)."""
         if self._beat_db is not None:
@@ -371,7 +382,8 @@ def _connect(path: Path, create: bool, read_only: bool = False) -> sqlite3.Conne
             return db
         if not create and not path.exists():
             path = Path(":memory:")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            _private(path)
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
         db.execute("PRAGMA journal_mode = WAL")
@@ -382,6 +394,19 @@ def _connect(path: Path, create: bool, read_only: bool = False) -> sqlite3.Conne
     except (sqlite3.Error, OSError) as exc:
         raise UsageError(f"cannot open the state store {path}: {_described(exc)}") from exc
     return db
+
+
+def _private(path: Path) -> None:
+    """The store holds customers' account IDs: its folder is created 0700, its file (and
+    so the -wal and -shm files SQLite gives the same mode) 0600, whatever the umask; an
+    existing file left more open is closed to others."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)  # mode: the folder itself, not its parents
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
 
 
 def _corrupted(exc: BaseException) -> bool:
