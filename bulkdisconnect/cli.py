@@ -368,6 +368,8 @@ def webhook(job: str, state: str | None, host: str, port: int, path: str) -> Non
 Examples:
   bulkdisconnect sandbox --latency-ms 40 --p500 0.01
   bulkdisconnect sandbox --port 0 --rate-limit 100 --p429 0.02
+  bulkdisconnect sandbox --accounts owners.csv --rate-limit 25 --rate-limit-for acct_1Slow=5 \\
+      --revoked-account acct_1Gone
   STRIPE_WEBHOOK_SECRET=whsec_… bulkdisconnect sandbox --webhook-url http://127.0.0.1:8080/webhook
 """
 )
@@ -392,15 +394,37 @@ Examples:
 @click.option(
     "--p-hang", type=float, default=0.0, show_default=True, help="Share of requests never answered."
 )
-@click.option("--rate-limit", type=float, default=None, help="Server-side limit, requests/s.")
 @click.option(
-    "--accounts", type=click.Path(exists=True, dir_okay=False), help="Only these IDs exist."
+    "--rate-limit",
+    type=float,
+    default=None,
+    help="Server-side limit per Stripe account (the platform is one), requests/s.",
+)
+@click.option(
+    "--rate-limit-for",
+    "rate_limits",
+    multiple=True,
+    metavar="acct_…=N",
+    help="This connected account's limit instead of --rate-limit (repeatable).",
+)
+@click.option(
+    "--accounts",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Only these IDs exist: one a line (the platform's), or a CSV with account_id and "
+    "stripe_account columns (its owner; empty = the platform).",
 )
 @click.option(
     "--missing", type=click.Path(exists=True, dir_okay=False), help="These IDs do not exist."
 )
 @click.option("--livemode-accounts", is_flag=True, help="Accounts live in live mode.")
 @click.option("--revoke-after", type=int, default=None, help="Revoke the key after N calls.")
+@click.option(
+    "--revoked-account",
+    "revoked_accounts",
+    multiple=True,
+    metavar="acct_…",
+    help="This connected account revoked the platform's access: 403 account_invalid (repeatable).",
+)
 @click.option("--seed", type=int, default=None)
 @click.option(
     "--webhook-url",
@@ -409,23 +433,37 @@ Examples:
     "(secret: env STRIPE_WEBHOOK_SECRET).",
 )
 def sandbox(
+    *,
     host: str,
     port: int,
     accounts: str | None,
     missing: str | None,
+    rate_limits: tuple[str, ...],
+    revoked_accounts: tuple[str, ...],
     **knobs: Any,
 ) -> None:
     """A local stand-in for Stripe's disconnect endpoint, with fault knobs."""
-    from bulkdisconnect.sandbox import SandboxConfig, load_account_ids, serve
+    from bulkdisconnect.sandbox import (
+        SandboxConfig,
+        load_account_ids,
+        load_accounts,
+        parse_rate_limits,
+        serve,
+    )
     from bulkdisconnect.serving import STOP_SIGNALS
 
-    config = SandboxConfig(
-        accounts=load_account_ids(accounts) if accounts else None,
-        missing=load_account_ids(missing) if missing else frozenset(),
-        api_key=os.environ.get("SANDBOX_API_KEY") or None,
-        webhook_secret=_first_webhook_secret() if knobs.get("webhook_url") else None,
-        **knobs,
-    )
+    try:
+        config = SandboxConfig(
+            accounts=load_accounts(accounts) if accounts else None,
+            missing=load_account_ids(missing) if missing else frozenset(),
+            rate_limits=parse_rate_limits(rate_limits),
+            revoked_accounts=frozenset(revoked_accounts),
+            api_key=os.environ.get("SANDBOX_API_KEY") or None,
+            webhook_secret=_first_webhook_secret() if knobs.get("webhook_url") else None,
+            **knobs,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
     def ready(url: str) -> None:
         click.echo(f"sandbox listening on {url}", err=False)

@@ -13,19 +13,24 @@ from typing import Any
 import aiohttp
 import anyio
 import pytest
+from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
+from bulkdisconnect.cli import main
 from bulkdisconnect.sandbox import (
     FORM,
+    LIST_ROUTE,
     JournalEntry,
     Sandbox,
     SandboxConfig,
     SandboxThread,
     account_calls,
     load_account_ids,
+    load_accounts,
     max_in_window,
+    parse_rate_limits,
     serve,
 )
 
@@ -479,3 +484,376 @@ def test_load_account_ids_skips_blanks_and_comments(tmp_path: Path) -> None:
     path = tmp_path / "ids.txt"
     path.write_text("# gone\nfca_a\n\n  fca_b  \nfca_a\n", encoding="utf-8")
     assert load_account_ids(path) == {"fca_a", "fca_b"}
+
+
+# -- Stripe accounts: ownership, a rate limit each, revoked access, holders -------------------
+
+
+class FakeClock:
+    """A clock the test moves by hand: the sandbox's rate windows follow it, not the machine."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clocked() -> Iterator[tuple[SandboxThread, FakeClock]]:
+    """A sandbox of its own whose clock the test moves."""
+    clock = FakeClock()
+    with SandboxThread(clock=clock) as thread:
+        yield thread, clock
+
+
+def as_account(stripe_account: str | None) -> dict[str, str]:
+    """The default headers, with `Stripe-Account` when one is given."""
+    return HEADERS if stripe_account is None else {**HEADERS, "Stripe-Account": stripe_account}
+
+
+async def list_accounts(
+    session: aiohttp.ClientSession,
+    thread: SandboxThread,
+    params: dict[str, str],
+    stripe_account: str | None = None,
+) -> Reply:
+    """GET the list route with `params` (as `stripe_account`, if given)."""
+    headers = {"Authorization": HEADERS["Authorization"]}
+    if stripe_account is not None:
+        headers["Stripe-Account"] = stripe_account
+    async with session.get(thread.url + LIST_ROUTE, params=params, headers=headers) as response:
+        return Reply(response.status, dict(response.headers), await response.json())
+
+
+def listed(reply: Reply) -> list[str]:
+    """The account IDs of one list page."""
+    return [account["id"] for account in reply.body["data"]]
+
+
+@pytest.mark.anyio
+async def test_an_account_exists_only_under_the_stripe_account_that_owns_it(
+    sandbox: SandboxThread, session: aiohttp.ClientSession
+) -> None:
+    """Another Stripe account's account gets the very 404 a missing account gets."""
+    owners = {"fca_p": "", "fca_a": "acct_A", "fca_b": "acct_B"}
+    sandbox.sandbox.configure(accounts=owners)
+    gone = await disconnect(session, sandbox, "fca_zz", headers=as_account("acct_A"))
+    assert gone.status == 404
+    for account, stripe_account in (("fca_p", None), ("fca_a", "acct_A"), ("fca_b", "acct_B")):
+        reply = await disconnect(session, sandbox, account, headers=as_account(stripe_account))
+        assert (reply.status, reply.body["id"]) == (200, account)
+    for account, stripe_account in (("fca_a", None), ("fca_a", "acct_B"), ("fca_p", "acct_A")):
+        reply = await disconnect(session, sandbox, account, headers=as_account(stripe_account))
+        assert reply.status == 404
+        assert reply.body == {
+            "error": {
+                **gone.error,
+                "message": f"No such financial connections account: '{account}'",
+            }
+        }
+    assert gone.error == {
+        "code": "resource_missing",
+        "doc_url": "https://stripe.com/docs/error-codes/resource-missing",
+        "message": "No such financial connections account: 'fca_zz'",
+        "param": "account",
+        "type": "invalid_request_error",
+    }
+    # A plain list of IDs is the platform's own; without the knob every ID is everyone's.
+    sandbox.sandbox.configure(accounts=frozenset({"fca_p"}))
+    assert (await disconnect(session, sandbox, "fca_p", headers=as_account("acct_A"))).status == 404
+    assert (await disconnect(session, sandbox, "fca_p")).status == 200
+    sandbox.sandbox.configure(accounts=None)
+    assert (await disconnect(session, sandbox, "fca_q", headers=as_account("acct_Z"))).status == 200
+
+
+def test_load_accounts_reads_ids_or_a_csv_of_owners(tmp_path: Path) -> None:
+    """A plain file is the platform's IDs; a CSV maps each ID to its Stripe account."""
+    plain = tmp_path / "ids.txt"
+    plain.write_text("# platform\nfca_a\n\nfca_b\n", encoding="utf-8")
+    assert load_accounts(plain) == frozenset({"fca_a", "fca_b"})
+    owners = tmp_path / "owners.csv"
+    owners.write_text(
+        "stripe_account,account_id\nacct_A,fca_a\n,fca_p\n# a comment\n acct_B , fca_b \n",
+        encoding="utf-8",
+    )
+    assert load_accounts(owners) == {"fca_a": "acct_A", "fca_p": "", "fca_b": "acct_B"}
+    reordered = tmp_path / "reordered.csv"
+    reordered.write_text("account_id,note,stripe_account\nfca_a,x,\nfca_b,y\n", encoding="utf-8")
+    assert load_accounts(reordered) == frozenset({"fca_a", "fca_b"})  # nobody but the platform
+    for name, text, error in (
+        ("bad.csv", "stripe_account,account_id\nacct_A,fca_a\nacct-B,fca_b\n", r"bad.csv, line 3"),
+        ("twice.csv", "stripe_account,account_id\nacct_A,fca_a\n,fca_a\n", "both acct_A and"),
+        ("no_id.csv", "stripe_account,id\nacct_A,fca_a\n", "no account_id column"),
+    ):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=error):
+            load_accounts(path)
+
+
+@pytest.mark.anyio
+async def test_rate_limit_is_a_budget_per_stripe_account(
+    clocked: tuple[SandboxThread, FakeClock], session: aiohttp.ClientSession
+) -> None:
+    """`rate_limit` caps each Stripe account (the platform is one) in its own sliding second."""
+    thread, clock = clocked
+    thread.sandbox.configure(rate_limit=2)
+
+    async def burst(stripe_account: str | None, count: int) -> list[int]:
+        headers = as_account(stripe_account)
+        return [
+            (await disconnect(session, thread, f"fca_{n}", headers=headers)).status
+            for n in range(count)
+        ]
+
+    for stripe_account in (None, "acct_A", "acct_B"):
+        assert await burst(stripe_account, 3) == [200, 200, 429]
+    reply = await disconnect(session, thread, "fca_x", headers=as_account("acct_B"))
+    assert reply.status == 429
+    assert reply.headers["Stripe-Rate-Limited-Reason"] == "global-rate"
+    assert reply.error == {
+        "code": "rate_limit",
+        "doc_url": "https://stripe.com/docs/error-codes/rate-limit",
+        "message": "Request rate limit exceeded. You can learn more about rate limits here "
+        "https://stripe.com/docs/rate-limits.",
+        "type": "invalid_request_error",
+    }
+    clock.now += 0.999
+    assert await burst("acct_A", 1) == [429]
+    clock.now += 0.001  # one second after the first requests: their slots are free again
+    assert await burst("acct_A", 3) == [200, 200, 429]
+    assert await burst(None, 1) == [200]
+    journal = thread.sandbox.journal_snapshot()
+    limited = [e for e in journal if e.status == 429]
+    assert {e.fault for e in limited} == {"rate_limit"}
+    for stripe_account in (None, "acct_A", "acct_B"):
+        accepted = [e.at for e in journal if e.status == 200 and e.stripe_account == stripe_account]
+        assert max_in_window(accepted) == 2
+
+
+@pytest.mark.anyio
+async def test_rate_limits_override_the_limit_of_one_account(
+    clocked: tuple[SandboxThread, FakeClock], session: aiohttp.ClientSession
+) -> None:
+    """`rate_limits` gives one Stripe account its own cap; the others keep `rate_limit`."""
+    thread, _ = clocked
+    thread.sandbox.configure(rate_limit=2, rate_limits={"acct_Slow": 1, "acct_Fast": 4})
+
+    async def admitted(stripe_account: str | None) -> int:
+        headers = as_account(stripe_account)
+        replies = [await disconnect(session, thread, "fca_a", headers=headers) for _ in range(6)]
+        return sum(r.status == 200 for r in replies)
+
+    assert [await admitted(a) for a in ("acct_Slow", "acct_Fast", "acct_Other", None)] == [
+        1,
+        4,
+        2,
+        2,
+    ]
+    # Without a general limit only the named account is capped.
+    thread.sandbox.reset()
+    thread.sandbox.configure(rate_limit=None, rate_limits={"acct_Slow": 1})
+    assert [await admitted(a) for a in ("acct_Slow", "acct_Other", None)] == [1, 6, 6]
+
+
+@pytest.mark.anyio
+async def test_revoked_account_is_403_account_invalid(
+    sandbox: SandboxThread, session: aiohttp.ClientSession
+) -> None:
+    """A revoked Stripe-Account gets Stripe's 403 account_invalid, key masked; others go on."""
+    sandbox.sandbox.configure(revoked_accounts=frozenset({"acct_Gone"}))
+    reply = await disconnect(
+        session, sandbox, "fca_a", headers=as_account("acct_Gone"), idempotency_key="k"
+    )
+    assert reply.status == 403
+    assert reply.error == {
+        "code": "account_invalid",
+        "doc_url": "https://stripe.com/docs/error-codes/account-invalid",
+        "message": "The provided key 'sk_test_********************p7dc' does not have access to "
+        "account 'acct_Gone' (or that account does not exist). Application access may have been "
+        "revoked.",
+        "type": "invalid_request_error",
+    }
+    listing = await list_accounts(
+        session, sandbox, {"account_holder[customer]": "cus_a"}, "acct_Gone"
+    )
+    assert listing.status == 403
+    assert listing.error["code"] == "account_invalid"
+    assert (
+        await disconnect(session, sandbox, "fca_a", headers=as_account("acct_Ok"))
+    ).status == 200
+    assert (await disconnect(session, sandbox, "fca_a")).status == 200
+    # Refused before the endpoint ran, so nothing was saved under the key.
+    sandbox.sandbox.configure(revoked_accounts=frozenset())
+    again = await disconnect(
+        session, sandbox, "fca_a", headers=as_account("acct_Gone"), idempotency_key="k"
+    )
+    assert again.status == 200
+    assert "Idempotent-Replayed" not in again.headers
+    journal = sandbox.sandbox.journal_snapshot()
+    assert [(e.stripe_account, e.status, e.fault) for e in journal] == [
+        ("acct_Gone", 403, "account_invalid"),
+        ("acct_Gone", 403, "account_invalid"),
+        ("acct_Ok", 200, None),
+        (None, 200, None),
+        ("acct_Gone", 200, None),
+    ]
+    assert KEY not in repr(journal)
+
+
+@pytest.mark.anyio
+async def test_journal_records_the_stripe_account_header(
+    sandbox: SandboxThread, session: aiohttp.ClientSession
+) -> None:
+    """Each journal entry holds the request's Stripe-Account, None without one, over HTTP too."""
+    await disconnect(session, sandbox, "fca_a")
+    await disconnect(session, sandbox, "fca_a", headers=as_account("acct_A"))
+    await list_accounts(session, sandbox, {"account_holder[account]": "acct_H"}, "acct_B")
+    journal = sandbox.sandbox.journal_snapshot()
+    assert [(e.method, e.stripe_account) for e in journal] == [
+        ("POST", None),
+        ("POST", "acct_A"),
+        ("GET", "acct_B"),
+    ]
+    async with session.get(f"{sandbox.url}/_sandbox/journal") as response:
+        entries = await response.json()
+    assert [e["stripe_account"] for e in entries] == [None, "acct_A", "acct_B"]
+
+
+@pytest.mark.anyio
+async def test_list_by_account_holder_pages_through_its_accounts(
+    sandbox: SandboxThread, session: aiohttp.ClientSession
+) -> None:
+    """account_holder[account] lists a connected account's implicit accounts, page by page."""
+    sandbox.sandbox.configure(accounts_per_customer=12, disconnected_per_customer=1)
+    await disconnect(session, sandbox, "fca_H1h3")
+    first = await list_accounts(session, sandbox, {"account_holder[account]": "acct_H1"})
+    assert first.status == 200
+    assert listed(first) == [f"fca_H1h{i}" for i in range(10)]  # default limit 10
+    assert first.body["has_more"] is True
+    statuses = [account["status"] for account in first.body["data"]]
+    assert statuses[:5] == ["disconnected", "active", "active", "disconnected", "active"]
+    assert {tuple(a["account_holder"].items()) for a in first.body["data"]} == {
+        (("account", "acct_H1"), ("type", "account"))
+    }
+    assert set(first.body["data"][0]) == ACCOUNT_FIELDS
+    params = {"account_holder[account]": "acct_H1", "starting_after": "fca_H1h9", "limit": "5"}
+    second = await list_accounts(session, sandbox, params)
+    assert (listed(second), second.body["has_more"]) == (["fca_H1h10", "fca_H1h11"], False)
+    # Customer and connected-account holders never share an account ID.
+    customer = await list_accounts(session, sandbox, {"account_holder[customer]": "cus_H1"})
+    assert listed(customer)[:2] == ["fca_H1a0", "fca_H1a1"]
+    # Listed are the accounts the requesting Stripe account owns.
+    sandbox.sandbox.configure(accounts={"fca_H1h0": "", "fca_H1h1": "acct_P", "fca_H1h2": "acct_P"})
+    mine = await list_accounts(session, sandbox, {"account_holder[account]": "acct_H1"})
+    assert listed(mine) == ["fca_H1h0"]
+    params = {"account_holder[account]": "acct_H1", "limit": "1"}
+    page = await list_accounts(session, sandbox, params, "acct_P")
+    assert (listed(page), page.body["has_more"]) == (["fca_H1h1"], True)
+    page = await list_accounts(session, sandbox, {**params, "starting_after": "fca_H1h1"}, "acct_P")
+    assert (listed(page), page.body["has_more"]) == (["fca_H1h2"], False)
+
+
+BOTH_HOLDERS = (
+    "You may only specify one of these parameters: account_holder[account], "
+    "account_holder[customer]."
+)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (
+            {"account_holder[account]": "acct_A", "account_holder[customer]": "cus_A"},
+            (400, "account_holder", BOTH_HOLDERS),
+        ),
+        (
+            {"account_holder[account]": "acct_a-b"},
+            (404, "account_holder[account]", "No such account: 'acct_a-b'"),
+        ),
+        (
+            {"account_holder[account]": "acct_gone"},
+            (404, "account_holder[account]", "No such account: 'acct_gone'"),
+        ),
+        (
+            {"account_holder[account]": "acct_A", "starting_after": "fca_Aa0"},
+            (400, "starting_after", "No such financial connections account: 'fca_Aa0'"),
+        ),
+    ],
+)
+async def test_list_by_account_holder_refuses_bad_requests(
+    sandbox: SandboxThread,
+    session: aiohttp.ClientSession,
+    params: dict[str, str],
+    expected: tuple[int, str, str],
+) -> None:
+    """Both holders at once, an unknown holder account or a foreign cursor are refused."""
+    sandbox.sandbox.configure(missing=frozenset({"acct_gone"}))
+    reply = await list_accounts(session, sandbox, params)
+    assert (reply.status, reply.error["param"], reply.error["message"]) == expected
+    assert reply.error["type"] == "invalid_request_error"
+    if reply.status == 404:
+        assert reply.error["code"] == "resource_missing"
+
+
+@pytest.mark.anyio
+async def test_account_knobs_over_http(
+    sandbox: SandboxThread, session: aiohttp.ClientSession
+) -> None:
+    """`/_sandbox/config` takes owners as an object, per-account limits and revoked accounts."""
+    knobs = {
+        "accounts": {"fca_a": "acct_A", "fca_p": None},
+        "rate_limits": {"acct_A": 5},
+        "revoked_accounts": ["acct_Gone"],
+    }
+    async with session.post(f"{sandbox.url}/_sandbox/config", json=knobs) as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["accounts"] == {"fca_a": "acct_A", "fca_p": ""}
+    assert body["rate_limits"] == {"acct_A": 5.0}
+    assert body["revoked_accounts"] == ["acct_Gone"]
+    assert sandbox.sandbox.config.revoked_accounts == {"acct_Gone"}
+    for bad in (
+        {"accounts": {"fca_a": "acct-A"}},
+        {"rate_limits": {"acct_A": 0}},
+        {"rate_limits": {"cus_A": 1}},
+        {"rate_limits": ["acct_A"]},
+        {"revoked_accounts": ["cus_A"]},
+    ):
+        async with session.post(f"{sandbox.url}/_sandbox/config", json=bad) as response:
+            assert response.status == 400, bad
+
+
+def test_rate_limits_and_revoked_accounts_are_checked() -> None:
+    """--rate-limit-for takes acct_…=N with N > 0; the knobs refuse what is not an acct_ ID."""
+    assert parse_rate_limits(["acct_A=5", "acct_B=0.5", "acct_A=7"]) == {
+        "acct_A": 7.0,
+        "acct_B": 0.5,
+    }
+    for bad in ("acct_A", "acct_A=", "acct_A=x", "acct_A=0", "acct_A=nan", "cus_A=1", "=3"):
+        with pytest.raises(ValueError, match="acct_…=N"):
+            parse_rate_limits([bad])
+    for knobs in (
+        {"rate_limits": {"acct_A": -1.0}},
+        {"rate_limits": {"acct_A/x": 1.0}},
+        {"revoked_accounts": frozenset({""})},
+    ):
+        with pytest.raises(ValueError, match="must"):
+            SandboxConfig(**knobs)
+
+
+def test_sandbox_command_refuses_bad_account_options(tmp_path: Path) -> None:
+    """Bad --rate-limit-for, --revoked-account or --accounts rows exit 2, naming them."""
+    owners = tmp_path / "owners.csv"
+    owners.write_text("stripe_account,account_id\nnot-an-account,fca_a\n", encoding="utf-8")
+    runner = CliRunner()
+    for args, named in (
+        (["--rate-limit-for", "acct_A=fast"], "acct_A=fast"),
+        (["--revoked-account", "fca_a"], "fca_a"),
+        (["--accounts", str(owners)], "line 2"),
+    ):
+        result = runner.invoke(main, ["sandbox", "--port", "0", *args])
+        assert result.exit_code == 2, result.output
+        assert named in result.output

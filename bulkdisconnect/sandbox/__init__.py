@@ -3,10 +3,16 @@
 It speaks Stripe's wire format (error envelope, Request-Id, Idempotency-Key replay, 429 reason
 headers) so the runner can be demonstrated, tested and benchmarked without a network.
 
-Customers are implicit: every well-formed `cus_X` has `accounts_per_customer` accounts
-`fca_Xa0`, `fca_Xa1`, ... which `GET /v1/financial_connections/accounts` lists in that order.
+Account holders are implicit: every well-formed customer `cus_X` has `accounts_per_customer`
+accounts `fca_Xa0`, `fca_Xa1`, ..., and every connected account `acct_Y` as many `fca_Yh0`,
+`fca_Yh1`, ..., which `GET /v1/financial_connections/accounts` lists in that order
+(`account_holder[customer]=cus_X`, `account_holder[account]=acct_Y`).
 
-    config.py   SandboxConfig: faults, account universe, webhooks
+Stripe accounts are told apart by the `Stripe-Account` header (none: the platform). The
+`accounts` knob may say which one owns each account (another's gets 404 resource_missing); each
+has its own server-side rate limit; a revoked one gets 403 account_invalid.
+
+    config.py   SandboxConfig: faults, account universe, webhooks; the files behind the knobs
     wire.py     Stripe's envelopes, messages and the account object
     server.py   Sandbox (state, routes, fault pipeline), serve, SandboxThread
     journal.py  JournalEntry and the measures taken from it (rate, concurrency)
@@ -14,7 +20,12 @@ Customers are implicit: every well-formed `cus_X` has `accounts_per_customer` ac
 
 from __future__ import annotations
 
-from bulkdisconnect.sandbox.config import SandboxConfig, load_account_ids
+from bulkdisconnect.sandbox.config import (
+    SandboxConfig,
+    load_account_ids,
+    load_accounts,
+    parse_rate_limits,
+)
 from bulkdisconnect.sandbox.journal import (
     JournalEntry,
     account_calls,
@@ -40,7 +51,9 @@ __all__ = [
     "SandboxThread",
     "account_calls",
     "load_account_ids",
+    "load_accounts",
     "max_concurrent",
     "max_in_window",
+    "parse_rate_limits",
     "serve",
 ]

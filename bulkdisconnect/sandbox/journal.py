@@ -11,21 +11,23 @@ from dataclasses import dataclass
 class JournalEntry:
     """One request as the sandbox saw it; the API key itself is never kept."""
 
-    at: float  # time.monotonic() on arrival
+    at: float  # the sandbox's clock (time.monotonic() unless faked) on arrival
     method: str
     path: str  # raw, as received
     account_id: str | None  # from the disconnect route, decoded; None for a list call
     idempotency_key: str | None
-    stripe_account: str | None
+    stripe_account: str | None  # the Stripe-Account header; None without one (the platform)
     stripe_version: str | None
     user_agent: str | None
     content_type: str | None
     authorized: bool  # an Authorization header was present
     status: int  # 0 when no answer was sent
     replayed: bool
-    fault: str | None  # drop, hang, p500, p429, lock_timeout, rate_limit or revoked
+    # drop, hang, p500, p429, lock_timeout, rate_limit, revoked (the key) or account_invalid
+    # (a revoked Stripe-Account)
+    fault: str | None
     request_id: str | None = None
-    done_at: float = 0.0  # time.monotonic() when the answer was sent (or the request given up)
+    done_at: float = 0.0  # the clock when the answer was sent (or the request given up)
 
 
 def max_in_window(times: Sequence[float], window: float = 1.0) -> int:

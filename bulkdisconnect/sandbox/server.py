@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -20,7 +20,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from bulkdisconnect.model import CUSTOMER_ID_PATTERN
-from bulkdisconnect.sandbox.config import SandboxConfig, _config_changes
+from bulkdisconnect.sandbox.config import (
+    CONNECTED_ACCOUNT_PATTERN,
+    SandboxConfig,
+    _config_changes,
+)
 from bulkdisconnect.sandbox.events import EventSender
 from bulkdisconnect.sandbox.journal import JournalEntry
 from bulkdisconnect.sandbox.wire import (
@@ -40,11 +44,13 @@ from bulkdisconnect.sandbox.wire import (
     _account_json,
     _Answer,
     _born_disconnected,
-    _customer_accounts,
     _error,
     _exists,
+    _holder_accounts,
+    _holder_prefix,
     _invalid_key,
     _key_from,
+    _no_access,
     _Note,
     _parse_form,
     _request_id,
@@ -63,8 +69,11 @@ class _Saved:
 class Sandbox:
     """The sandbox's state (journal, idempotency cache, accounts) and its aiohttp app."""
 
-    def __init__(self, config: SandboxConfig | None = None) -> None:
+    def __init__(
+        self, config: SandboxConfig | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config if config is not None else SandboxConfig()
+        self._clock = clock  # arrival times, for the journal and the rate limit; tests fake it
         self._lock = threading.Lock()  # the journal is read from other threads
         self._journal: list[JournalEntry] = []
         self._rng = random.Random(self.config.seed)
@@ -72,7 +81,8 @@ class Sandbox:
         self._in_flight: dict[str, Signature] = {}
         self._disconnected: set[str] = set()
         self._answered = 0  # API calls answered, for revoke_after
-        self._window: deque[float] = deque()  # arrival times of requests the limiter let in
+        # Per Stripe account ("" = the platform): arrival times of requests the limiter let in.
+        self._windows: dict[str, deque[float]] = {}
         self.events = EventSender()  # webhook events, when a webhook_url is configured
 
     def configure(self, **changes: Any) -> SandboxConfig:
@@ -89,7 +99,7 @@ class Sandbox:
             self._journal = []
         self._saved, self._in_flight, self._disconnected = {}, {}, set()
         self._answered = 0
-        self._window = deque()
+        self._windows = {}
         self._rng.seed(self.config.seed)
 
     def journal_snapshot(self) -> list[JournalEntry]:
@@ -138,7 +148,7 @@ class Sandbox:
     ) -> web.StreamResponse:
         if request.path in _CONTROL_PATHS:
             return await handler(request)
-        note = _Note(time.monotonic(), _request_id())
+        note = _Note(self._clock(), _request_id())
         request[_NOTE] = note
         status = 0
         try:
@@ -171,7 +181,7 @@ class Sandbox:
             replayed=note.replayed,
             fault=note.fault,
             request_id=note.request_id,
-            done_at=time.monotonic(),
+            done_at=self._clock(),
         )
         with self._lock:
             self._journal.append(entry)
@@ -205,7 +215,7 @@ class Sandbox:
                 return web.Response(status=499)  # aiohttp fails to write it, quietly
             if fault is not None:
                 answer = _FAULTS[fault]
-            elif not self._admit(config, note.at):
+            elif not self._admit(config, note.at, request.headers.get("Stripe-Account", "")):
                 note.fault = "rate_limit"
                 answer = _FAULTS["rate_limit"]
         if answer is None:
@@ -229,6 +239,10 @@ class Sandbox:
             note.fault = "revoked"
             return _invalid_key(key)
         note.mode = match[1]
+        account = request.headers.get("Stripe-Account")
+        if account is not None and account in config.revoked_accounts:
+            note.fault = "account_invalid"
+            return _no_access(key, account)
         return None
 
     def _draw_fault(self, config: SandboxConfig) -> str | None:
@@ -249,13 +263,17 @@ class Sandbox:
             draw -= p
         return None
 
-    def _admit(self, config: SandboxConfig, now: float) -> bool:
-        if config.rate_limit is None:
+    def _admit(self, config: SandboxConfig, now: float, owner: str) -> bool:
+        """Whether Stripe account `owner`'s limit lets a request in: Stripe meters each one."""
+        limit = config.rate_limits.get(owner, config.rate_limit)
+        if limit is None:
             return True
-        window = self._window
+        window = self._windows.get(owner)
+        if window is None:
+            window = self._windows[owner] = deque()
         while window and window[0] + 1.0 <= now:  # the same half-open window as max_in_window
             window.popleft()
-        if len(window) + 1 > config.rate_limit:
+        if len(window) + 1 > limit:
             return False
         window.append(now)
         return True
@@ -271,19 +289,20 @@ class Sandbox:
         account = request.match_info["account"]
         params, early = _parse_form(request, await request.read())
         key = request.headers.get("Idempotency-Key")
+        owner = request.headers.get("Stripe-Account", "")
         # Stripe scopes idempotency keys to the account acted on (and the key's mode).
-        slot = f"{request.headers.get('Stripe-Account', '')}|{key}"
+        slot = f"{owner}|{key}"
         signature = (request.raw_path, params)
         if early is None and key is not None:
             early = self._check_key(key, slot, signature, note)
         if early is not None or key is None:
             await self._delay(config)
-            return early if early is not None else self._lookup(account, config, note)
+            return early if early is not None else self._lookup(account, owner, config, note)
         in_flight = self._in_flight
         in_flight[slot] = signature
         try:
             await self._delay(config)
-            answer = self._lookup(account, config, note)
+            answer = self._lookup(account, owner, config, note)
             # Stripe saves the first answer once endpoint execution began: 200 and 404 here.
             self._saved[slot] = _Saved(signature, answer, note.request_id)
             return answer
@@ -320,10 +339,10 @@ class Sandbox:
         replay = (("Idempotent-Replayed", "true"), ("Original-Request", saved.request_id))
         return saved.answer._replace(headers=saved.answer.headers + replay)
 
-    def _lookup(self, account: str, config: SandboxConfig, note: _Note) -> _Answer:
-        missing = _missing(
-            "financial connections account", account, _exists(account, config), config, note
-        )
+    def _lookup(self, account: str, owner: str, config: SandboxConfig, note: _Note) -> _Answer:
+        """Disconnect `account` for Stripe account `owner`; another's account is missing to it."""
+        exists = _exists(account, config, owner)
+        missing = _missing("financial connections account", account, exists, config, note)
         if missing is not None:
             return missing
         newly = account not in self._disconnected and not _born_disconnected(account, config)
@@ -341,18 +360,29 @@ class Sandbox:
         return _Answer(200, body.encode())
 
     async def _list_page(self, request: web.Request, config: SandboxConfig, note: _Note) -> _Answer:
-        """One page of a customer's accounts, in ID order, as Stripe's list envelope."""
+        """One page of a holder's accounts (a customer's or a connected account's), in ID order,
+        as Stripe's list envelope; only those the requesting Stripe account owns."""
         await self._delay(config)
         query = request.rel_url.query
         for name in query:
             if name in _UNSUPPORTED_LIST_PARAMS:
-                message = f"The sandbox does not support {name}; list by account_holder[customer]."
+                message = (
+                    f"The sandbox does not support {name}; list by account_holder[customer] "
+                    "or account_holder[account]."
+                )
                 return _error(400, message, param=name)
             if name not in _LIST_PARAMS and not _EXPAND_PARAM.fullmatch(name):
                 message = f"Received unknown parameter: {name}"
                 return _error(400, message, code="parameter_unknown", param=name)
         customer = query.get("account_holder[customer]", "")
-        if not customer:
+        holder_account = query.get("account_holder[account]", "")
+        if customer and holder_account:  # "mutually exclusive" (stripe/openapi)
+            message = (
+                "You may only specify one of these parameters: account_holder[account], "
+                "account_holder[customer]."
+            )
+            return _error(400, message, param="account_holder")
+        if not customer and not holder_account:
             return _error(
                 400,
                 "Missing required param: account_holder[customer].",
@@ -364,16 +394,21 @@ class Sandbox:
         if not 1 <= limit <= 100:
             message = f"Invalid limit: must be an integer between 1 and 100, not '{raw_limit}'."
             return _error(400, message, code="parameter_invalid_integer", param="limit")
-        exists = bool(CUSTOMER_ID_PATTERN.fullmatch(customer)) and customer not in config.missing
-        missing = _missing(
-            "customer", customer, exists, config, note, param="account_holder[customer]"
-        )
+        if customer:
+            holder, kind, param = customer, "customer", "account_holder[customer]"
+            well_formed = CUSTOMER_ID_PATTERN.fullmatch(customer)
+        else:
+            holder, kind, param = holder_account, "account", "account_holder[account]"
+            well_formed = CONNECTED_ACCOUNT_PATTERN.fullmatch(holder_account)
+        exists = well_formed is not None and holder not in config.missing
+        missing = _missing(kind, holder, exists, config, note, param=param)
         if missing is not None:
             return missing
-        prefix = f"fca_{customer[4:]}a"
+        owner = request.headers.get("Stripe-Account", "")
+        prefix = _holder_prefix(holder)
         start = 0
         if (after := query.get("starting_after")) is not None:
-            index = _account_index(after, prefix, config)
+            index = _account_index(after, prefix, config, owner)
             if index is None:
                 return _error(
                     400,
@@ -382,12 +417,12 @@ class Sandbox:
                     param="starting_after",
                 )
             start = index + 1
-        page = list(itertools.islice(_customer_accounts(prefix, start, config), limit + 1))
+        page = list(itertools.islice(_holder_accounts(prefix, start, config, owner), limit + 1))
         data = ", ".join(
             _account_json(
                 account,
                 livemode=config.livemode_accounts,
-                customer=customer,
+                holder=holder,
                 status="disconnected"
                 if account in self._disconnected or _born_disconnected(account, config)
                 else "active",
@@ -404,7 +439,7 @@ class Sandbox:
         await self.events.aclose()
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
-        note = request.get(_NOTE) or _Note(time.monotonic(), _request_id())
+        note = request.get(_NOTE) or _Note(self._clock(), _request_id())
         await self._delay(self.config)
         message = (
             f"Unrecognized request URL ({request.method}: {request.path}). Please see "
@@ -421,9 +456,7 @@ class Sandbox:
         except (ValueError, TypeError) as exc:
             body = {"error": {"message": str(exc), "type": "invalid_request_error"}}
             return web.json_response(body, status=400)
-        return web.json_response(
-            {k: sorted(v) if isinstance(v, frozenset) else v for k, v in vars(config).items()}
-        )
+        return web.json_response({k: _as_json(v) for k, v in vars(config).items()})
 
     async def _post_reset(self, request: web.Request) -> web.StreamResponse:
         self.reset()
@@ -446,9 +479,14 @@ class SandboxThread:
     """A sandbox on its own event loop in a daemon thread, as a context manager."""
 
     def __init__(
-        self, config: SandboxConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: SandboxConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.sandbox = Sandbox(config)
+        self.sandbox = Sandbox(config, clock=clock)
         self.url = ""
         self._address = (host, port)
         self._started = threading.Event()
@@ -489,6 +527,13 @@ class SandboxThread:
     def _ready(self, url: str) -> None:
         self.url = url
         self._started.set()
+
+
+def _as_json(value: object) -> object:
+    """A knob's value as JSON takes it: sets as sorted lists, mappings as objects."""
+    if isinstance(value, frozenset):
+        return sorted(value)
+    return dict(value) if isinstance(value, Mapping) else value
 
 
 def _missing(

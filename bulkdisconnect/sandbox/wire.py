@@ -10,7 +10,7 @@ import os
 import re
 import string
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import parse_qsl
@@ -24,10 +24,12 @@ DEFAULT_STRIPE_VERSION = "2026-10-28.endive"
 FORM = "application/x-www-form-urlencoded"
 DISCONNECT_ROUTE = "/v1/financial_connections/accounts/{account}/disconnect"
 LIST_ROUTE = "/v1/financial_connections/accounts"
-_LIST_PARAMS = frozenset({"account_holder[customer]", "limit", "starting_after"})
+_LIST_PARAMS = frozenset(
+    {"account_holder[customer]", "account_holder[account]", "limit", "starting_after"}
+)
 # Real parameters of the list operation (stripe/openapi) that the sandbox does not implement.
 _UNSUPPORTED_LIST_PARAMS = frozenset(
-    {"account_holder[account]", "account_holder[customer_account]", "ending_before", "session"}
+    {"account_holder[customer_account]", "ending_before", "session"}
 )
 _CONTROL_PATHS = frozenset({"/_sandbox/journal", "/_sandbox/config", "/_sandbox/reset"})
 _KEY_PATTERN = re.compile(r"(?:sk|rk)_(test|live)_[A-Za-z0-9]+")
@@ -42,7 +44,7 @@ _SHUTDOWN_GRACE = 0.25  # seconds in-flight handlers get when the server stops
 # The "@..." fields are filled per answer: several times cheaper than json.dumps of the object.
 _FIXTURE_CUSTOMER = "cus_QXg1o8vcGmoR32"
 _ACCOUNT_TEMPLATE = (
-    '{"account_holder": {"customer": "@customer", "type": "customer"}, '
+    '{"account_holder": "@holder", '
     '"balance": {"as_of": 93102340, "current": {"usd": 1126940025}, "type": "cash"}, '
     '"balance_refresh": {"last_attempted_at": 1981828143, "next_refresh_available_at": null, '
     '"status": "failed"}, "category": "cash", "created": "@created", '
@@ -138,37 +140,53 @@ _NO_KEY = _error(
 )
 
 
-def _exists(account: str, config: SandboxConfig) -> bool:
-    return (
-        is_valid_account_id(account)
-        and account not in config.missing
-        and (config.accounts is None or account in config.accounts)
-    )
+def _exists(account: str, config: SandboxConfig, owner: str = "") -> bool:
+    """Whether `account` exists for Stripe account `owner` (an acct_ ID, "" = the platform)."""
+    if not is_valid_account_id(account) or account in config.missing:
+        return False
+    accounts = config.accounts
+    if accounts is None:
+        return True
+    if isinstance(accounts, Mapping):  # account ID -> the Stripe account owning it
+        return accounts.get(account) == owner
+    return not owner and account in accounts  # the platform's own
 
 
-def _customer_accounts(prefix: str, start: int, config: SandboxConfig) -> Iterator[str]:
-    """A customer's existing account IDs from index `start` on, lazily (a customer may be huge)."""
+# An implicit holder's accounts: fca_<customer suffix>a<index> for a customer (cus_), and
+# fca_<account suffix>h<index> for a connected account (acct_), so the two never share an ID.
+_HOLDER_MARKS = {"cus_": "a", "acct_": "h"}
+
+
+def _holder_prefix(holder: str) -> str:
+    """What the IDs of an implicit holder's accounts start with, before their index."""
+    kind, _, suffix = holder.partition("_")
+    return f"fca_{suffix}{_HOLDER_MARKS[kind + '_']}"
+
+
+def _holder_accounts(prefix: str, start: int, config: SandboxConfig, owner: str) -> Iterator[str]:
+    """A holder's existing account IDs from index `start` on, lazily (a holder may be huge)."""
     for index in range(start, config.accounts_per_customer):
-        if _exists(account := f"{prefix}{index}", config):
+        if _exists(account := f"{prefix}{index}", config, owner):
             yield account
 
 
-def _account_index(account: str, prefix: str, config: SandboxConfig) -> int | None:
-    """The index of an existing account of the customer whose IDs start with `prefix`."""
+def _account_index(account: str, prefix: str, config: SandboxConfig, owner: str) -> int | None:
+    """The index of an existing account of the holder whose IDs start with `prefix`."""
     digits = account.removeprefix(prefix)
     if digits == account or not digits.isascii() or not digits.isdigit():
         return None
     index = int(digits)
     canonical = str(index) == digits and index < config.accounts_per_customer
-    return index if canonical and _exists(account, config) else None
+    return index if canonical and _exists(account, config, owner) else None
 
 
 def _born_disconnected(account: str, config: SandboxConfig) -> bool:
-    """Whether an implicit customer's account is one of those that start disconnected."""
+    """Whether an implicit holder's account is one of those that start disconnected."""
     if not config.disconnected_per_customer:
         return False
-    head, _, digits = account.rpartition("a")  # fca_<customer suffix>a<index>
-    if not (head.startswith("fca_") and len(head) > 4 and digits.isascii() and digits.isdigit()):
+    head = account.rstrip(string.digits)  # fca_<holder suffix><mark>, then the index
+    digits = account[len(head) :]
+    if not (head.startswith("fca_") and len(head) > 5 and head[-1] in "ah" and digits):
         return False
     index = int(digits)
     return str(index) == digits and index < min(
@@ -177,13 +195,14 @@ def _born_disconnected(account: str, config: SandboxConfig) -> bool:
 
 
 def _account_json(
-    account: str, *, livemode: bool, status: str = "disconnected", customer: str = _FIXTURE_CUSTOMER
+    account: str, *, livemode: bool, status: str = "disconnected", holder: str = _FIXTURE_CUSTOMER
 ) -> str:
-    """The account object as JSON; `account` and `customer` are alphanumeric IDs."""
+    """The account object as JSON; `account` and `holder` (cus_ or acct_) are alphanumeric IDs."""
     created = 1_600_000_000 + zlib.crc32(account.encode()) % 100_000_000
+    kind = "account" if holder.startswith("acct_") else "customer"
     return (
         _ACCOUNT_TEMPLATE.replace('"@id"', json.dumps(account))
-        .replace('"@customer"', json.dumps(customer))
+        .replace('"@holder"', f'{{"{kind}": {json.dumps(holder)}, "type": "{kind}"}}')
         .replace('"@status"', json.dumps(status))
         .replace('"@created"', str(created))
         .replace('"@livemode"', "true" if livemode else "false")
@@ -214,12 +233,30 @@ def _key_from(header: str) -> str:
     return header
 
 
-def _invalid_key(key: str) -> _Answer:
+def _masked_key(key: str) -> str:
+    """The key as Stripe's messages show it: its prefix, stars, then its last four characters."""
     prefix = prefix_match[0] if (prefix_match := _KEY_PREFIX.match(key)) else ""
     rest = key[len(prefix) :]
     shown = rest[-4:] if len(rest) > 4 else ""
-    masked = prefix + "*" * min(len(rest) - len(shown), 32) + shown
-    return _error(401, f"Invalid API Key provided: {masked}", headers=_WWW_AUTHENTICATE)
+    return prefix + "*" * min(len(rest) - len(shown), 32) + shown
+
+
+def _invalid_key(key: str) -> _Answer:
+    return _error(401, f"Invalid API Key provided: {_masked_key(key)}", headers=_WWW_AUTHENTICATE)
+
+
+def _no_access(key: str, account: str) -> _Answer:
+    """Stripe's 403 for a Stripe-Account the key has no access to.
+
+    Message and masking as in stripe/stripe-php tests/Stripe/ApiRequestorTest.php
+    (testRaisesPermissionErrorOn403), with the code account_invalid that Stripe sends with it.
+    """
+    return _error(
+        403,
+        f"The provided key '{_masked_key(key)}' does not have access to account '{account}' "
+        "(or that account does not exist). Application access may have been revoked.",
+        code="account_invalid",
+    )
 
 
 def _parse_form(
