@@ -385,8 +385,13 @@ def _connect(path: Path, create: bool, read_only: bool = False) -> sqlite3.Conne
         else:
             _private(path)
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Opening waits as long as a statement may (in this thread): switching to WAL needs
+        # the file to itself for a moment, and a switch refused is silent.
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode != "wal" and str(path) != ":memory:":
+            raise sqlite3.OperationalError(f"the file stayed in {mode} mode: it is in use")
         db.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
-        db.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode survives a killed process; a power loss may drop the last
         # batches, which a rerun redoes with the same idempotency keys.
         db.execute("PRAGMA synchronous = NORMAL")
@@ -402,7 +407,11 @@ def _private(path: Path) -> None:
     existing file left more open is closed to others."""
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True)  # mode: the folder itself, not its parents
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    if not path.exists():
+        # Only a file nobody has open: closing a descriptor of a database file drops every
+        # POSIX lock this process holds on it, and SQLite's own connections rely on them.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with contextlib.suppress(FileNotFoundError, PermissionError):
             if file.stat().st_mode & 0o077:
