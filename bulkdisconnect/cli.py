@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import ssl
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -83,6 +86,12 @@ _PLAN_OPTIONS = [
     click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
     click.option("--stripe-account", metavar="ID", help="Send Stripe-Account (Connect)."),
     click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
+    click.option(
+        "--proxy", metavar="URL", help="Egress proxy [env HTTPS_PROXY/HTTP_PROXY, NO_PROXY]."
+    ),
+    click.option(
+        "--ca-bundle", metavar="PATH", help="PEM file of CAs to trust [system, SSL_CERT_FILE]."
+    ),
     _setting("--rate", float, "Max requests per second"),
     _setting("--max-attempts", int, "Attempts per request, first included"),
     _setting("--timeout", float, "Total seconds per request"),
@@ -228,6 +237,7 @@ def report(job: str, state: str | None, fmt: str, output: Path | None, unconfirm
             tmp = output.with_name(output.name + ".partial")
             try:
                 with tmp.open("w", encoding="utf-8", newline="") as out:
+                    tmp.chmod(0o600)  # before a row is written: it lists customers' accounts
                     rows = await write_report(store, job, out, fmt, unconfirmed=unconfirmed)
                 tmp.replace(output)
             except OSError as exc:
@@ -235,6 +245,112 @@ def report(job: str, state: str | None, fmt: str, output: Path | None, unconfirm
             click.echo(f"wrote {rows} rows to {output}", err=True)
 
     _run_async(go)
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  bulkdisconnect forget --job offboarding-2026-11
+  bulkdisconnect forget --finished-before 2026-08-01 --yes
+  bulkdisconnect forget --finished-before 2026-08-01 --state postgresql://bd@db/ops --yes
+
+\b
+Refused (exit 4) while a run holds the job. A SQLite file is rebuilt afterwards, so
+the deleted IDs are not left in its free pages.
+"""
+)
+@click.option("--job", metavar="NAME", help="The job to forget.")
+@click.option(
+    "--finished-before",
+    metavar="DATE",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    help="Every job whose last run finished (exit 0 or 1) before this UTC date.",
+)
+@click.option(
+    "--state",
+    metavar="PATH|URL",
+    help="[state/<job>.sqlite; with --finished-before, every store in state/]",
+)
+@click.option("--yes", is_flag=True, help="Do not ask first.")
+def forget(
+    job: str | None, finished_before: datetime.datetime | None, state: str | None, yes: bool
+) -> None:
+    """Delete what a store holds of a job: its accounts, runs and webhook confirmations."""
+    from bulkdisconnect.errors import LockHeldError
+    from bulkdisconnect.store import shown_location as shown
+
+    if (job is None) == (finished_before is None):
+        raise click.UsageError("give --job NAME or --finished-before DATE (one of them)")
+
+    async def go() -> None:
+        if job is not None:
+            location = _state_for(job, state)
+            async with _job_store(job, state, read_only=False) as store:
+                _confirm_forget([job], shown(location), yes=yes)
+                await _forget(store, job, shown(location))
+            return
+        assert finished_before is not None
+        before = finished_before.replace(tzinfo=datetime.UTC).timestamp()
+        refused = False
+        for location in _stores(state):
+            async with _opened_store(location) as store:
+                jobs = await store.jobs_finished_before(before)
+                if not jobs:
+                    continue
+                _confirm_forget(jobs, shown(location), yes=yes)
+                for name in jobs:
+                    try:
+                        await _forget(store, name, shown(location))
+                    except LockHeldError as exc:
+                        click.echo(f"bulkdisconnect: {exc}: not forgotten", err=True)
+                        refused = True
+        if refused:
+            raise LockHeldError("some jobs were held by a run and were not forgotten")
+
+    _run_async(go)
+
+
+def _confirm_forget(jobs: list[str], where: str, *, yes: bool) -> None:
+    """Ask before deleting records (refuse without a terminal, unless --yes)."""
+    if yes:
+        return
+    question = f"Forget {len(jobs)} job(s) in {where} ({', '.join(jobs[:10])}): delete for good?"
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise UsageError(f"{question} Pass --yes to confirm without a terminal")
+    if not click.confirm(question, err=True):
+        raise UsageError("nothing forgotten")
+
+
+async def _forget(store: SqlStore, job: str, where: str) -> None:
+    forgotten = await store.forget(job, f"forget-{uuid.uuid4().hex[:8]}")
+    click.echo(
+        f"forgot job {job} in {where}: {forgotten.accounts} accounts, {forgotten.runs} runs, "
+        f"{forgotten.confirmations} confirmation events"
+    )
+
+
+def _stores(state: str | None) -> list[Path | str]:
+    """The stores --finished-before looks in: --state, else every SQLite file in state/."""
+    from bulkdisconnect.config import default_state, resolve_state
+
+    if state:
+        return [resolve_state("any", state)]
+    return sorted(default_state("any").parent.glob("*.sqlite"))
+
+
+@contextlib.asynccontextmanager
+async def _opened_store(location: Path | str) -> AsyncIterator[SqlStore]:
+    from bulkdisconnect.store import open_store
+
+    try:
+        store = await open_store(location, create=False)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        yield store
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()
 
 
 @main.command(
@@ -426,6 +542,8 @@ Examples:
     help="This connected account revoked the platform's access: 403 account_invalid (repeatable).",
 )
 @click.option("--seed", type=int, default=None)
+@click.option("--tls-cert", metavar="PEM", help="Serve https with this certificate (chain).")
+@click.option("--tls-key", metavar="PEM", help="The certificate's private key.")
 @click.option(
     "--webhook-url",
     metavar="URL",
@@ -440,6 +558,8 @@ def sandbox(
     missing: str | None,
     rate_limits: tuple[str, ...],
     revoked_accounts: tuple[str, ...],
+    tls_cert: str | None,
+    tls_key: str | None,
     **knobs: Any,
 ) -> None:
     """A local stand-in for Stripe's disconnect endpoint, with fault knobs."""
@@ -464,6 +584,7 @@ def sandbox(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    tls = _server_tls(tls_cert, tls_key)
 
     def ready(url: str) -> None:
         click.echo(f"sandbox listening on {url}", err=False)
@@ -471,5 +592,21 @@ def sandbox(
 
     with contextlib.suppress(KeyboardInterrupt):
         _run_async(
-            lambda: serve(config, host=host, port=port, ready=ready, stop_signals=STOP_SIGNALS)
+            lambda: serve(
+                config, host=host, port=port, ready=ready, stop_signals=STOP_SIGNALS, tls=tls
+            )
         )
+
+
+def _server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The sandbox's TLS context from --tls-cert/--tls-key (both or neither)."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.UsageError(f"cannot load --tls-cert/--tls-key: {exc}") from None
+    return context

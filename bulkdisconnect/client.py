@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -67,6 +70,8 @@ class ClientSettings:
     connect_timeout: float
     total_timeout: float
     pool_size: int
+    proxy: str | None  # --proxy; None: HTTPS_PROXY / HTTP_PROXY unless NO_PROXY says not
+    ca_bundle: str | None  # --ca-bundle; None: the system's CAs (or SSL_CERT_FILE)
 
 
 class StripeClient:
@@ -139,6 +144,8 @@ def _failed_exchange(exc: BaseException) -> Answer:
     connect_error = None
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         connect_error = " ".join(str(exc).split()) or type(exc).__name__
+    elif isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused the tunnel
+        connect_error = f"the proxy answered {exc.status} {exc.message} to CONNECT"
     return Answer(status=0, transport_error=type(exc).__name__, connect_error=connect_error)
 
 
@@ -214,15 +221,33 @@ def _text(value: object) -> str | None:
 
 
 def make_session(settings: ClientSettings) -> aiohttp.ClientSession:
-    """One session per run, its connection pool sized to the concurrency."""
-    connector = aiohttp.TCPConnector(limit=settings.pool_size, limit_per_host=settings.pool_size)
+    """One session per run, its connection pool sized to the concurrency, through the proxy
+    (if any) and trusting the CA bundle (if any). TLS is always verified."""
+    # Made per session, not aiohttp's made at import: SSL_CERT_FILE is read now, as OpenSSL
+    # reads it for any tool. Verification is always on.
+    tls = ssl.create_default_context(cafile=settings.ca_bundle)
+    connector = aiohttp.TCPConnector(
+        limit=settings.pool_size, limit_per_host=settings.pool_size, ssl=tls
+    )
     timeout = aiohttp.ClientTimeout(
         total=settings.total_timeout, sock_connect=settings.connect_timeout
     )
     # Stripe's API keeps no cookies; a real jar would filter and store them on every request.
+    # The proxy is found once, here: aiohttp's trust_env would look it (and ~/.netrc) up on
+    # every request, and could add a netrc login that clashes with the Bearer key.
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
         raise_for_status=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        proxy=settings.proxy or environment_proxy(settings.api_base),
     )
+
+
+def environment_proxy(api_base: str) -> str | None:
+    """The proxy HTTPS_PROXY / HTTP_PROXY (or their lower-case forms) name for `api_base`,
+    unless NO_PROXY exempts its host: as curl and Stripe's SDKs read them."""
+    parts = urllib.parse.urlsplit(api_base)
+    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)

@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import math
 import re
+import ssl
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
@@ -87,6 +88,8 @@ class RunConfig:
     api_key: Secret | None
     stripe_account: str | None
     stripe_version: str | None  # None: the version the client is pinned to
+    proxy: str | None  # None: HTTPS_PROXY / HTTP_PROXY / NO_PROXY decide
+    ca_bundle: str | None  # None: the system's CAs (SSL_CERT_FILE honoured)
     rate: float
     concurrency: int | None  # None: adapts to the observed latency
     max_attempts: int
@@ -229,6 +232,26 @@ def _api_base(v: _Value) -> str:
     return url
 
 
+def _proxy(v: _Value) -> str:
+    from bulkdisconnect.logs import mask_url
+
+    url = _text(v)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise v.fail(f"must be an http(s) URL of a proxy, got {mask_url(url)!r}")
+    return url
+
+
+def _ca_bundle(v: _Value) -> str:
+    path = _text(v)
+    try:
+        ssl.create_default_context(cafile=path)
+    except OSError as exc:  # ssl.SSLError too
+        reason = exc.strerror or str(exc)
+        raise v.fail(f"is not a readable PEM file of CA certificates ({path}: {reason})") from None
+    return path
+
+
 def _params(v: _Value) -> dict[str, str]:
     """Query parameters: a TOML table, or name=value strings from repeated --param flags."""
     value = v.value
@@ -289,6 +312,8 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "api_base": (_api_base, DEFAULT_API_BASE),
     "stripe_account": (_stripe_account, None),
     "stripe_version": (_text, None),
+    "proxy": (_proxy, None),
+    "ca_bundle": (_ca_bundle, None),
     "rate": (_positive, 20.0),
     "concurrency": (_positive_int, None),
     "max_attempts": (_positive_int, 5),

@@ -139,6 +139,8 @@ async def _client(config: RunConfig) -> AsyncIterator[StripeClient | None]:
         connect_timeout=config.connect_timeout,
         total_timeout=config.timeout,
         pool_size=config.concurrency or MAX_CONCURRENCY,
+        proxy=config.proxy,
+        ca_bundle=config.ca_bundle,
     )
     async with make_session(settings) as session:
         yield StripeClient(session, settings)

@@ -20,6 +20,7 @@ import asyncio
 import errno
 import resource
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 
@@ -171,10 +172,12 @@ async def serve_app(
     ready: Callable[[str], None] | None = None,
     stop_signals: tuple[signal.Signals, ...] = (),
     header_timeout: float = HEADER_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
 ) -> str | None:
     """Serve `app` until cancelled, or until one of `stop_signals` (main thread only) comes.
 
-    `ready` gets the bound base URL once it listens; returns the name of the signal that
+    `ready` gets the bound base URL once it listens (https with `tls`, a server context
+    holding the certificate); returns the name of the signal that
     stopped it. A port that cannot be bound is a UsageError naming it. Slow clients and the
     connection cap are handled as the module docstring says.
     """
@@ -197,7 +200,7 @@ async def serve_app(
             )
             try:
                 listener = await asyncio.get_running_loop().create_server(
-                    guard.protocol, host, port, backlog=backlog
+                    guard.protocol, host, port, backlog=backlog, ssl=tls
                 )
             except OSError as exc:
                 raise UsageError(_cannot_listen(host, port, exc)) from None
@@ -205,7 +208,7 @@ async def serve_app(
             if ":" in bound_host:  # IPv6
                 bound_host = f"[{bound_host}]"
             if ready is not None:
-                ready(f"http://{bound_host}:{bound_port}")
+                ready(f"{'https' if tls else 'http'}://{bound_host}:{bound_port}")
             if not stop_signals:
                 await anyio.sleep_forever()
             async for signum in signals:

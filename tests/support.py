@@ -5,10 +5,13 @@ Fixtures live in conftest.py; test modules import helpers from here, never from 
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,6 +154,8 @@ def client_settings(api_base: str, **changes: object) -> ClientSettings:
         "connect_timeout": default("connect_timeout"),
         "total_timeout": default("timeout"),
         "pool_size": 20,
+        "proxy": None,
+        "ca_bundle": None,
     }
     return ClientSettings(**{**settings, **changes})  # type: ignore[arg-type]
 
@@ -193,3 +198,94 @@ class FakeClock:
 
         self.now += max(seconds, 0.0)
         await anyio.lowlevel.checkpoint()
+
+
+class ConnectProxy:
+    """An HTTP CONNECT proxy on loopback, in a thread: what an egress proxy does for TLS.
+
+    It records each tunnel's target, and with `credentials` ("user:password") answers 407 to a
+    CONNECT without the matching Proxy-Authorization.
+    """
+
+    def __init__(self, credentials: str | None = None) -> None:
+        self.credentials = credentials
+        self.tunnels: list[str] = []  # "host:port" of each tunnel opened
+        self.refused = 0
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._ready = threading.Event()
+        self._server: asyncio.Server
+
+    def __enter__(self) -> ConnectProxy:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        self._server = loop.run_until_complete(asyncio.start_server(self._tunnel, "127.0.0.1", 0))
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._ready.set()
+        loop.run_forever()
+        loop.close()
+
+    async def _close(self) -> None:
+        """Stop listening, and end the tunnels still open (their sockets closed)."""
+        self._server.close()
+        tunnels = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tunnels:
+            task.cancel()
+        await asyncio.gather(*tunnels, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        method, target, _ = head.split("\r\n", 1)[0].split(" ", 2)
+        expected = (
+            "Basic " + base64.b64encode(self.credentials.encode()).decode()
+            if self.credentials
+            else None
+        )
+        given = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in head.split("\r\n")
+                if line.lower().startswith("proxy-authorization:")
+            ),
+            None,
+        )
+        if method != "CONNECT" or given != expected:
+            self.refused += 1
+            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        host, port = target.rsplit(":", 1)
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        self.tunnels.append(target)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                dst.close()
+
+        try:
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        finally:
+            writer.close()
+            upstream_writer.close()

@@ -9,6 +9,7 @@ import itertools
 import random
 import re
 import signal
+import ssl
 import threading
 import time
 from collections import deque
@@ -130,9 +131,10 @@ class Sandbox:
         port: int = 0,
         ready: Callable[[str], None] | None = None,
         stop_signals: tuple[signal.Signals, ...] = (),
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """Serve this sandbox until cancelled or signalled (see `serve_app`); `ready` gets
-        the bound URL once listening."""
+        the bound URL once listening (https with `tls`)."""
         await serve_app(
             self.make_app(),
             host=host,
@@ -140,6 +142,7 @@ class Sandbox:
             shutdown_timeout=_SHUTDOWN_GRACE,
             ready=ready,
             stop_signals=stop_signals,
+            tls=tls,
         )
 
     @web.middleware
@@ -470,9 +473,10 @@ async def serve(
     port: int = 0,
     ready: Callable[[str], None] | None = None,
     stop_signals: tuple[signal.Signals, ...] = (),
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Serve a fresh sandbox until cancelled or signalled; `ready` gets the bound URL."""
-    await Sandbox(config).run(host=host, port=port, ready=ready, stop_signals=stop_signals)
+    await Sandbox(config).run(host=host, port=port, ready=ready, stop_signals=stop_signals, tls=tls)
 
 
 class SandboxThread:
@@ -485,10 +489,12 @@ class SandboxThread:
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.sandbox = Sandbox(config, clock=clock)
         self.url = ""
         self._address = (host, port)
+        self._tls = tls
         self._started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -522,7 +528,7 @@ class SandboxThread:
     async def _serve(self) -> None:
         self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
         host, port = self._address
-        await self.sandbox.run(host=host, port=port, ready=self._ready)
+        await self.sandbox.run(host=host, port=port, ready=self._ready, tls=self._tls)
 
     def _ready(self, url: str) -> None:
         self.url = url
