@@ -958,6 +958,20 @@ async def test_accounts_a_lost_reply_left_claimed_are_claimed_again(
     assert await pg.claim(JOB, "w1", limit=10) == []
 
 
+def test_postgresql_outages_are_waited_out_and_misuses_are_not() -> None:
+    from bulkdisconnect.store.postgres import PostgresDialect
+
+    transient = PostgresDialect.transient
+    assert transient(asyncpg.ConnectionDoesNotExistError("connection was closed"))
+    assert transient(asyncpg.AdminShutdownError("terminating connection"))
+    assert transient(asyncpg.InterfaceError("connection is closed"))
+    assert transient(asyncpg.InterfaceError("pool is closing"))
+    assert transient(ConnectionResetError())
+    assert not transient(asyncpg.InterfaceError("cannot perform operation: another operation"))
+    assert not transient(asyncpg.UndefinedTableError("relation accounts does not exist"))
+    assert not transient(asyncpg.DiskFullError("could not extend file"))
+
+
 @pytest.mark.anyio
 async def test_sqlite_refuses_join(tmp_path: Path) -> None:
     """Only a shared store can be joined; SQLite says what to use instead."""

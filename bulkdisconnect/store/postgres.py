@@ -109,7 +109,6 @@ TRANSIENT = (
     asyncpg.TooManyConnectionsError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
-    asyncpg.InterfaceError,
     OSError,
     TimeoutError,
 )
@@ -128,7 +127,12 @@ class PostgresDialect:
         TimeoutError,
     )
 
-    def transient(self, exc: Exception) -> bool:
+    @staticmethod
+    def transient(exc: Exception) -> bool:
+        # asyncpg's InterfaceError is also how it reports a misuse ("another operation is in
+        # progress"): only a connection or pool found closed is an outage to wait out.
+        if isinstance(exc, asyncpg.InterfaceError):
+            return "closed" in str(exc) or "closing" in str(exc)
         return isinstance(exc, TRANSIENT)
 
     def describe(self, exc: Exception) -> str:
