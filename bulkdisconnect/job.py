@@ -8,6 +8,7 @@ that list calls and disconnects share), metrics.py, report.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import time
@@ -15,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import anyio
 import structlog
@@ -81,7 +82,8 @@ class _Run:
 
 
 async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
-    """Run the job once and return its exit code; raises BulkDisconnectError for 2, 4 and 5."""
+    """Run the job once and return its exit code; raises BulkDisconnectError for 2 to 6."""
+    asyncio.get_running_loop().set_exception_handler(_log_background_error)
     try:
         async with on_signals() as stop, _opened(config, hooks, stop) as run:
             if config.dry_run:
@@ -90,6 +92,16 @@ async def run_job(config: RunConfig, hooks: RunHooks) -> ExitCode:
     except BaseExceptionGroup as group:  # a task group's: ours is the one that tells the exit
         raise _ours(group) or group from None
     return ExitCode.INTERRUPTED  # a third signal abandoned the run
+
+
+def _log_background_error(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An error in a task nobody awaits any more, in one log line rather than a traceback on
+    stderr: asyncpg still resetting a connection whose query a stopping run cancelled."""
+    log.warning(
+        "bulkdisconnect.background_error",
+        message=context.get("message"),
+        error=repr(context.get("exception")),
+    )
 
 
 @asynccontextmanager
