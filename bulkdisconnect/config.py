@@ -232,16 +232,6 @@ def _api_base(v: _Value) -> str:
     return url
 
 
-def _proxy(v: _Value) -> str:
-    from bulkdisconnect.logs import mask_url
-
-    url = _text(v)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise v.fail(f"must be an http(s) URL of a proxy, got {mask_url(url)!r}")
-    return url
-
-
 def _ca_bundle(v: _Value) -> str:
     path = _text(v)
     try:
@@ -281,10 +271,13 @@ def _customer_list(v: _Value) -> tuple[str, ...]:
 
 
 def _url(v: _Value) -> str:
+    """An http(s) URL (a proxy's, a Pushgateway's); a password in it is never echoed."""
+    from bulkdisconnect.logs import mask_url
+
     url = _text(v)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise v.fail(f"must be an http(s) URL, got {url!r}")
+        raise v.fail(f"must be an http(s) URL, got {mask_url(url)!r}")
     return url
 
 
@@ -312,7 +305,7 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "api_base": (_api_base, DEFAULT_API_BASE),
     "stripe_account": (_stripe_account, None),
     "stripe_version": (_text, None),
-    "proxy": (_proxy, None),
+    "proxy": (_url, None),
     "ca_bundle": (_ca_bundle, None),
     "rate": (_positive, 20.0),
     "concurrency": (_positive_int, None),

@@ -464,3 +464,9 @@ def test_shipped_job_files_are_valid(job_file: Path) -> None:
     """Every example job in jobs/ passes validation (no unknown key, sane values)."""
     config = build_run_config({}, job_file, ENV)
     assert config.job == job_file.stem
+
+
+def test_a_malformed_proxy_url_is_refused_without_its_password() -> None:
+    with pytest.raises(UsageError, match=r"^--proxy must be an http\(s\) URL") as info:
+        build(flags={"proxy": "socks5://bd:hunter2@proxy.internal:1080"})
+    assert "hunter2" not in str(info.value)
