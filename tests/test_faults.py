@@ -140,6 +140,17 @@ db.execute("ROLLBACK")
 
 
 @contextlib.contextmanager
+def reaped(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """The process, killed on leaving if it still runs: a failed test leaves none behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()  # its pipes closed, whatever ended it
+
+
+@contextlib.contextmanager
 def write_lock_held(path: Path, seconds: float) -> Iterator[subprocess.Popen[str]]:
     """Another process holds the SQLite file's write lock from now on, for `seconds`."""
     holder = subprocess.Popen(
@@ -147,14 +158,10 @@ def write_lock_held(path: Path, seconds: float) -> Iterator[subprocess.Popen[str
         stdout=subprocess.PIPE,
         text=True,
     )
-    try:
+    with reaped(holder):
         assert holder.stdout is not None
         assert holder.stdout.readline() == "held\n"
         yield holder
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-        holder.communicate()
 
 
 @contextlib.contextmanager
@@ -167,17 +174,6 @@ def stalled(state: str) -> Iterator[None]:
     else:
         with write_lock_held(Path(state), 60):
             yield
-
-
-@contextlib.contextmanager
-def reaped(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
-    """The process, killed on leaving if it still runs: a failed test leaves none behind."""
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 @contextlib.contextmanager
