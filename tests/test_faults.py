@@ -176,16 +176,22 @@ def stalled(state: str) -> Iterator[None]:
             yield
 
 
+def stopped(proc: subprocess.Popen[str]) -> bool:
+    """Whether the kernel has the process stopped (SIGSTOP delivered): state T in /proc."""
+    stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
 @contextlib.contextmanager
 def frozen(proc: subprocess.Popen[str], state: str) -> Iterator[None]:
     """SIGSTOP the process between two store transactions; SIGCONT it on leaving."""
     for _ in range(50):
         proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.1)
+        wait_for(lambda: stopped(proc))
         if not idle_in_a_transaction(state):
             break
         proc.send_signal(signal.SIGCONT)
-        time.sleep(0.03)
+        wait_for(lambda: not stopped(proc))
     else:
         pytest.fail("could not freeze the run between two transactions")
     try:

@@ -787,16 +787,20 @@ async def test_a_heartbeat_does_not_queue_behind_a_long_statement(tmp_path: Path
     store = await open_store(tmp_path / "s.sqlite")
     try:
         await store.acquire_lock(JOB, "r1", stale_after=30)
-        finished = threading.Event()
+        started, finished = threading.Event(), threading.Event()
         order: list[str] = []
 
+        def statement(db: sqlite3.Connection) -> None:
+            started.set()
+            finished.wait(10)
+
         async def long_statement() -> None:
-            await store._dialect.call(lambda db: finished.wait(10))  # type: ignore[attr-defined]
+            await store._dialect.call(statement)  # type: ignore[attr-defined]
             order.append("statement")
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(long_statement)
-            await anyio.sleep(0.05)
+            await anyio.to_thread.run_sync(started.wait, 10)  # it holds the connection now
             assert await store.heartbeat(JOB, "r1") == Beat(workers=1, ready=True)
             order.append("beat")
             finished.set()
