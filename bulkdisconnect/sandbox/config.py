@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,10 @@ class SandboxConfig:
 
     latency_ms: float = 0.0  # added to every API answer
     jitter_ms: float = 0.0  # latency is uniform in latency ± jitter, floored at 0
-    p500: float = 0.0
+    p500: float = 0.0  # before execution: nothing happens, nothing is saved under the key
+    # The disconnect executes, then answers 500 (Stripe-Should-Retry: false), saved under the
+    # Idempotency-Key so every retry with it gets the same 500; on other routes no fault.
+    p500_saved: float = 0.0
     p429: float = 0.0  # code rate_limit, reason endpoint-rate
     p_lock_timeout: float = 0.0  # 429 code lock_timeout, Stripe-Should-Retry: true
     p_drop: float = 0.0  # close the connection without answering
@@ -39,6 +43,7 @@ class SandboxConfig:
     # ID exists under every Stripe account.
     accounts: frozenset[str] | Mapping[str, str] | None = None
     missing: frozenset[str] = frozenset()  # account, customer or acct_ IDs that do not exist
+    inactive: frozenset[str] = frozenset()  # accounts whose status is inactive until disconnected
     accounts_per_customer: int = 3  # accounts every implicit holder (customer, acct_) has
     disconnected_per_customer: int = 0  # the first this many of them start disconnected
     livemode_accounts: bool = False  # accounts live in live mode, so test keys don't see them
@@ -47,16 +52,42 @@ class SandboxConfig:
     # Connected accounts that took the platform's access away: 403 account_invalid for any
     # request with one of them in its Stripe-Account header.
     revoked_accounts: frozenset[str] = frozenset()
-    seed: int | None = None  # of the fault and jitter random numbers
+    # Per-account shares, drawn from the seed and the account ID (see `drawn`), so the same
+    # accounts are picked on every run: their disconnected events are never emitted (neither
+    # listed by GET /v1/events nor sent to webhook_url); they appear in the list only
+    # event_delay_seconds (the sandbox's clock) after the disconnect; a retrieve after their
+    # first disconnect reports them active again (a later disconnect holds).
+    event_drop_share: float = 0.0
+    event_delay_share: float = 1.0
+    event_delay_seconds: float = 0.0
+    reactivate_share: float = 0.0
+    seed: int | None = None  # of the fault and jitter random numbers, and of the shares above
     webhook_url: str | None = None  # where to send financial_connections.account.disconnected
     webhook_secret: str | None = None  # signs those events (Stripe-Signature)
 
     def __post_init__(self) -> None:
-        faults = (self.p500, self.p429, self.p_lock_timeout, self.p_drop, self.p_hang)
+        faults = (
+            self.p500,
+            self.p500_saved,
+            self.p429,
+            self.p_lock_timeout,
+            self.p_drop,
+            self.p_hang,
+        )
         if not all(0.0 <= p <= 1.0 for p in faults) or sum(faults) > 1.0:
             raise ValueError("fault probabilities must each be in [0, 1] and sum to at most 1")
-        if min(self.latency_ms, self.jitter_ms, self.hang_seconds) < 0:
-            raise ValueError("latency_ms, jitter_ms and hang_seconds must be >= 0")
+        shares = {
+            "event_drop_share": self.event_drop_share,
+            "event_delay_share": self.event_delay_share,
+            "reactivate_share": self.reactivate_share,
+        }
+        for name, share in shares.items():
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {share}")
+        if min(self.latency_ms, self.jitter_ms, self.hang_seconds, self.event_delay_seconds) < 0:
+            raise ValueError(
+                "latency_ms, jitter_ms, hang_seconds and event_delay_seconds must be >= 0"
+            )
         if self.rate_limit is not None and self.rate_limit <= 0:
             raise ValueError("rate_limit must be > 0 requests/s, or None for no limit")
         for account, limit in self.rate_limits.items():
@@ -78,7 +109,7 @@ def _config_changes(raw: object) -> dict[str, Any]:
     if unknown := raw.keys() - names:
         raise ValueError(f"unknown sandbox settings {sorted(unknown)}; known: {sorted(names)}")
     changes = dict(raw)
-    for name in ("accounts", "missing", "revoked_accounts"):
+    for name in ("accounts", "missing", "inactive", "revoked_accounts"):
         value = changes.get(name)
         if name == "accounts" and isinstance(value, dict):  # account ID -> its Stripe account
             changes[name] = {str(k): _owner(v, f"accounts[{k!r}]") for k, v in value.items()}
@@ -93,6 +124,20 @@ def _config_changes(raw: object) -> dict[str, Any]:
             raise TypeError("rate_limits must be an object of Stripe account -> requests/s")
         changes["rate_limits"] = {str(k): float(v) for k, v in limits.items()}
     return changes
+
+
+def drawn(share: float, seed: int | None, knob: str, ident: str) -> bool:
+    """Whether the per-ID knob `knob` of this `share` picks `ident`: the same for the same seed.
+
+    A hash rather than the fault RNG, so the pick depends neither on the order of requests nor
+    on how many there were: a test can tell in advance which accounts a share picks.
+    """
+    if share <= 0.0:
+        return False
+    if share >= 1.0:
+        return True
+    digest = hashlib.blake2b(f"{seed}|{knob}|{ident}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
 
 
 def _owner(value: object, where: str) -> str:

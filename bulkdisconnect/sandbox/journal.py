@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -14,7 +14,8 @@ class JournalEntry:
     at: float  # the sandbox's clock (time.monotonic() unless faked) on arrival
     method: str
     path: str  # raw, as received
-    account_id: str | None  # from the disconnect route, decoded; None for a list call
+    # From the disconnect or retrieve route, decoded; None for a list call.
+    account_id: str | None
     idempotency_key: str | None
     stripe_account: str | None  # the Stripe-Account header; None without one (the platform)
     stripe_version: str | None
@@ -23,8 +24,8 @@ class JournalEntry:
     authorized: bool  # an Authorization header was present
     status: int  # 0 when no answer was sent
     replayed: bool
-    # drop, hang, p500, p429, lock_timeout, rate_limit, revoked (the key) or account_invalid
-    # (a revoked Stripe-Account)
+    # drop, hang, p500, p500_saved (executed, then 500), p429, lock_timeout, rate_limit,
+    # revoked (the key) or account_invalid (a revoked Stripe-Account)
     fault: str | None
     request_id: str | None = None
     done_at: float = 0.0  # the clock when the answer was sent (or the request given up)
@@ -54,6 +55,11 @@ def max_concurrent(journal: Iterable[JournalEntry]) -> int:
     return peak
 
 
-def account_calls(journal: Iterable[JournalEntry]) -> Counter[str]:
-    """How many disconnect requests reached the sandbox for each account ID."""
-    return Counter(e.account_id for e in journal if e.account_id is not None)
+def account_calls(
+    journal: Iterable[JournalEntry], methods: Collection[str] = ("POST",)
+) -> Counter[str]:
+    """How many disconnect requests (by default; "GET" counts retrieves) reached the sandbox for
+    each account ID."""
+    return Counter(
+        e.account_id for e in journal if e.account_id is not None and e.method in methods
+    )

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
+import functools
 import random
-import re
 import signal
 import ssl
 import threading
@@ -19,43 +18,40 @@ from typing import Any, Self
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import MultiMapping
 
-from bulkdisconnect.model import CUSTOMER_ID_PATTERN
-from bulkdisconnect.sandbox.config import (
-    CONNECTED_ACCOUNT_PATTERN,
-    SandboxConfig,
-    _config_changes,
-)
-from bulkdisconnect.sandbox.events import EventSender
+from bulkdisconnect.sandbox.accounts import AccountStates
+from bulkdisconnect.sandbox.config import SandboxConfig, _config_changes, drawn
+from bulkdisconnect.sandbox.events import DISCONNECTED, REACTIVATED, EventLog, EventSender
 from bulkdisconnect.sandbox.journal import JournalEntry
 from bulkdisconnect.sandbox.wire import (
     _CONTROL_PATHS,
-    _EXPAND_PARAM,
     _FAULTS,
     _KEY_PATTERN,
-    _LIST_PARAMS,
     _NO_KEY,
     _NOTE,
+    _SAVED_500,
     _SHUTDOWN_GRACE,
-    _UNSUPPORTED_LIST_PARAMS,
+    ACCOUNT_ROUTE,
     DISCONNECT_ROUTE,
+    EVENTS_ROUTE,
     LIST_ROUTE,
+    STRIPE_VERSIONS,
     Signature,
-    _account_index,
-    _account_json,
     _Answer,
-    _born_disconnected,
+    _bad_version,
     _error,
     _exists,
-    _holder_accounts,
-    _holder_prefix,
+    _expired_key,
     _invalid_key,
     _key_from,
+    _missing,
     _no_access,
     _Note,
     _parse_form,
     _request_id,
     _respond,
+    _with_log_url,
 )
 from bulkdisconnect.serving import serve_app
 
@@ -68,22 +64,26 @@ class _Saved:
 
 
 class Sandbox:
-    """The sandbox's state (journal, idempotency cache, accounts) and its aiohttp app."""
+    """The sandbox's state (journal, idempotency cache, accounts, events) and its aiohttp app."""
 
     def __init__(
         self, config: SandboxConfig | None = None, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config if config is not None else SandboxConfig()
         self._clock = clock  # arrival times, for the journal and the rate limit; tests fake it
+        # Unix time at clock() == 0: an event's `created` moves with the clock, fake or not.
+        self._epoch = time.time() - clock()
         self._lock = threading.Lock()  # the journal is read from other threads
         self._journal: list[JournalEntry] = []
         self._rng = random.Random(self.config.seed)
         self._saved: dict[str, _Saved] = {}
         self._in_flight: dict[str, Signature] = {}
-        self._disconnected: set[str] = set()
+        self.accounts = AccountStates()
         self._answered = 0  # API calls answered, for revoke_after
         # Per Stripe account ("" = the platform): arrival times of requests the limiter let in.
         self._windows: dict[str, deque[float]] = {}
+        self.event_log = EventLog()  # what GET /v1/events lists
+        self._dropped: set[str] = set()  # accounts whose event event_drop_share swallowed
         self.events = EventSender()  # webhook events, when a webhook_url is configured
 
     def configure(self, **changes: Any) -> SandboxConfig:
@@ -98,9 +98,10 @@ class Sandbox:
         # Fresh objects rather than clear(): a handler running on the server thread keeps its own.
         with self._lock:
             self._journal = []
-        self._saved, self._in_flight, self._disconnected = {}, {}, set()
+        self._saved, self._in_flight, self.accounts = {}, {}, AccountStates()
         self._answered = 0
         self._windows = {}
+        self.event_log, self._dropped = EventLog(), set()
         self._rng.seed(self.config.seed)
 
     def journal_snapshot(self) -> list[JournalEntry]:
@@ -110,7 +111,19 @@ class Sandbox:
 
     def disconnected_accounts(self) -> frozenset[str]:
         """Accounts that a disconnect call has disconnected since the last reset."""
-        return frozenset(self._disconnected)
+        return frozenset(self.accounts.disconnected)
+
+    def reactivated_accounts(self) -> frozenset[str]:
+        """Disconnected accounts that reactivate_share turned back to active (for now)."""
+        return frozenset(self.accounts.reactivated)
+
+    def dropped_events(self) -> frozenset[str]:
+        """Accounts whose events event_drop_share kept from being emitted."""
+        return frozenset(self._dropped)
+
+    def unix_time(self) -> float:
+        """The sandbox's clock as unix time: what an event's `created` says now."""
+        return self._epoch + self._clock()
 
     def make_app(self) -> web.Application:
         """The aiohttp application: the API routes, control routes and a Stripe-style 404."""
@@ -120,6 +133,8 @@ class Sandbox:
         app.router.add_post("/_sandbox/reset", self._post_reset)
         app.router.add_post(DISCONNECT_ROUTE, self._disconnect)
         app.router.add_get(LIST_ROUTE, self._list)
+        app.router.add_get(ACCOUNT_ROUTE, self._retrieve)
+        app.router.add_get(EVENTS_ROUTE, self._events)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         app.on_cleanup.append(self._close_events)
         return app
@@ -193,7 +208,40 @@ class Sandbox:
         return await self._serve_api(request, self._execute)
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve_api(request, self._list_page)
+        return await self._serve_api(request, self._read(self.accounts.list_page))
+
+    async def _retrieve(self, request: web.Request) -> web.StreamResponse:
+        account = request.match_info["account"]
+
+        def retrieve(
+            query: MultiMapping[str], owner: str, config: SandboxConfig, note: _Note
+        ) -> _Answer:
+            return self.accounts.retrieve(account, query, owner, config, note)
+
+        return await self._serve_api(request, self._read(retrieve))
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        def page(
+            query: MultiMapping[str], owner: str, _config: SandboxConfig, note: _Note
+        ) -> _Answer:
+            now = self._clock()
+            return self.event_log.page(
+                query, mode=note.mode, stripe_account=owner, now=now, wall=self._epoch + now
+            )
+
+        return await self._serve_api(request, self._read(page))
+
+    def _read(
+        self, answer: Callable[[MultiMapping[str], str, SandboxConfig, _Note], _Answer]
+    ) -> Callable[[web.Request, SandboxConfig, _Note], Awaitable[_Answer]]:
+        """A GET route's execution: the latency, then `answer` from the query and the owner."""
+
+        async def execute(request: web.Request, config: SandboxConfig, note: _Note) -> _Answer:
+            await self._delay(config)
+            owner = request.headers.get("Stripe-Account", "")
+            return answer(request.rel_url.query, owner, config, note)
+
+        return execute
 
     async def _serve_api(
         self,
@@ -216,7 +264,9 @@ class Sandbox:
                 if request.transport is not None:
                     request.transport.abort()
                 return web.Response(status=499)  # aiohttp fails to write it, quietly
-            if fault is not None:
+            if fault == "p500_saved" and request.method != "POST":
+                note.fault = fault = None  # a read has nothing to execute and save
+            if fault is not None and fault != "p500_saved":  # that one executes first
                 answer = _FAULTS[fault]
             elif not self._admit(config, note.at, request.headers.get("Stripe-Account", "")):
                 note.fault = "rate_limit"
@@ -226,7 +276,13 @@ class Sandbox:
         else:
             await self._delay(config)
         self._answered += 1
-        return _respond(request, note, answer)
+        return _respond(request, note, self._logged(answer, note))
+
+    def _logged(self, answer: _Answer, note: _Note) -> _Answer:
+        """An error to a known key carries its request_log_url, as Stripe's do."""
+        if not note.authenticated:
+            return answer
+        return _with_log_url(answer, note.request_id, note.mode, self._epoch + note.at)
 
     def _authenticate(
         self, request: web.Request, config: SandboxConfig, note: _Note
@@ -240,12 +296,16 @@ class Sandbox:
             return _invalid_key(key)
         if config.revoke_after is not None and self._answered >= config.revoke_after:
             note.fault = "revoked"
-            return _invalid_key(key)
+            return _expired_key(key)
         note.mode = match[1]
+        note.authenticated = True
         account = request.headers.get("Stripe-Account")
         if account is not None and account in config.revoked_accounts:
             note.fault = "account_invalid"
             return _no_access(key, account)
+        version = request.headers.get("Stripe-Version")
+        if version is not None and version not in STRIPE_VERSIONS:
+            return _bad_version(version)
         return None
 
     def _draw_fault(self, config: SandboxConfig) -> str | None:
@@ -253,6 +313,7 @@ class Sandbox:
             ("drop", config.p_drop),
             ("hang", config.p_hang),
             ("p500", config.p500),
+            ("p500_saved", config.p500_saved),
             ("p429", config.p429),
             ("lock_timeout", config.p_lock_timeout),
         )
@@ -293,20 +354,25 @@ class Sandbox:
         params, early = _parse_form(request, await request.read())
         key = request.headers.get("Idempotency-Key")
         owner = request.headers.get("Stripe-Account", "")
-        # Stripe scopes idempotency keys to the account acted on (and the key's mode).
-        slot = f"{owner}|{key}"
+        # Stripe scopes idempotency keys to the account acted on and to the key's mode.
+        slot = f"{note.mode}|{owner}|{key}"
         signature = (request.raw_path, params)
         if early is None and key is not None:
             early = self._check_key(key, slot, signature, note)
-        if early is not None or key is None:
+        if early is not None:
+            if note.fault == "p500_saved":
+                note.fault = None  # refused or replayed: nothing executed to fail after
             await self._delay(config)
-            return early if early is not None else self._lookup(account, owner, config, note)
+            return early
+        if key is None:
+            await self._delay(config)
+            return self._lookup(account, owner, config, note, key)
         in_flight = self._in_flight
         in_flight[slot] = signature
         try:
             await self._delay(config)
-            answer = self._lookup(account, owner, config, note)
-            # Stripe saves the first answer once endpoint execution began: 200 and 404 here.
+            answer = self._logged(self._lookup(account, owner, config, note, key), note)
+            # Stripe saves the first answer once endpoint execution began, 500s included.
             self._saved[slot] = _Saved(signature, answer, note.request_id)
             return answer
         finally:
@@ -342,101 +408,62 @@ class Sandbox:
         replay = (("Idempotent-Replayed", "true"), ("Original-Request", saved.request_id))
         return saved.answer._replace(headers=saved.answer.headers + replay)
 
-    def _lookup(self, account: str, owner: str, config: SandboxConfig, note: _Note) -> _Answer:
-        """Disconnect `account` for Stripe account `owner`; another's account is missing to it."""
+    def _lookup(
+        self, account: str, owner: str, config: SandboxConfig, note: _Note, key: str | None
+    ) -> _Answer:
+        """Disconnect `account` for Stripe account `owner`; another's account is missing to it.
+        The p500_saved fault answers 500 once the account is disconnected."""
         exists = _exists(account, config, owner)
         missing = _missing("financial connections account", account, exists, config, note)
         if missing is not None:
+            if note.fault == "p500_saved":
+                note.fault = None
             return missing
-        newly = account not in self._disconnected and not _born_disconnected(account, config)
-        self._disconnected.add(account)
-        body = _account_json(account, livemode=config.livemode_accounts)
-        if newly and config.webhook_url and config.webhook_secret:
-            # Stripe emits the event when the status changes, after answering the request.
-            self.events.send_disconnected(
-                config.webhook_url,
-                config.webhook_secret,
-                body,
-                livemode=config.livemode_accounts,
-                request_id=note.request_id,
-            )
-        return _Answer(200, body.encode())
+        changed, reactivated = self.accounts.disconnect(account, config)
+        # The answer and the event show the account as the disconnect left it.
+        body = self.accounts.account_json(account, config, status="disconnected")
+        if changed:  # Stripe emits an event when the status changes
+            emit = functools.partial(self._emit, account=account, owner=owner, config=config)
+            emit(DISCONNECTED, body, note=note, key=key)
+            if reactivated:
+                emit(REACTIVATED, self.accounts.account_json(account, config), note=note, key=None)
+        return _SAVED_500 if note.fault == "p500_saved" else _Answer(200, body.encode())
 
-    async def _list_page(self, request: web.Request, config: SandboxConfig, note: _Note) -> _Answer:
-        """One page of a holder's accounts (a customer's or a connected account's), in ID order,
-        as Stripe's list envelope; only those the requesting Stripe account owns."""
-        await self._delay(config)
-        query = request.rel_url.query
-        for name in query:
-            if name in _UNSUPPORTED_LIST_PARAMS:
-                message = (
-                    f"The sandbox does not support {name}; list by account_holder[customer] "
-                    "or account_holder[account]."
-                )
-                return _error(400, message, param=name)
-            if name not in _LIST_PARAMS and not _EXPAND_PARAM.fullmatch(name):
-                message = f"Received unknown parameter: {name}"
-                return _error(400, message, code="parameter_unknown", param=name)
-        customer = query.get("account_holder[customer]", "")
-        holder_account = query.get("account_holder[account]", "")
-        if customer and holder_account:  # "mutually exclusive" (stripe/openapi)
-            message = (
-                "You may only specify one of these parameters: account_holder[account], "
-                "account_holder[customer]."
-            )
-            return _error(400, message, param="account_holder")
-        if not customer and not holder_account:
-            return _error(
-                400,
-                "Missing required param: account_holder[customer].",
-                code="parameter_missing",
-                param="account_holder",
-            )
-        raw_limit = query.get("limit", "10")
-        limit = int(raw_limit) if re.fullmatch(r"[0-9]{1,4}", raw_limit) else 0
-        if not 1 <= limit <= 100:
-            message = f"Invalid limit: must be an integer between 1 and 100, not '{raw_limit}'."
-            return _error(400, message, code="parameter_invalid_integer", param="limit")
-        if customer:
-            holder, kind, param = customer, "customer", "account_holder[customer]"
-            well_formed = CUSTOMER_ID_PATTERN.fullmatch(customer)
-        else:
-            holder, kind, param = holder_account, "account", "account_holder[account]"
-            well_formed = CONNECTED_ACCOUNT_PATTERN.fullmatch(holder_account)
-        exists = well_formed is not None and holder not in config.missing
-        missing = _missing(kind, holder, exists, config, note, param=param)
-        if missing is not None:
-            return missing
-        owner = request.headers.get("Stripe-Account", "")
-        prefix = _holder_prefix(holder)
-        start = 0
-        if (after := query.get("starting_after")) is not None:
-            index = _account_index(after, prefix, config, owner)
-            if index is None:
-                return _error(
-                    400,
-                    f"No such financial connections account: '{after}'",
-                    code="resource_missing",
-                    param="starting_after",
-                )
-            start = index + 1
-        page = list(itertools.islice(_holder_accounts(prefix, start, config, owner), limit + 1))
-        data = ", ".join(
-            _account_json(
-                account,
-                livemode=config.livemode_accounts,
-                holder=holder,
-                status="disconnected"
-                if account in self._disconnected or _born_disconnected(account, config)
-                else "active",
-            )
-            for account in page[:limit]
+    def _emit(
+        self,
+        kind: str,
+        account_json: str,
+        *,
+        account: str,
+        owner: str,
+        config: SandboxConfig,
+        note: _Note,
+        key: str | None,
+    ) -> None:
+        """Record an account's event for GET /v1/events and send a disconnect to the webhook,
+        unless event_drop_share swallows it; event_delay_* hold back when it is listed."""
+        if drawn(config.event_drop_share, config.seed, "event_drop", account):
+            self._dropped.add(account)
+            return
+        now = self._clock()
+        late = drawn(config.event_delay_share, config.seed, "event_delay", account)
+        secret = config.webhook_secret
+        webhook = config.webhook_url if secret and kind == DISCONNECTED else None
+        event = self.event_log.record(
+            kind=kind,
+            mode=note.mode,
+            stripe_account=owner,
+            created=int(self._epoch + now),
+            visible_at=now + (config.event_delay_seconds if late else 0.0),
+            account_id=account,
+            account_json=account_json,
+            request_id=note.request_id if kind == DISCONNECTED else None,
+            idempotency_key=key,
+            pending_webhooks=1 if webhook else 0,
         )
-        has_more = "true" if len(page) > limit else "false"
-        body = (
-            f'{{"object": "list", "data": [{data}], "has_more": {has_more}, "url": "{LIST_ROUTE}"}}'
-        )
-        return _Answer(200, body.encode())
+        if webhook and secret:
+            # Sent after the answer is on its way, as Stripe does.
+            self.events.send(webhook, secret, event.body.encode())
 
     async def _close_events(self, _app: web.Application) -> None:
         await self.events.aclose()
@@ -540,28 +567,3 @@ def _as_json(value: object) -> object:
     if isinstance(value, frozenset):
         return sorted(value)
     return dict(value) if isinstance(value, Mapping) else value
-
-
-def _missing(
-    kind: str,
-    ident: str,
-    exists: bool,
-    config: SandboxConfig,
-    note: _Note,
-    *,
-    param: str = "account",
-) -> _Answer | None:
-    """Stripe's 404 resource_missing, hinting at the other mode when only the key's differs."""
-    object_mode = "live" if config.livemode_accounts else "test"
-    if exists and note.mode == object_mode:
-        return None
-    hint = (
-        f"; a similar object exists in {object_mode} mode, but a {note.mode} mode key was used "
-        "to make this request."
-    )
-    return _error(
-        404,
-        f"No such {kind}: '{ident}'{hint if exists else ''}",
-        code="resource_missing",
-        param=param,
-    )

@@ -10,7 +10,7 @@ import os
 import re
 import string
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import parse_qsl
@@ -21,9 +21,31 @@ from bulkdisconnect.model import is_valid_account_id
 from bulkdisconnect.sandbox.config import SandboxConfig
 
 DEFAULT_STRIPE_VERSION = "2026-10-28.endive"
+# What the sandbox takes in Stripe-Version; Stripe answers 400 to a version it never released
+# (stripe/stripe-java#682, "Invalid Stripe API version: 2019-2-19"). These are the version the
+# client pins (client.STRIPE_VERSION), those of the spec and SDK in shared/stripe-openapi, and
+# earlier releases a caller may still pin. An absent header is fine: the account's default.
+STRIPE_VERSIONS = frozenset(
+    {
+        "2020-08-27",
+        "2022-08-01",
+        "2022-11-15",
+        "2023-08-16",
+        "2023-10-16",
+        "2024-04-10",
+        "2024-06-20",
+        "2024-09-30.acacia",
+        "2025-03-31.basil",
+        "2026-06-24.dahlia",
+        "2026-07-29.dahlia",
+        DEFAULT_STRIPE_VERSION,
+    }
+)
 FORM = "application/x-www-form-urlencoded"
 DISCONNECT_ROUTE = "/v1/financial_connections/accounts/{account}/disconnect"
+ACCOUNT_ROUTE = "/v1/financial_connections/accounts/{account}"
 LIST_ROUTE = "/v1/financial_connections/accounts"
+EVENTS_ROUTE = "/v1/events"
 _LIST_PARAMS = frozenset(
     {"account_holder[customer]", "account_holder[account]", "limit", "starting_after"}
 )
@@ -38,6 +60,7 @@ _EXPAND_PARAM = re.compile(r"expand\[\d*\]")
 _ALNUM = (string.ascii_letters + string.digits).encode()
 _TO_ALNUM = bytes(_ALNUM[i % len(_ALNUM)] for i in range(256))  # random bytes -> Request-Id
 _DOCS = "https://stripe.com/docs/error-codes/"
+_LOGS = "https://dashboard.stripe.com/"  # + test/ in test mode, logs/req_…?t=<unix time>
 _SHUTDOWN_GRACE = 0.25  # seconds in-flight handlers get when the server stops
 
 # stripe-mock's example account (stripe/openapi fixtures3.json), balance keyed by a currency.
@@ -75,6 +98,7 @@ class _Note:
     at: float
     request_id: str
     mode: str = "test"  # of the API key
+    authenticated: bool = False  # the key was accepted: its errors carry request_log_url
     fault: str | None = None
     replayed: bool = False
     dropped: bool = False
@@ -129,6 +153,10 @@ _FAULTS = {
         headers=(("Stripe-Rate-Limited-Reason", "global-rate"),),
     ),
 }
+# The disconnect ran, then failed: Stripe saves this under the key and says not to retry
+# (stripe-python _http_client.py: "we expect the stripe-should-retry header to be false in
+# most cases when a 500 is returned, since our idempotency framework would typically replay it").
+_SAVED_500 = _FAULTS["p500"]._replace(headers=(("Stripe-Should-Retry", "false"),))
 _WWW_AUTHENTICATE = (("WWW-Authenticate", 'Basic realm="Stripe"'),)
 _NO_KEY = _error(
     401,
@@ -138,6 +166,51 @@ _NO_KEY = _error(
     "https://support.stripe.com/.",
     headers=_WWW_AUTHENTICATE,
 )
+
+
+def _with_log_url(answer: _Answer, request_id: str, mode: str, at: float) -> _Answer:
+    """An error answer with Stripe's `request_log_url` (the request in the Dashboard's logs)."""
+    if answer.status < 400 or b'"request_log_url"' in answer.body:
+        return answer
+    body = json.loads(answer.body)
+    test = "test/" if mode == "test" else ""
+    body["error"]["request_log_url"] = f"{_LOGS}{test}logs/{request_id}?t={int(at)}"
+    return answer._replace(body=json.dumps(body).encode())
+
+
+def _unknown_param(
+    names: Iterable[str], known: frozenset[str], unsupported: frozenset[str] = frozenset()
+) -> _Answer | None:
+    """A 400 for the first query parameter outside `known` (expand[] always is)."""
+    for name in names:
+        if name in unsupported:
+            return _error(400, f"The sandbox does not support the parameter {name}.", param=name)
+        if name not in known and not _EXPAND_PARAM.fullmatch(name):
+            message = f"Received unknown parameter: {name}"
+            return _error(400, message, code="parameter_unknown", param=name)
+    return None
+
+
+def _limit(query: Mapping[str, str]) -> int | _Answer:
+    """A list's `limit` (1 to 100, default 10), or the 400 for a bad one."""
+    raw = query.get("limit", "10")
+    limit = int(raw) if re.fullmatch(r"[0-9]{1,4}", raw) else 0
+    if not 1 <= limit <= 100:
+        message = f"Invalid limit: must be an integer between 1 and 100, not '{raw}'."
+        return _error(400, message, code="parameter_invalid_integer", param="limit")
+    return limit
+
+
+def _list_body(data: Iterable[str], has_more: bool, url: str) -> bytes:
+    """Stripe's list envelope around objects already rendered as JSON."""
+    more = "true" if has_more else "false"
+    return (
+        f'{{"object": "list", "data": [{", ".join(data)}], "has_more": {more}, "url": "{url}"}}'
+    ).encode()
+
+
+def _bad_version(version: str) -> _Answer:
+    return _error(400, f"Invalid Stripe API version: {version}")
 
 
 def _exists(account: str, config: SandboxConfig, owner: str = "") -> bool:
@@ -180,6 +253,16 @@ def _account_index(account: str, prefix: str, config: SandboxConfig, owner: str)
     return index if canonical and _exists(account, config, owner) else None
 
 
+def _holder_of(account: str) -> str:
+    """The holder of an account: an implicit holder's customer or connected account (fca_Xa0 is
+    cus_X's, fca_Xh0 acct_X's), else the customer of Stripe's fixture."""
+    head = account.rstrip(string.digits)
+    if head != account and head.startswith("fca_") and len(head) > 5 and head[-1] in "ah":
+        kind = "cus_" if head[-1] == "a" else "acct_"
+        return kind + head[4:-1]
+    return _FIXTURE_CUSTOMER
+
+
 def _born_disconnected(account: str, config: SandboxConfig) -> bool:
     """Whether an implicit holder's account is one of those that start disconnected."""
     if not config.disconnected_per_customer:
@@ -209,16 +292,25 @@ def _account_json(
     )
 
 
+def _object_id(prefix: str, length: int) -> str:
+    """A random ID as Stripe forms them: a prefix and `length` letters and digits."""
+    return prefix + os.urandom(length).translate(_TO_ALNUM).decode()
+
+
 def _request_id() -> str:
-    return "req_" + os.urandom(14).translate(_TO_ALNUM).decode()
+    return _object_id("req_", 14)
 
 
 def _respond(request: web.Request, note: _Note, answer: _Answer) -> web.Response:
+    version = request.headers.get("Stripe-Version", DEFAULT_STRIPE_VERSION)
     headers = {
         "Content-Type": "application/json",
         "Request-Id": note.request_id,
-        "Stripe-Version": request.headers.get("Stripe-Version", DEFAULT_STRIPE_VERSION),
+        "Stripe-Version": version if version in STRIPE_VERSIONS else DEFAULT_STRIPE_VERSION,
     }
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and request.method == "POST":  # Stripe echoes it on every POST answer
+        headers["Idempotency-Key"] = key
     headers.update(answer.headers)
     return web.Response(status=answer.status, body=answer.body, headers=headers)
 
@@ -243,6 +335,16 @@ def _masked_key(key: str) -> str:
 
 def _invalid_key(key: str) -> _Answer:
     return _error(401, f"Invalid API Key provided: {_masked_key(key)}", headers=_WWW_AUTHENTICATE)
+
+
+def _expired_key(key: str) -> _Answer:
+    """Stripe's 401 for a key that was rolled or revoked (message as SDK tests quote it)."""
+    return _error(
+        401,
+        f"Expired API Key provided: {_masked_key(key)}",
+        code="api_key_expired",
+        headers=_WWW_AUTHENTICATE,
+    )
 
 
 def _no_access(key: str, account: str) -> _Answer:
@@ -276,3 +378,28 @@ def _parse_form(
             message = f"Received unknown parameter: {name}"
             return (), _error(400, message, code="parameter_unknown", param=name)
     return tuple(sorted(pairs)), None
+
+
+def _missing(
+    kind: str,
+    ident: str,
+    exists: bool,
+    config: SandboxConfig,
+    note: _Note,
+    *,
+    param: str = "account",
+) -> _Answer | None:
+    """Stripe's 404 resource_missing, hinting at the other mode when only the key's differs."""
+    object_mode = "live" if config.livemode_accounts else "test"
+    if exists and note.mode == object_mode:
+        return None
+    hint = (
+        f"; a similar object exists in {object_mode} mode, but a {note.mode} mode key was used "
+        "to make this request."
+    )
+    return _error(
+        404,
+        f"No such {kind}: '{ident}'{hint if exists else ''}",
+        code="resource_missing",
+        param=param,
+    )
