@@ -487,6 +487,8 @@ Examples:
   bulkdisconnect sandbox --accounts owners.csv --rate-limit 25 --rate-limit-for acct_1Slow=5 \\
       --revoked-account acct_1Gone
   STRIPE_WEBHOOK_SECRET=whsec_… bulkdisconnect sandbox --webhook-url http://127.0.0.1:8080/webhook
+  bulkdisconnect sandbox --p500-saved 0.05 --event-delay-seconds 30 --event-delay-share 0.2 \\
+      --event-drop-share 0.01 --reactivate-share 0.01 --seed 7
 """
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -495,7 +497,21 @@ Examples:
 )
 @click.option("--latency-ms", type=float, default=0.0, show_default=True)
 @click.option("--jitter-ms", type=float, default=0.0, show_default=True)
-@click.option("--p500", type=float, default=0.0, show_default=True, help="Share of 500 answers.")
+@click.option(
+    "--p500",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of 500 answers before anything is done (nothing saved under the key).",
+)
+@click.option(
+    "--p500-saved",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of disconnects that are done, then answer a 500 saved under the "
+    "Idempotency-Key (Stripe-Should-Retry: false).",
+)
 @click.option(
     "--p429",
     type=float,
@@ -532,6 +548,11 @@ Examples:
 @click.option(
     "--missing", type=click.Path(exists=True, dir_okay=False), help="These IDs do not exist."
 )
+@click.option(
+    "--inactive",
+    type=click.Path(exists=True, dir_okay=False),
+    help="These accounts are inactive until disconnected.",
+)
 @click.option("--livemode-accounts", is_flag=True, help="Accounts live in live mode.")
 @click.option("--revoke-after", type=int, default=None, help="Revoke the key after N calls.")
 @click.option(
@@ -541,7 +562,37 @@ Examples:
     metavar="acct_…",
     help="This connected account revoked the platform's access: 403 account_invalid (repeatable).",
 )
-@click.option("--seed", type=int, default=None)
+@click.option(
+    "--event-delay-seconds",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="GET /v1/events lists an account's events this long after they happen.",
+)
+@click.option(
+    "--event-delay-share",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Share of accounts whose events --event-delay-seconds holds back.",
+)
+@click.option(
+    "--event-drop-share",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of accounts whose events are never emitted (neither listed nor sent).",
+)
+@click.option(
+    "--reactivate-share",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of disconnected accounts that read back active after their first disconnect.",
+)
+@click.option(
+    "--seed", type=int, default=None, help="Seeds the faults, and the accounts the shares pick."
+)
 @click.option("--tls-cert", metavar="PEM", help="Serve https with this certificate (chain).")
 @click.option("--tls-key", metavar="PEM", help="The certificate's private key.")
 @click.option(
@@ -556,13 +607,15 @@ def sandbox(
     port: int,
     accounts: str | None,
     missing: str | None,
+    inactive: str | None,
     rate_limits: tuple[str, ...],
     revoked_accounts: tuple[str, ...],
     tls_cert: str | None,
     tls_key: str | None,
     **knobs: Any,
 ) -> None:
-    """A local stand-in for Stripe's disconnect endpoint, with fault knobs."""
+    """A local stand-in for Stripe's disconnect, retrieve, list and events endpoints, with
+    fault knobs."""
     from bulkdisconnect.sandbox import (
         SandboxConfig,
         load_account_ids,
@@ -576,6 +629,7 @@ def sandbox(
         config = SandboxConfig(
             accounts=load_accounts(accounts) if accounts else None,
             missing=load_account_ids(missing) if missing else frozenset(),
+            inactive=load_account_ids(inactive) if inactive else frozenset(),
             rate_limits=parse_rate_limits(rate_limits),
             revoked_accounts=frozenset(revoked_accounts),
             api_key=os.environ.get("SANDBOX_API_KEY") or None,
