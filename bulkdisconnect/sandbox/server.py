@@ -1,9 +1,8 @@
-"""The sandbox server: state, routes, the fault pipeline, and running it in a thread."""
+"""The sandbox server: state, routes and the fault pipeline (running.py runs it)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import random
@@ -13,8 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -23,6 +21,7 @@ from multidict import MultiMapping
 from bulkdisconnect.sandbox.accounts import AccountStates
 from bulkdisconnect.sandbox.config import SandboxConfig, _config_changes, drawn
 from bulkdisconnect.sandbox.events import DISCONNECTED, REACTIVATED, EventLog, EventSender
+from bulkdisconnect.sandbox.idempotency import IdempotencyCache
 from bulkdisconnect.sandbox.journal import JournalEntry
 from bulkdisconnect.sandbox.wire import (
     _CONTROL_PATHS,
@@ -37,7 +36,6 @@ from bulkdisconnect.sandbox.wire import (
     EVENTS_ROUTE,
     LIST_ROUTE,
     STRIPE_VERSIONS,
-    Signature,
     _Answer,
     _bad_version,
     _error,
@@ -56,13 +54,6 @@ from bulkdisconnect.sandbox.wire import (
 from bulkdisconnect.serving import serve_app
 
 
-@dataclass(frozen=True, slots=True)
-class _Saved:
-    signature: Signature
-    answer: _Answer
-    request_id: str
-
-
 class Sandbox:
     """The sandbox's state (journal, idempotency cache, accounts, events) and its aiohttp app."""
 
@@ -76,8 +67,7 @@ class Sandbox:
         self._lock = threading.Lock()  # the journal is read from other threads
         self._journal: list[JournalEntry] = []
         self._rng = random.Random(self.config.seed)
-        self._saved: dict[str, _Saved] = {}
-        self._in_flight: dict[str, Signature] = {}
+        self._keys = IdempotencyCache()
         self.accounts = AccountStates()
         self._answered = 0  # API calls answered, for revoke_after
         # Per Stripe account ("" = the platform): arrival times of requests the limiter let in.
@@ -94,11 +84,12 @@ class Sandbox:
         return self.config
 
     def reset(self) -> None:
-        """Forget every request: journal, idempotency cache, accounts, counters, rate window."""
+        """Forget every request: journal, idempotency cache, accounts, events, counters, rate
+        window."""
         # Fresh objects rather than clear(): a handler running on the server thread keeps its own.
         with self._lock:
             self._journal = []
-        self._saved, self._in_flight, self.accounts = {}, {}, AccountStates()
+        self._keys, self.accounts = IdempotencyCache(), AccountStates()
         self._answered = 0
         self._windows = {}
         self.event_log, self._dropped = EventLog(), set()
@@ -354,11 +345,11 @@ class Sandbox:
         params, early = _parse_form(request, await request.read())
         key = request.headers.get("Idempotency-Key")
         owner = request.headers.get("Stripe-Account", "")
-        # Stripe scopes idempotency keys to the account acted on and to the key's mode.
-        slot = f"{note.mode}|{owner}|{key}"
+        keys = self._keys  # the cache this request began with, even across a reset
+        slot = keys.slot(note.mode, owner, key or "")
         signature = (request.raw_path, params)
         if early is None and key is not None:
-            early = self._check_key(key, slot, signature, note)
+            early = keys.check(key, slot, signature, note)
         if early is not None:
             if note.fault == "p500_saved":
                 note.fault = None  # refused or replayed: nothing executed to fail after
@@ -367,46 +358,11 @@ class Sandbox:
         if key is None:
             await self._delay(config)
             return self._lookup(account, owner, config, note, key)
-        in_flight = self._in_flight
-        in_flight[slot] = signature
-        try:
+        with keys.running(slot, signature):
             await self._delay(config)
             answer = self._logged(self._lookup(account, owner, config, note, key), note)
-            # Stripe saves the first answer once endpoint execution began, 500s included.
-            self._saved[slot] = _Saved(signature, answer, note.request_id)
+            keys.save(slot, signature, answer, note.request_id)
             return answer
-        finally:
-            in_flight.pop(slot, None)
-
-    def _check_key(self, key: str, slot: str, signature: Signature, note: _Note) -> _Answer | None:
-        saved = self._saved.get(slot)
-        first = saved.signature if saved is not None else self._in_flight.get(slot)
-        if first is None:
-            return None
-        if first != signature:
-            differs = (
-                f"for the same endpoint they were first used for ('{first[0]}' vs '{signature[0]}')"
-                if first[0] != signature[0]
-                else "with the same parameters they were first used with"
-            )
-            return _error(
-                400,
-                f"Keys for idempotent requests can only be used {differs}. Try using a key other "
-                f"than '{key}' if you meant to execute a different request.",
-                kind="idempotency_error",
-            )
-        if saved is None:
-            return _error(
-                409,
-                "There is currently another in-progress request using this Idempotent Key (that "
-                "probably means you submitted twice, and the other request is still going "
-                f"through): {key}. Please try again later.",
-                kind="idempotency_error",
-                code="idempotency_key_in_use",
-            )
-        note.replayed = True
-        replay = (("Idempotent-Replayed", "true"), ("Original-Request", saved.request_id))
-        return saved.answer._replace(headers=saved.answer.headers + replay)
 
     def _lookup(
         self, account: str, owner: str, config: SandboxConfig, note: _Note, key: str | None
@@ -491,75 +447,6 @@ class Sandbox:
     async def _post_reset(self, request: web.Request) -> web.StreamResponse:
         self.reset()
         return web.json_response({"reset": True})
-
-
-async def serve(
-    config: SandboxConfig,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    ready: Callable[[str], None] | None = None,
-    stop_signals: tuple[signal.Signals, ...] = (),
-    tls: ssl.SSLContext | None = None,
-) -> None:
-    """Serve a fresh sandbox until cancelled or signalled; `ready` gets the bound URL."""
-    await Sandbox(config).run(host=host, port=port, ready=ready, stop_signals=stop_signals, tls=tls)
-
-
-class SandboxThread:
-    """A sandbox on its own event loop in a daemon thread, as a context manager."""
-
-    def __init__(
-        self,
-        config: SandboxConfig | None = None,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        clock: Callable[[], float] = time.monotonic,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        self.sandbox = Sandbox(config, clock=clock)
-        self.url = ""
-        self._address = (host, port)
-        self._tls = tls
-        self._started = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[Any] | None = None
-        self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._main, name="sandbox", daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        if not self._started.wait(timeout=30):
-            raise RuntimeError("the sandbox did not start within 30 s")
-        if self._error is not None:
-            raise RuntimeError(f"the sandbox did not start: {self._error}") from self._error
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        loop, task = self._loop, self._task
-        if loop is not None and task is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                loop.call_soon_threadsafe(task.cancel)
-        self._thread.join()
-
-    def _main(self) -> None:
-        try:
-            with contextlib.suppress(asyncio.CancelledError):
-                asyncio.run(self._serve())
-        except Exception as exc:  # noqa: BLE001 - handed to the thread waiting in __enter__
-            self._error = exc
-        finally:
-            self._started.set()
-
-    async def _serve(self) -> None:
-        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
-        host, port = self._address
-        await self.sandbox.run(host=host, port=port, ready=self._ready, tls=self._tls)
-
-    def _ready(self, url: str) -> None:
-        self.url = url
-        self._started.set()
 
 
 def _as_json(value: object) -> object:
