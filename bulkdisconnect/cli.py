@@ -74,6 +74,11 @@ _PLAN_OPTIONS = [
     click.option("--customers", metavar="FILE", help="Customer IDs, one a line."),
     click.option("--column", metavar="NAME", help="CSV column / JSONL field / SQL column."),
     click.option(
+        "--account-column",
+        metavar="NAME",
+        help="Each row's connected account (acct_…) [stripe_account, if present].",
+    ),
+    click.option(
         "--job", metavar="NAME", help="The key a rerun resumes under [job file/input name]."
     ),
     click.option(
@@ -84,7 +89,9 @@ _PLAN_OPTIONS = [
     ),
     click.option("--api-base", metavar="URL", help="[env STRIPE_API_BASE, else api.stripe.com]"),
     click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
-    click.option("--stripe-account", metavar="ID", help="Send Stripe-Account (Connect)."),
+    click.option(
+        "--stripe-account", metavar="ID", help="Stripe-Account of rows naming none (Connect)."
+    ),
     click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
     click.option(
         "--proxy", metavar="URL", help="Egress proxy [env HTTPS_PROXY/HTTP_PROXY, NO_PROXY]."
@@ -92,7 +99,8 @@ _PLAN_OPTIONS = [
     click.option(
         "--ca-bundle", metavar="PATH", help="PEM file of CAs to trust [system, SSL_CERT_FILE]."
     ),
-    _setting("--rate", float, "Max requests per second"),
+    _setting("--rate", float, "Max requests per second, per Stripe account"),
+    click.option("--total-rate", type=float, help="Max requests per second across all of them."),
     _setting("--max-attempts", int, "Attempts per request, first included"),
     _setting("--timeout", float, "Total seconds per request"),
     _setting("--connect-timeout", float, "Seconds to connect"),

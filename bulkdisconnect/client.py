@@ -13,7 +13,11 @@ import msgspec
 from yarl import URL
 
 from bulkdisconnect import __version__
-from bulkdisconnect.model import CUSTOMER_ID_PATTERN, is_valid_account_id
+from bulkdisconnect.model import (
+    CUSTOMER_ID_PATTERN,
+    is_valid_account_id,
+    is_valid_stripe_account,
+)
 
 # The API version this tool was written and tested against; --stripe-version overrides it.
 STRIPE_VERSION = "2026-10-28.endive"
@@ -91,8 +95,14 @@ class StripeClient:
         # A GET has no body, so no Content-Type (Stripe's SDKs send it on POSTs only).
         self._get_headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
 
-    async def disconnect(self, account_id: str, idempotency_key: str) -> Answer:
-        """POST /v1/financial_connections/accounts/{id}/disconnect; never raises for I/O."""
+    async def disconnect(
+        self, account_id: str, idempotency_key: str, stripe_account: str = ""
+    ) -> Answer:
+        """POST /v1/financial_connections/accounts/{id}/disconnect; never raises for I/O.
+
+        `stripe_account` sends the request on behalf of that connected account ('': the
+        settings' own, if any).
+        """
         # Defence in depth: the planner already refuses such values, but nothing that is not
         # a plain account ID may ever be put into a URL path.
         if not is_valid_account_id(account_id):
@@ -105,6 +115,10 @@ class StripeClient:
             encoded=True,
         )
         headers = {**self._headers, "Idempotency-Key": idempotency_key}
+        if stripe_account:
+            if not is_valid_stripe_account(stripe_account):
+                raise ValueError(f"refusing to send an invalid Stripe-Account {stripe_account!r}")
+            headers["Stripe-Account"] = stripe_account
         try:
             async with self._session.post(url, headers=headers) as response:
                 body = await response.read()

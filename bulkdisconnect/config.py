@@ -6,6 +6,7 @@ so an error can say "rate in jobs/purge.toml must be > 0" or "--rate must be > 0
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import math
@@ -53,6 +54,7 @@ class FileInput:
 
     path: str
     column: str | None  # the CSV column or JSONL field; None: account_id, or the only one
+    account_column: str | None = None  # each row's connected account; None: stripe_account
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class SqlQuery:
     query: str
     params: dict[str, str]
     column: str | None  # None: the column named account_id, or the only one
+    account_column: str | None = None  # each row's connected account; None: stripe_account
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ class RunConfig:
     stripe_version: str | None  # None: the version the client is pinned to
     proxy: str | None  # None: HTTPS_PROXY / HTTP_PROXY / NO_PROXY decide
     ca_bundle: str | None  # None: the system's CAs (SSL_CERT_FILE honoured)
-    rate: float
+    rate: float  # per Stripe account (connected accounts each have their own budget)
+    total_rate: float | None  # across all of them; None: no cap but the sum of theirs
     concurrency: int | None  # None: adapts to the observed latency
     max_attempts: int
     dry_run: bool
@@ -120,7 +124,7 @@ class RunConfig:
 
         source = self.source
         if isinstance(source, SqlQuery):  # no digest of a password in the store
-            source = SqlQuery(mask_url(source.db), source.query, source.params, source.column)
+            source = dataclasses.replace(source, db=mask_url(source.db))
         parts = (repr(source), self.retry_failed)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
@@ -299,6 +303,7 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "customer": (_customer_list, ()),
     "customers": (_text, None),
     "column": (_text, None),
+    "account_column": (_text, None),
     "job": (_job_name, None),
     "state": (_text, None),
     "join": (_bool, False),
@@ -308,6 +313,7 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "proxy": (_url, None),
     "ca_bundle": (_ca_bundle, None),
     "rate": (_positive, 20.0),
+    "total_rate": (_positive, None),
     "concurrency": (_positive_int, None),
     "max_attempts": (_positive_int, 5),
     "dry_run": (_bool, False),
@@ -393,6 +399,7 @@ _NOT_SETTINGS = (
     "customer",
     "customers",
     "column",
+    "account_column",
     "job",
     "state",
 )
@@ -401,10 +408,14 @@ _NOT_SETTINGS = (
 def _source(parsed: dict[str, Any]) -> SourceConfig:
     """The one source the values give, as its kind."""
     _check_one_source(parsed)
+    account_column = parsed["account_column"]
     if parsed["input"] is not None:
-        return FileInput(parsed["input"], parsed["column"])
+        return FileInput(parsed["input"], parsed["column"], account_column)
     if parsed["query"] is not None:
-        return SqlQuery(parsed["db"], parsed["query"], parsed["params"], parsed["column"])
+        db, query, params, column = (parsed[k] for k in ("db", "query", "params", "column"))
+        return SqlQuery(db, query, params, column, account_column)
+    if account_column is not None:
+        raise UsageError("--account-column goes with --input or --query")
     return CustomerList(parsed["customer"], parsed["customers"])
 
 

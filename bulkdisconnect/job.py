@@ -110,9 +110,15 @@ async def _opened(config: RunConfig, hooks: RunHooks, stop: Stop) -> AsyncIterat
     its input or configuration leaves no store behind, and a dry run creates none."""
     stats = RunStats()
     metrics = run_metrics(config.job, file=config.metrics_file, pushgateway=config.pushgateway)
-    limiter = RateLimiter(config.rate)  # list calls and disconnects share it
+    limiter = RateLimiter(config.rate)  # the run's own account's: list calls share it
+    total = None if config.total_rate is None else RateLimiter(config.total_rate)
     meters = Meters(
-        limiter, concurrency=config.concurrency, stats=stats, stop=stop, metrics=metrics
+        limiter,
+        concurrency=config.concurrency,
+        stats=stats,
+        stop=stop,
+        metrics=metrics,
+        total=total,
     )
     policy = RetryPolicy(
         max_attempts=config.max_attempts,
@@ -189,7 +195,7 @@ async def _locked(run: _Run) -> ExitCode:
             owner=run_id,
             lease=config.lock_stale_after,
             join=config.join,
-            limiter=run.meters.limiter,
+            limiter=run.meters,
         )
         async with lease.hold():
             exit_code, message = await _plan_and_work(run, run_id)
@@ -288,6 +294,7 @@ async def _plan_unless_stopped(run: _Run, *, commit: bool) -> PlanCounts | None:
             config.job,
             run.source.chunks(PLAN_CHUNK),
             retry_failed=config.retry_failed,
+            stripe_account=config.stripe_account,
             approve=(lambda counts: _approve(config, counts, run.hooks)) if commit else None,
             commit=commit,
         )
@@ -332,6 +339,9 @@ async def _work(run: _Run, run_id: str) -> int:
     config, store, stats = run.config, run.store, run.stats
     assert run.client is not None
     writer = ResultWriter(store, config.job, run_id)
+    breaker = BreakerSettings(
+        min_sample=config.breaker_min_sample, threshold=config.breaker_threshold
+    )
     pool = Pool(
         job=config.job,
         run_id=run_id,
@@ -339,15 +349,12 @@ async def _work(run: _Run, run_id: str) -> int:
         client=run.client,
         meters=run.meters,
         retrier=run.retrier,
-        breaker=FailureBreaker(
-            BreakerSettings(
-                min_sample=config.breaker_min_sample, threshold=config.breaker_threshold
-            )
-        ),
+        breaker=FailureBreaker(breaker),
         writer=writer,
         settings=PoolSettings(
             concurrency=config.concurrency,
             page_size=JOIN_PAGE_SIZE if config.join else PoolSettings.page_size,
+            breaker=breaker,
         ),
         stats=stats,
         stop=run.stop,
@@ -405,7 +412,11 @@ async def _summarise(run: _Run, run_id: str, elapsed: float) -> tuple[ExitCode, 
         return ExitCode.INTERRUPTED, f"interrupted; {silent}"
     if run.metrics is not None:
         run.metrics.set_progress(pending=job_counts.get(None, 0), target_rate=stats.current_rate)
-    exit_code = _exit_code(job_counts, interrupted=run.stop.requested.is_set())
+    paused = {a for a, reason in stats.refused.items() if reason.startswith("failure breaker")}
+    left = await _left_in(run, paused) if paused else 0
+    exit_code = _exit_code(
+        job_counts, interrupted=run.stop.requested.is_set(), left=left, refused=bool(stats.refused)
+    )
     summary = format_summary(config, stats, job_counts, elapsed, exit_code)
     run.hooks.out.write(summary)
     log.info(
@@ -421,11 +432,23 @@ async def _summarise(run: _Run, run_id: str, elapsed: float) -> tuple[ExitCode, 
     return exit_code, summary
 
 
-def _exit_code(counts: dict[str | None, int], *, interrupted: bool) -> ExitCode:
-    if interrupted or counts.get(None, 0):
+async def _left_in(run: _Run, stripe_accounts: set[str]) -> int:
+    """Accounts left pending under these Stripe accounts (their breakers tripped)."""
+    lanes = []
+    with run.stop.bounded(), _unless_the_store_fails("the summary"):
+        lanes = await run.store.lane_counts(run.config.job)
+    return sum(lane.pending for lane in lanes if lane.stripe_account in stripe_accounts)
+
+
+def _exit_code(
+    counts: dict[str | None, int], *, interrupted: bool, left: int = 0, refused: bool = False
+) -> ExitCode:
+    """3 while accounts are pending (other than `left`, those of accounts whose breaker
+    tripped); else 1 if any failed or an account was refused; else 0."""
+    if interrupted or counts.get(None, 0) > left:
         return ExitCode.INTERRUPTED
     bad = sum(n for outcome, n in counts.items() if outcome not in GOOD_OUTCOMES)
-    return ExitCode.SOME_FAILED if bad else ExitCode.OK
+    return ExitCode.SOME_FAILED if bad or refused else ExitCode.OK
 
 
 def _ours(group: BaseExceptionGroup[BaseException]) -> BulkDisconnectError | None:

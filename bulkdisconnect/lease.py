@@ -17,10 +17,17 @@ from typing import Protocol
 import anyio
 
 from bulkdisconnect.errors import LockHeldError, StoreError
-from bulkdisconnect.limiter import RateLimiter
 from bulkdisconnect.store import Beat
 
 JOIN_POLL = 0.2  # seconds between heartbeats while a joining worker waits for its share
+
+
+class Shared(Protocol):
+    """Rate budgets that workers of one job divide among themselves (limiter.Meters)."""
+
+    def share(self, workers: int) -> None:
+        """Run at 1/workers of each budget, from now on."""
+        ...
 
 
 class LeaseStore(Protocol):
@@ -40,7 +47,7 @@ class Lease:
     owner: str
     lease: float  # seconds: a heartbeat must get through within half of it
     join: bool
-    limiter: RateLimiter
+    limiter: Shared  # every account's budget (and the total cap), divided among the workers
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep  # the clock's: tests fake it
     lost: bool = field(default=False, init=False)
     silent: bool = field(default=False, init=False)  # lost because the store did not answer

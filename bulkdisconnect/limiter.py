@@ -3,9 +3,11 @@
 - `RateLimiter`: the hard cap, --rate in any sliding one-second window (a leaky bucket).
 - `AdaptivePacer`: AIMD pacing *below* the cap, lowered when Stripe answers 429.
 - `ConcurrencyTuner`: sizes the in-flight cap from rate x latency (Little's law).
-- `Meters`: the three stacked in front of every call to Stripe, disconnects and list calls
-  alike, and what each answer teaches them; a request overdue for its answer gives back its
-  in-flight slot (a `Ticket` names each admitted request).
+- `Budget`: one Stripe account's limiter and pacer (Stripe meters each account apart).
+- `Meters`: the in-flight cap, the account's budget and an optional total cap, stacked in
+  front of every call to Stripe, disconnects and list calls alike, and what each answer
+  teaches them; a request overdue for its answer gives back its in-flight slot (a `Ticket`
+  names each admitted request).
 
 Each takes its clock (and the limiter and pacer their sleep) as arguments: the tests drive
 them on a fake clock.
@@ -99,6 +101,14 @@ class RateLimiter:
             self._level = max(self._level, self._capacity)
         self.rate = rate
 
+    def ready_in(self) -> float:
+        """Seconds until `try_acquire` may take a token (0: now); those waiting go first."""
+        if self._leak == math.inf:
+            return 0.0
+        self._drain()
+        wait = (self._level + 1 - self._capacity) / self._leak
+        return max(0.0, wait) + len(self._waiters) / self._leak
+
     def try_acquire(self) -> bool:
         """Take a token now if one is free and nobody waits for one; False: call `acquire`.
 
@@ -185,11 +195,26 @@ class AdaptivePacer:
     async def wait(self) -> None:
         """Wait for the next slot at the current target (below the cap)."""
         now = self._clock()
+        slot = self._take_slot(now)
+        if slot > now:
+            await self._sleep(slot - now)
+
+    def ready_in(self, now: float) -> float:
+        """Seconds until the next slot at the current target (0: now, or no pacing)."""
+        if self.current >= self.cap:
+            return 0.0
+        return max(0.0, self._next_slot - 0.01 - now)
+
+    def take(self, now: float) -> None:
+        """Take the slot `ready_in` found free (no pacing at the cap)."""
+        if self.current < self.cap:
+            self._take_slot(now)
+
+    def _take_slot(self, now: float) -> float:
         # A little slack so that a late wake-up does not lose its slot for good.
         slot = max(self._next_slot, now - 0.01)
         self._next_slot = slot + 1 / self.current
-        if slot > now:
-            await self._sleep(slot - now)
+        return slot
 
     def set_cap(self, cap: float) -> None:
         """Move the cap (this worker's share changed); a target at the cap follows it."""
@@ -277,14 +302,55 @@ def initial_concurrency(rate: float) -> int:
 
 
 class Ticket:
-    """One admitted request: it holds the in-flight slot, and says when it went out."""
+    """One admitted request: it holds the in-flight slot, says when it went out and under
+    which account's budget."""
 
-    __slots__ = ("latency", "overdue", "sent")
+    __slots__ = ("budget", "latency", "overdue", "sent")
 
     def __init__(self) -> None:
         self.sent = 0.0  # on the meters' clock
         self.latency = 0.0  # set when it is released
         self.overdue = False  # its slot was given back before its answer came
+        self.budget: Budget | None = None  # set when admitted
+
+
+class Budget:
+    """One Stripe account's rate budget: a no-burst limiter at --rate (this worker's share of
+    it) and the AIMD pacer under it; one account's 429s slow only that account.
+
+    It is also the `Meter` its account's attempts pass (retry.Retrier): in-flight cap, this
+    budget, then the total cap.
+    """
+
+    __slots__ = ("limiter", "meters", "pacer", "stripe_account")
+
+    def __init__(
+        self, meters: Meters, stripe_account: str, limiter: RateLimiter, pacer: AdaptivePacer
+    ) -> None:
+        self.meters = meters
+        self.stripe_account = stripe_account  # '' for the run's own
+        self.limiter = limiter
+        self.pacer = pacer
+
+    def ready_in(self, now: float) -> float:
+        """Seconds until this account may send its next request (0: now)."""
+        return max(self.limiter.ready_in(), self.pacer.ready_in(now))
+
+    def try_take(self, now: float) -> bool:
+        """Take this account's next request's turn now, if it has one."""
+        if self.pacer.ready_in(now) > 0 or not self.limiter.try_acquire():
+            return False
+        self.pacer.take(now)
+        return True
+
+    async def admit(self) -> Ticket | None:
+        return await self.meters.admit(self)
+
+    def release(self, ticket: Ticket) -> None:
+        self.meters.release(ticket)
+
+    def observe(self, ticket: Ticket, answer: Answer) -> None:
+        self.meters.observe(ticket, answer)
 
 
 class Meters:
@@ -308,9 +374,12 @@ class Meters:
         stop: Stop,
         metrics: RunMetrics | None = None,
         clock: Clock = time.monotonic,
+        total: RateLimiter | None = None,
     ) -> None:
-        self.limiter = limiter
-        self.pacer = AdaptivePacer(limiter.rate, clock=clock)
+        self.own = Budget(self, "", limiter, AdaptivePacer(limiter.rate, clock=clock))
+        self.total = total  # --total-rate, across every account
+        self._budgets = {"": self.own}
+        self._workers = 1  # workers sharing the job: each budget runs at 1/workers
         self._stats = stats
         self._stop = stop
         self._metrics = metrics
@@ -330,10 +399,74 @@ class Meters:
         stats.current_rate = limiter.rate
         self.reached = False  # whether any request got an HTTP answer
 
-    async def admit(self) -> Ticket | None:
-        """Wait for an in-flight slot, the pacer and a rate token; the request's ticket, or
-        None, holding nothing, if the run stops first. Only an actual wait pays for a cancel
-        scope."""
+    @property
+    def limiter(self) -> RateLimiter:
+        """The run's own account's limiter (rows without a connected account, list calls)."""
+        return self.own.limiter
+
+    @property
+    def pacer(self) -> AdaptivePacer:
+        """The run's own account's pacer."""
+        return self.own.pacer
+
+    def budget(self, stripe_account: str) -> Budget:
+        """The budget of a Stripe account ('': the run's own), made on first use."""
+        budget = self._budgets.get(stripe_account)
+        if budget is None:
+            limiter = RateLimiter(self.own.limiter.cap, clock=self._clock)
+            limiter.share(self._workers)
+            pacer = AdaptivePacer(limiter.rate, clock=self._clock)
+            budget = self._budgets[stripe_account] = Budget(self, stripe_account, limiter, pacer)
+        return budget
+
+    def share(self, workers: int) -> None:
+        """Run every budget (and the total cap) at 1/workers, from now on."""
+        self._workers = workers
+        for budget in self._budgets.values():
+            budget.limiter.share(workers)
+        if self.total is not None:
+            self.total.share(workers)
+
+    @property
+    def target_rate(self) -> float:
+        """The rate the budgets aim at together, within the total cap."""
+        rate = sum(budget.pacer.current for budget in self._budgets.values())
+        return rate if self.total is None else min(rate, self.total.rate)
+
+    async def admit(self, budget: Budget | None = None) -> Ticket | None:
+        """Wait for an in-flight slot, the account's pacer and rate token, then the total's;
+        the request's ticket, or None, holding nothing, if the run stops first. Only an
+        actual wait pays for a cancel scope."""
+        ticket = await self.slot()
+        if ticket is None:
+            return None
+        budget = budget or self.own
+        pacer, limiter, total = budget.pacer, budget.limiter, self.total
+        admitted = (
+            (pacer.current >= pacer.cap or await self._unless_stopped(pacer.wait))
+            and (limiter.try_acquire() or await self._unless_stopped(limiter.acquire))
+            and (total is None or total.try_acquire() or await self._unless_stopped(total.acquire))
+            and not self._stop.requested.is_set()
+        )
+        if not admitted:
+            self.give_back(ticket)
+            return None
+        self.sent(ticket, budget)
+        return ticket
+
+    def slot_now(self) -> Ticket | None:
+        """An in-flight slot if one is free now (a ticket holding it), else None."""
+        ticket = Ticket()
+        if self._in_flight is not None:
+            try:
+                self._in_flight.acquire_on_behalf_of_nowait(ticket)
+            except anyio.WouldBlock:
+                return None
+        return ticket
+
+    async def slot(self) -> Ticket | None:
+        """Wait for an in-flight slot only; a ticket holding it, or None if the run stops
+        first. `sent` (or `give_back`) must follow."""
         ticket = Ticket()
         in_flight = self._in_flight
         if in_flight is not None:
@@ -342,21 +475,20 @@ class Meters:
             except anyio.WouldBlock:
                 if not await self._unless_stopped(lambda: in_flight.acquire_on_behalf_of(ticket)):
                     return None
-        pacer, limiter = self.pacer, self.limiter
-        admitted = (
-            (pacer.current >= pacer.cap or await self._unless_stopped(pacer.wait))
-            and (limiter.try_acquire() or await self._unless_stopped(limiter.acquire))
-            and not self._stop.requested.is_set()
-        )
-        if not admitted:
-            if in_flight is not None:
-                in_flight.release_on_behalf_of(ticket)
-            return None
+        return ticket
+
+    def give_back(self, ticket: Ticket) -> None:
+        """A slot taken for a request that is not sent after all."""
+        if self._in_flight is not None:
+            self._in_flight.release_on_behalf_of(ticket)
+
+    def sent(self, ticket: Ticket, budget: Budget) -> None:
+        """The ticket's request goes out now, under `budget` (its turn taken)."""
         self._stats.requests += 1
         ticket.sent = self._clock()
-        if in_flight is not None:
+        ticket.budget = budget
+        if self._in_flight is not None:
             self._flying[ticket] = None
-        return ticket
 
     def release(self, ticket: Ticket) -> None:
         """The request is over: note its latency, give back its slot unless it was overdue."""
@@ -393,15 +525,17 @@ class Meters:
     def observe(self, ticket: Ticket, answer: Answer) -> None:
         """Feed one released request's answer to the meters: its latency to the tuner (unless
         it was overdue) and metrics, 429s to the pacer."""
-        stats, pacer = self._stats, self.pacer
+        stats = self._stats
+        budget = ticket.budget or self.own
+        pacer = budget.pacer
         if answer.status:
             self.reached = True
         if self.tuner is not None and not ticket.overdue:
             self.tuner.observe_latency(ticket.latency)
         if self._metrics is not None:
             self._metrics.request(ticket.latency, status=answer.status)
-        if pacer.cap != self.limiter.rate:  # workers joined or left the job
-            pacer.set_cap(self.limiter.rate)
+        if pacer.cap != budget.limiter.rate:  # workers joined or left the job
+            pacer.set_cap(budget.limiter.rate)
         if answer.status == 429:
             stats.rate_limited += 1
         # lock_timeout is one object's lock, not the account's rate: it must not slow the run.
@@ -409,10 +543,12 @@ class Meters:
         if pacer.observe(rate_limited=limited):
             log.info(
                 "bulkdisconnect.throttle",
+                stripe_account=budget.stripe_account or None,
                 rate=round(pacer.current, 2),
                 reason=answer.rate_limited_reason,
             )
-        stats.current_rate = pacer.current
+        if len(self._budgets) == 1:
+            stats.current_rate = pacer.current
 
     async def tune(self, every: float = 0.25) -> None:
         """Keep the in-flight cap at rate x latency (Little's law), giving back the slots of
@@ -421,5 +557,7 @@ class Meters:
             return
         while True:
             self.release_overdue()
-            self._stats.concurrency = self.tuner.retune(self.pacer.current)
+            rate = self.target_rate
+            self._stats.current_rate = rate
+            self._stats.concurrency = self.tuner.retune(rate)
             await anyio.sleep(every)

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 ACCOUNT_ID_PATTERN = re.compile(r"fca_[A-Za-z0-9]+")
 CUSTOMER_ID_PATTERN = re.compile(r"cus_[A-Za-z0-9]+")
+STRIPE_ACCOUNT_PATTERN = re.compile(r"acct_[A-Za-z0-9]+")
 # Stripe IDs are well under this; a longer value is junk and is stored truncated.
 MAX_ACCOUNT_ID_LENGTH = 255
 
@@ -31,10 +32,27 @@ def is_valid_account_id(value: str) -> bool:
     return len(value) <= MAX_ACCOUNT_ID_LENGTH and ACCOUNT_ID_PATTERN.fullmatch(value) is not None
 
 
-def idempotency_key(job: str, account_id: str) -> str:
-    """The Idempotency-Key for (job, account): the same on every retry and every rerun."""
-    digest = hashlib.sha256(f"{job}\n{account_id}".encode()).hexdigest()[:32]
+def is_valid_stripe_account(value: str) -> bool:
+    """Whether a value is a Stripe account ID (acct_...) safe to put in a header."""
+    return (
+        len(value) <= MAX_ACCOUNT_ID_LENGTH and STRIPE_ACCOUNT_PATTERN.fullmatch(value) is not None
+    )
+
+
+def idempotency_key(job: str, account_id: str, stripe_account: str = "") -> str:
+    """The Idempotency-Key for (job, connected account, account): the same on every retry and
+    every rerun. Rows of the job's own account ('') keep the key they had before jobs had
+    connected accounts, so a job planned then resumes under the same keys."""
+    text = f"{job}\n{stripe_account}\n{account_id}" if stripe_account else f"{job}\n{account_id}"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
     return f"bulkdisconnect-{digest}"
+
+
+class Owned(NamedTuple):
+    """A raw value read with the connected account its row names ('' for none given)."""
+
+    value: str
+    stripe_account: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +61,7 @@ class Settled:
 
     account_id: str
     outcome: Outcome
+    stripe_account: str = ""  # the connected account it was listed under
 
 
 class ItemResult(NamedTuple):
@@ -60,6 +79,7 @@ class ItemResult(NamedTuple):
     error_message: str | None = None  # Stripe's words, or how we gave up
     request_id: str | None = None  # Stripe's Request-Id of the last answer, for support
     first_attempt_at: float | None = None  # wall clock, for the audit
+    stripe_account: str = ""  # as stored: '' is the run's --stripe-account (or the platform)
 
 
 @dataclass(slots=True)
@@ -73,6 +93,9 @@ class RunStats:
     rate_limited: int = 0  # 429 answers
     current_rate: float = 0.0  # the adaptive target, at most --rate
     concurrency: int = 0  # the current in-flight cap
+    # Connected accounts whose accounts this run stopped working -> why (a 403
+    # account_invalid failed them; a tripped breaker left them pending).
+    refused: dict[str, str] = field(default_factory=dict)
 
     @property
     def done(self) -> int:

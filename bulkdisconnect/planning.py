@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from bulkdisconnect.model import Settled
+from bulkdisconnect.model import Owned, Settled
 from bulkdisconnect.store import PlanCounts
 
 # Values per chunk while planning: one worker-thread trip and one staging transaction each.
@@ -24,8 +24,9 @@ PLAN_CHUNK = 10_000
 class StagedPlan(Protocol):
     """An input being staged for one job; leaving its `stage` block without commit discards it."""
 
-    async def add(self, chunk: Sequence[str | Settled]) -> None:
-        """Stage a chunk of raw values (or values the source already settled)."""
+    async def add(self, chunk: Sequence[str | Owned | Settled]) -> None:
+        """Stage a chunk of raw values (with their connected account, or settled by the
+        source)."""
         ...
 
     async def count(self) -> PlanCounts:
@@ -40,17 +41,20 @@ class StagedPlan(Protocol):
 class PlanStore(Protocol):
     """What planning needs of the store."""
 
-    def stage(self, job: str, *, retry_failed: bool) -> AbstractAsyncContextManager[StagedPlan]:
-        """A staging handle for `job`, nothing hidden on the store."""
+    def stage(
+        self, job: str, *, retry_failed: bool, stripe_account: str | None
+    ) -> AbstractAsyncContextManager[StagedPlan]:
+        """A staging handle for `job`; rows naming `stripe_account` are the job's own."""
         ...
 
 
 async def plan_input(
     store: PlanStore,
     job: str,
-    chunks: AsyncIterator[Sequence[str | Settled]],
+    chunks: AsyncIterator[Sequence[str | Owned | Settled]],
     *,
     retry_failed: bool,
+    stripe_account: str | None = None,
     approve: Callable[[PlanCounts], None] | None = None,
     commit: bool = True,
 ) -> PlanCounts:
@@ -58,7 +62,7 @@ async def plan_input(
 
     Without `commit` (a dry run) the input is only counted.
     """
-    async with store.stage(job, retry_failed=retry_failed) as staged:
+    async with store.stage(job, retry_failed=retry_failed, stripe_account=stripe_account) as staged:
         async for chunk in chunks:
             await staged.add(chunk)
         counts = await staged.count()

@@ -1,14 +1,24 @@
 """The worker pool: claims pending accounts from the store, calls the API, hands results on.
 
-    store --claimed pages (one in memory)--> workers --results--> writer --> store
+    store --pages, one Stripe account each--> lanes --the first free turn--> workers
+          --results--> writer --> store
 
-Each account's attempts go through `Retrier.call`, so through the run's meters (in-flight
-cap, pacer, hard rate cap), retries included: a retry storm cannot push the request rate
-above --rate, and a stop signal ends every wait.
+A job's accounts belong to Stripe accounts: the run's own ('') and connected accounts, each
+metered apart by Stripe. Each has a lane: its claimed page, its `Budget` (limiter and AIMD
+pacer) and its breaker. A worker takes the next account of whichever lane may send first, so
+a throttled or slow account never holds up the others, however the input is ordered.
+
+Each account's attempts go through `Retrier.call`, so through its budget (in-flight cap,
+pacer, hard rate cap, total cap), retries included: a retry storm cannot push an account's
+request rate above --rate, and a stop signal ends every wait.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,10 +27,10 @@ import anyio
 import anyio.abc
 import structlog
 
-from bulkdisconnect.breaker import FailureBreaker
+from bulkdisconnect.breaker import BAD, BreakerSettings, FailureBreaker
 from bulkdisconnect.client import Answer, StripeClient
 from bulkdisconnect.errors import BreakerTrippedError, UnreachableError
-from bulkdisconnect.limiter import MAX_CONCURRENCY, Meters
+from bulkdisconnect.limiter import MAX_CONCURRENCY, Budget, Clock, Meters, Ticket
 from bulkdisconnect.metrics import RunMetrics
 from bulkdisconnect.model import ItemResult, Outcome, RunStats, idempotency_key
 from bulkdisconnect.retry import Action, Attempted, Retrier
@@ -29,16 +39,38 @@ from bulkdisconnect.writer import ResultWriter
 
 log = structlog.get_logger("bulkdisconnect")
 
+# A lane claims about this many seconds of its account's budget at a time (at least
+# MIN_PAGE, at most the page size): forty accounts at 25/s hold 5,000 accounts, not 20,000.
+PAGE_SECONDS = 5.0
+MIN_PAGE = 10
+
 
 class ClaimStore(Protocol):
     """What the pool needs of the store (the writer records what it produces)."""
 
-    async def claim(self, job: str, run_id: str, *, limit: int) -> list[str]:
-        """Mark and return the run's next page of accounts still to call."""
+    async def lanes(self, job: str) -> list[str]:
+        """The job's Stripe accounts ('' for the run's own)."""
+        ...
+
+    async def claim(
+        self, job: str, run_id: str, *, limit: int, stripe_account: str = ""
+    ) -> list[str]:
+        """Mark and return the run's next page of a Stripe account's accounts to call."""
         ...
 
     async def pending_elsewhere(self, job: str, run_id: str) -> bool:
         """Whether accounts still to call are held by another run (or free to claim)."""
+        ...
+
+    async def fail_lane(self, job: str, run_id: str, refusal: ItemResult) -> int:
+        """End the accounts to call under the refusal's Stripe account that no live run
+        holds failed with its answer; how many."""
+        ...
+
+    async def release_refused(
+        self, job: str, run_id: str, *, stripe_account: str | None = None
+    ) -> int:
+        """Turn this run's failed and not_found outcomes (of one account) back to pending."""
         ...
 
 
@@ -50,6 +82,9 @@ class PoolSettings:
     page_size: int = 500
     # How often to look again while other workers of the job hold all that is left.
     poll_interval: float = 0.5
+    breaker: BreakerSettings = field(
+        default_factory=lambda: BreakerSettings(min_sample=100, threshold=0.5)
+    )
 
 
 @dataclass(kw_only=True, eq=False)
@@ -62,12 +97,13 @@ class Pool:
     client: StripeClient
     meters: Meters
     retrier: Retrier
-    breaker: FailureBreaker
+    breaker: FailureBreaker  # the run's: mostly bad answers everywhere stop it all
     writer: ResultWriter
     settings: PoolSettings
     stats: RunStats
     stop: Stop
     metrics: RunMetrics | None = None
+    clock: Clock = time.monotonic
 
     async def run(self) -> None:
         """Work until no account is pending or a stop is asked for."""
@@ -78,46 +114,105 @@ class Pool:
         workers = self.settings.concurrency or MAX_CONCURRENCY
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.meters.tune)
-            claims = _Claims(
+            lanes = _Lanes(
                 store=self.store,
                 job=self.job,
                 run_id=self.run_id,
+                meters=self.meters,
                 settings=self.settings,
                 tg=outer,
                 stop=self.stop,
+                clock=self.clock,
             )
+            await lanes.open()
             async with anyio.create_task_group() as tg:
                 for _ in range(workers):
-                    tg.start_soon(self._work, claims)
+                    tg.start_soon(self._work, lanes)
             outer.cancel_scope.cancel()
 
-    async def _work(self, claims: _Claims) -> None:
-        requested, writer = self.stop.requested, self.writer
+    async def _work(self, lanes: _Lanes) -> None:
+        requested = self.stop.requested
         while not requested.is_set():
-            account_id = claims.take() or await claims.next()
-            if account_id is None:
+            turn = lanes.take() or await lanes.next()
+            if turn is None:
                 return
-            result = await self._disconnect(account_id)
+            lane, account_id, ticket = turn
+            result = await self._disconnect(lane, account_id, ticket)
             if result is None:  # stopped before it got an outcome: stays pending
                 return
-            if writer.put(result):
-                await writer.room()
-            self.stats.outcomes[result.outcome] += 1
-            if self.metrics is not None:
-                self.metrics.outcome(result.outcome)
+            if lane.paused and result.outcome in BAD:
+                continue  # its breaker tripped: not final, stays pending for a rerun
+            await self._put(result)
             if self.breaker.observe(result.outcome):
                 raise BreakerTrippedError(
                     f"failure breaker tripped: {self.breaker.diagnosis()}; "
                     "nothing was kept from this run's failures, a rerun after the fix "
                     "calls them again"
                 )
+            if lane.refusal is None and result.error_code == "account_invalid":
+                await self._refuse(lanes, lane, result)
+            elif lanes.many and lane.breaker.observe(result.outcome) and not lane.paused:
+                await self._pause(lanes, lane)
 
-    async def _disconnect(self, account_id: str) -> ItemResult | None:
+    async def _put(self, result: ItemResult) -> None:
+        writer = self.writer
+        if writer.put(result):
+            await writer.room()
+        self.stats.outcomes[result.outcome] += 1
+        if self.metrics is not None:
+            self.metrics.outcome(result.outcome)
+
+    async def _refuse(self, lanes: _Lanes, lane: _Lane, refusal: ItemResult) -> None:
+        """The platform has no access to a connected account (403 account_invalid): its
+        accounts end failed with Stripe's answer, without a call each; the others go on."""
+        stripe_account = lane.budget.stripe_account
+        log.error(
+            "bulkdisconnect.account_refused",
+            stripe_account=stripe_account or None,
+            code=refusal.error_code,
+            message=refusal.error_message,
+        )
+        self.stats.refused[stripe_account] = (
+            f"{refusal.error_code}: {refusal.error_message or 'no message'}"
+        )
+        held = await lanes.close(lane, refusal=refusal)
+        for account_id in held:  # claimed by this run: failed here, under its claim
+            await self._put(refusal._replace(account_id=account_id, attempts=0))
+        failed = await self.store.fail_lane(self.job, self.run_id, refusal)
+        self.stats.outcomes[Outcome.FAILED] += failed
+        if self.metrics is not None:
+            for _ in range(failed):
+                self.metrics.outcome(Outcome.FAILED)
+
+    async def _pause(self, lanes: _Lanes, lane: _Lane) -> None:
+        """A breaker tripped on one account's answers (mostly resource_missing: rows filed
+        under the wrong connected account): its accounts stay pending; the others go on."""
+        stripe_account = lane.budget.stripe_account
+        reason = f"failure breaker tripped: {lane.breaker.diagnosis()}"
+        self.stats.refused[stripe_account] = reason
+        await lanes.close(lane)
+        await self.writer.flush()  # this run's failures of it, written, then released
+        released = await self.store.release_refused(
+            self.job, self.run_id, stripe_account=stripe_account
+        )
+        log.error(
+            "bulkdisconnect.account_paused",
+            stripe_account=stripe_account or None,
+            released=released,
+            reason=reason,
+        )
+
+    async def _disconnect(self, lane: _Lane, account_id: str, ticket: Ticket) -> ItemResult | None:
         """All attempts for one account; None if the run stopped before it got an outcome."""
-        key = idempotency_key(self.job, account_id)
+        budget = lane.budget
+        stripe_account = budget.stripe_account
+        key = idempotency_key(self.job, account_id, stripe_account)
         client = self.client
         attempted = await self.retrier.call(
-            lambda: client.disconnect(account_id, key), about=account_id
+            lambda: client.disconnect(account_id, key, stripe_account),
+            about=account_id,
+            meter=budget,
+            ticket=ticket,
         )
         if attempted is None:
             return None
@@ -135,10 +230,11 @@ class Pool:
                 error_message=decision.error_message or answer.error_message,
                 request_id=answer.request_id,
                 first_attempt_at=first_attempt_at,
+                stripe_account=stripe_account,
             )
-        return self._gave_up(account_id, attempted)
+        return self._gave_up(account_id, attempted, stripe_account)
 
-    def _gave_up(self, account_id: str, attempted: Attempted) -> ItemResult:
+    def _gave_up(self, account_id: str, attempted: Attempted, stripe_account: str) -> ItemResult:
         """The outcome of an account whose attempts were all retryable failures."""
         answer, _, attempts, first_attempt_at = attempted
         if answer.connect_error is not None and not self.meters.reached:
@@ -157,70 +253,267 @@ class Pool:
             f"{answer.error_message or answer.transport_error or answer.status}",
             request_id=answer.request_id,
             first_attempt_at=first_attempt_at,
+            stripe_account=stripe_account,
         )
 
 
-@dataclass(kw_only=True, eq=False)
-class _Claims:
-    """Pending accounts claimed from the store a page at a time, handed out one by one.
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """One Stripe account's share of the job: its claimed page, budget and breaker."""
 
-    Handing out is synchronous while the page lasts, so a worker goes from an answer to its
-    next request without a trip through the event loop; the next page is claimed in the
-    background once the current one runs low, so workers never wait on the store. At most
-    two pages are in memory. When nothing is left to claim but other workers of the job
-    still hold accounts, it keeps looking: a worker that dies leaves its accounts behind
-    once its lease runs out.
+    budget: Budget
+    breaker: FailureBreaker
+    page_size: int
+    queue: deque[str] = field(default_factory=deque)
+    exhausted: bool = False  # its last claim found nothing
+    refilled: anyio.Event | None = None  # set when the claim under way is done
+    entry: int = -1  # its live entry in the turn heap (-1: not listed)
+    paused: bool = False  # its breaker tripped: what is left stays pending
+    refusal: ItemResult | None = None  # the answer that refused it (account_invalid)
+
+    @property
+    def closed(self) -> bool:
+        return self.paused or self.refusal is not None
+
+
+@dataclass(kw_only=True, eq=False)
+class _Lanes:
+    """The lanes of a run, and whose turn it is: a heap of lanes by when each may send next.
+
+    Taking a turn is synchronous while a lane may send now (a worker goes from an answer to
+    its next request without a trip through the event loop). Otherwise one worker sleeps
+    until the earliest lane's turn, the others queue behind it: idle workers cost no
+    wake-ups. Each lane claims its next page in the background once its page runs low; when
+    nothing is left to claim but other workers of the job still hold accounts, they keep
+    looking: a worker that dies leaves its accounts behind once its lease runs out.
     """
 
     store: ClaimStore
     job: str
     run_id: str
+    meters: Meters
     settings: PoolSettings
     tg: anyio.abc.TaskGroup
     stop: Stop
-    _page: deque[str] = field(default_factory=deque, init=False)
-    _exhausted: bool = field(default=False, init=False)
-    _refilled: anyio.Event | None = field(default=None, init=False)  # set when the refill is done
+    clock: Clock
+    _lanes: dict[str, _Lane] = field(default_factory=dict, init=False)
+    _heap: list[tuple[float, int, _Lane]] = field(default_factory=list, init=False)
+    _entries: itertools.count[int] = field(default_factory=itertools.count, init=False)
+    _waiters: deque[anyio.Event] = field(default_factory=deque, init=False)
+    _changed: anyio.Event = field(default_factory=anyio.Event, init=False)
+    _polling: bool = field(default=False, init=False)
+    _finished: bool = field(default=False, init=False)
 
-    def take(self) -> str | None:
-        """The next account of the page in hand, or None when it is empty (then: `next`)."""
-        page = self._page
-        if not page:
+    @property
+    def many(self) -> bool:
+        """Whether the job spans several Stripe accounts (each then has its own breaker)."""
+        return len(self._lanes) > 1
+
+    async def open(self) -> None:
+        """Find the job's Stripe accounts and start claiming a page of each."""
+        await self._discover()
+
+    async def _discover(self) -> None:
+        for stripe_account in await self.store.lanes(self.job):
+            lane = self._lanes.get(stripe_account)
+            if lane is None:
+                lane = self._lanes[stripe_account] = self._lane(stripe_account)
+            if not lane.closed:
+                lane.exhausted = False
+                self._refill(lane)
+
+    def _lane(self, stripe_account: str) -> _Lane:
+        budget = self.meters.budget(stripe_account)
+        rate = budget.limiter.cap
+        page = self.settings.page_size
+        if not math.isinf(rate):
+            page = max(MIN_PAGE, min(page, math.ceil(rate * PAGE_SECONDS)))
+        return _Lane(budget, FailureBreaker(self.settings.breaker), page)
+
+    def take(self) -> tuple[_Lane, str, Ticket] | None:
+        """The next account and its admitted ticket if one may go now, without waiting."""
+        if self._waiters:  # first come, first served
             return None
-        if len(page) <= self.settings.page_size // 2 and not self._exhausted:
-            self._refill()
-        return page.popleft()
+        ticket = self.meters.slot_now()
+        if ticket is None:
+            return None
+        turn = self._pick()
+        if turn is None:
+            self.meters.give_back(ticket)
+            return None
+        self.meters.sent(ticket, turn[0].budget)
+        return turn[0], turn[1], ticket
 
-    async def next(self) -> str | None:
-        """The next account to work, or None when none is pending."""
-        while not self._page:
-            if self._exhausted:
-                return None
-            await self._refill().wait()
-        if len(self._page) <= self.settings.page_size // 2 and not self._exhausted:
-            self._refill()
-        return self._page.popleft()
+    async def next(self) -> tuple[_Lane, str, Ticket] | None:
+        """The next account to work, with its lane and its admitted ticket (an in-flight
+        slot and its account's turn); None when none is pending or the run stops."""
+        ticket = await self.meters.slot()
+        if ticket is None:
+            return None
+        turn = None if self._waiters else self._pick()
+        if turn is None:
+            turn = await self._wait_for_turn()
+        if turn is None:
+            self.meters.give_back(ticket)
+            return None
+        self.meters.sent(ticket, turn[0].budget)
+        return turn[0], turn[1], ticket
 
-    def _refill(self) -> anyio.Event:
-        """Start claiming the next page unless that is under way; its done event."""
-        if self._refilled is None:
-            self._refilled = anyio.Event()
-            self.tg.start_soon(self._claim_page, self._refilled)
-        return self._refilled
-
-    async def _claim_page(self, done: anyio.Event) -> None:
-        store, job, run_id, stop = self.store, self.job, self.run_id, self.stop
+    async def _wait_for_turn(self) -> tuple[_Lane, str] | None:
+        """Queue for the next turn; the head of the queue sleeps until it comes."""
+        mine = anyio.Event()
+        self._waiters.append(mine)
+        if len(self._waiters) == 1:
+            mine.set()
         try:
-            while not (page := await store.claim(job, run_id, limit=self.settings.page_size)):
-                if stop.requested.is_set() or not await store.pending_elsewhere(job, run_id):
-                    self._exhausted = True
-                    return
-                with stop.cancels():
-                    await anyio.sleep(self.settings.poll_interval)
-            self._page.extend(page)
+            with self.stop.cancels():
+                await mine.wait()
+                while True:
+                    if self._changed.is_set():
+                        self._changed = anyio.Event()
+                    turn = self._pick()
+                    if turn is not None or self._done():
+                        return turn
+                    with anyio.move_on_after(self._due_in()):
+                        await self._changed.wait()
+            return None
         finally:
-            self._refilled = None
+            self._waiters.remove(mine)
+            if self._waiters:
+                self._waiters[0].set()
+
+    def _pick(self) -> tuple[_Lane, str] | None:
+        """Take the turn of the lane that may send first, if it may send now."""
+        heap, now, total = self._heap, self.clock(), self.meters.total
+        while heap:
+            due, entry, lane = heap[0]
+            if entry != lane.entry:  # superseded
+                heapq.heappop(heap)
+                continue
+            if due > now:
+                return None
+            if not lane.queue or lane.closed:
+                heapq.heappop(heap)
+                lane.entry = -1
+                continue
+            budget = lane.budget
+            wait = budget.ready_in(now)
+            if wait > 0:
+                self._list(lane, now + wait, replace=True)
+                continue
+            if total is not None and total.ready_in() > 0:
+                return None
+            if not budget.try_take(now) or (total is not None and not total.try_acquire()):
+                self._list(lane, now + 0.001, replace=True)  # not after all: look again soon
+                continue
+            account_id = lane.queue.popleft()
+            if lane.queue:
+                self._list(lane, now + budget.ready_in(now), replace=True)
+            else:
+                heapq.heappop(heap)
+                lane.entry = -1
+            if len(lane.queue) <= lane.page_size // 2 and not lane.exhausted:
+                self._refill(lane)
+            return lane, account_id
+        return None
+
+    def _list(self, lane: _Lane, due: float, *, replace: bool = False) -> None:
+        """(Re)list a lane in the turn heap for `due`."""
+        lane.entry = next(self._entries)
+        if replace:
+            heapq.heapreplace(self._heap, (due, lane.entry, lane))
+        else:
+            heapq.heappush(self._heap, (due, lane.entry, lane))
+
+    def _due_in(self) -> float:
+        """Seconds until the earliest listed lane (or the total cap) may send; inf: none is
+        listed (waiting for a page)."""
+        now = self.clock()
+        heap = self._heap
+        while heap and heap[0][1] != heap[0][2].entry:
+            heapq.heappop(heap)
+        if not heap:
+            return math.inf
+        wait = heap[0][0] - now
+        if self.meters.total is not None:
+            wait = max(wait, self.meters.total.ready_in())
+        return max(0.0, wait)
+
+    def _done(self) -> bool:
+        """Whether no lane has, or may yet get, an account to work."""
+        if self._finished:
+            return True
+        if any(lane.queue and not lane.closed for lane in self._lanes.values()):
+            return False
+        if any(lane.refilled is not None for lane in self._lanes.values()):
+            return False
+        idle = all(lane.exhausted or lane.closed for lane in self._lanes.values())
+        if idle and not self._polling:
+            self._polling = True
+            self.tg.start_soon(self._look_elsewhere)
+        return False
+
+    def _refill(self, lane: _Lane) -> anyio.Event:
+        """Start claiming the lane's next page unless that is under way; its done event."""
+        if lane.refilled is None:
+            lane.refilled = anyio.Event()
+            self.tg.start_soon(self._claim_page, lane, lane.refilled)
+        return lane.refilled
+
+    async def _claim_page(self, lane: _Lane, done: anyio.Event) -> None:
+        try:
+            page = await self.store.claim(
+                self.job,
+                self.run_id,
+                limit=lane.page_size,
+                stripe_account=lane.budget.stripe_account,
+            )
+            if not page:
+                lane.exhausted = True
+                return
+            lane.queue.extend(page)
+            if lane.entry == -1 and not lane.closed:
+                self._list(lane, self.clock())
+        finally:
+            lane.refilled = None
             done.set()
+            self._changed.set()
+
+    async def _look_elsewhere(self) -> None:
+        """Every lane found nothing more: finish, unless other workers of the job still hold
+        accounts (or left them behind): then look again every poll interval."""
+        try:
+            while True:
+                if self.stop.requested.is_set() or not await self.store.pending_elsewhere(
+                    self.job, self.run_id
+                ):
+                    self._finished = True
+                    return
+                with self.stop.cancels():
+                    await anyio.sleep(self.settings.poll_interval)
+                await self._discover()
+                waits = [lane.refilled for lane in self._lanes.values() if lane.refilled]
+                for refilled in waits:
+                    await refilled.wait()
+                if any(lane.queue for lane in self._lanes.values() if not lane.closed):
+                    return
+        finally:
+            self._polling = False
+            self._changed.set()
+
+    async def close(self, lane: _Lane, *, refusal: ItemResult | None = None) -> list[str]:
+        """Stop working a lane (refused, or its breaker tripped); the accounts this run had
+        claimed of it and not started, once its claim under way (if any) is done."""
+        if refusal is None:
+            lane.paused = True
+        else:
+            lane.refusal = refusal
+        if lane.refilled is not None:
+            await lane.refilled.wait()
+        held = list(lane.queue)
+        lane.queue.clear()
+        self._changed.set()
+        return held
 
 
 def _log_failure(account_id: str, answer: Answer, attempts: int) -> None:

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Protocol, TextIO
 
 from bulkdisconnect.errors import ExitCode
 from bulkdisconnect.model import Outcome, RunStats
-from bulkdisconnect.store import LockInfo, PlanCounts, ReportRow, RunInfo, shown_location
+from bulkdisconnect.store import (
+    LaneCounts,
+    LockInfo,
+    PlanCounts,
+    ReportRow,
+    RunInfo,
+    shown_location,
+)
 
 if TYPE_CHECKING:
     from bulkdisconnect.config import RunConfig
@@ -29,7 +36,10 @@ REPORT_COLUMNS = [
     "first_attempt_at",
     "confirmed_at",
     "event_id",
+    "stripe_account",  # '' for the job's own account (its --stripe-account, or the platform)
 ]
+# `status` lists this many connected accounts, those with most accounts to call first.
+STATUS_ACCOUNTS = 20
 
 
 class ReadStore(Protocol):
@@ -41,6 +51,10 @@ class ReadStore(Protocol):
 
     async def confirmed_count(self, job: str) -> int:
         """Accounts a webhook event confirmed."""
+        ...
+
+    async def lane_counts(self, job: str) -> list[LaneCounts]:
+        """Accounts per Stripe account and outcome, most still to call first."""
         ...
 
     async def unknown_events(self, job: str) -> int:
@@ -88,6 +102,10 @@ def format_summary(
             f" retries {stats.retries}, 429s {stats.rate_limited}"
         ),
         f"  job totals: {format_counts(job_counts)}",
+        *(
+            f"  stopped for {account or 'the own account'}: {reason}"
+            for account, reason in sorted(stats.refused.items())
+        ),
         (
             f"  report: bulkdisconnect report --job {config.job} "
             f"--state {shown_location(config.state)}"
@@ -103,10 +121,30 @@ def format_counts(counts: dict[str | None, int]) -> str:
     return ", ".join(parts)
 
 
+def format_lanes(lanes: list[LaneCounts]) -> str:
+    """Counts per connected account: the STATUS_ACCOUNTS with most to call, then the rest."""
+    lines = [f"  per Stripe account ({len(lanes)}), most to call first:"]
+    lines += [
+        f"    {lane.stripe_account or '(own)'}: {format_counts(lane.counts)}"
+        for lane in lanes[:STATUS_ACCOUNTS]
+    ]
+    rest = lanes[STATUS_ACCOUNTS:]
+    if rest:
+        total: dict[str | None, int] = {}
+        for lane in rest:
+            for outcome, n in lane.counts.items():
+                total[outcome] = total.get(outcome, 0) + n
+        lines.append(f"    {len(rest)} more: {format_counts(total)}")
+    return "\n".join(lines) + "\n"
+
+
 async def write_status(store: ReadStore, job: str, out: TextIO) -> None:
     """Counts per outcome, the last run and whether a run holds the lock now."""
     counts = await store.counts(job)
     out.write(f"job {job}: {sum(counts.values())} accounts\n  {format_counts(counts)}\n")
+    lanes = await store.lane_counts(job)
+    if len(lanes) > 1:
+        out.write(format_lanes(lanes))
     confirmed = await store.confirmed_count(job)
     unconfirmed = counts.get(Outcome.DISCONNECTED.value, 0) - confirmed
     unknown = await store.unknown_events(job)

@@ -51,6 +51,8 @@ class Decision:
     error_code: str | None = None  # overrides the answer's code (e.g. a 200 not disconnected)
     error_message: str | None = None
     refusal: RunRefusedError | None = None  # FATAL: the error that stops the run
+    # The platform has no access to the connected account: its other accounts fail alike.
+    refuses_account: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +79,7 @@ _JITTER = random.Random()
 
 
 DISCONNECTED = Decision(Action.FINAL, Outcome.DISCONNECTED)  # the common verdict, made once
+ACCOUNT_REFUSED = Decision(Action.FINAL, Outcome.FAILED, refuses_account=True)
 
 
 def classify(answer: Answer) -> Decision:
@@ -92,6 +95,8 @@ def classify(answer: Answer) -> Decision:
             error_message=f"the API answered 200 but the account status is "
             f"{answer.account_status!r}, not 'disconnected'",
         )
+    if status == 403 and answer.error_code == "account_invalid":
+        return ACCOUNT_REFUSED
     if status in (401, 403) or answer.error_code in FATAL_CODES:
         return Decision(Action.FATAL, refusal=_key_refused(answer))
     if status == 404 and answer.error_code == "resource_missing":
@@ -175,26 +180,33 @@ class Retrier:
         *,
         about: str,
         judge: Callable[[Answer], Decision] = classify,
+        meter: Meter | None = None,
+        ticket: Ticket | None = None,
     ) -> Attempted | None:
         """Attempt `send` until an answer is final or the attempts are spent; None if the
         run stopped first (nothing more was sent). Raises the refusal of a fatal answer.
 
         `about` names what is called (an account, a customer) in the retry log lines;
-        `judge` classifies its answers (`classify_list` for list calls).
+        `judge` classifies its answers (`classify_list` for list calls); `meter` is the
+        account's budget (default: the run's own); `ticket`, the first attempt's, already
+        admitted through it.
         """
-        meter, max_attempts = self.meter, self.policy.max_attempts
+        meter = meter or self.meter
+        max_attempts = self.policy.max_attempts
         first_attempt_at = time.time()
         attempts = 0
         while True:
-            ticket = await meter.admit()
             if ticket is None:
-                return None
+                ticket = await meter.admit()
+                if ticket is None:
+                    return None
             try:
                 answer = await send()
             finally:
                 meter.release(ticket)
             attempts += 1
             meter.observe(ticket, answer)
+            ticket = None
             decision = judge(answer)
             if decision.action is Action.FATAL:
                 assert decision.refusal is not None

@@ -12,6 +12,7 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import cast
 
 import anyio
 import anyio.lowlevel
@@ -21,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bulkdisconnect.errors import InputError, UsageError
+from bulkdisconnect.model import Owned
 from bulkdisconnect.sources.sql import (
     SqlSource,
     open_sql_source,
@@ -87,16 +89,18 @@ def db(request: pytest.FixtureRequest) -> tuple[str, str]:
     return request.getfixturevalue("pg_url"), request.getfixturevalue("table")
 
 
-async def read_all(source: SqlSource, size: int = 1000) -> list[str]:
+async def read_all(source: SqlSource, size: int = 1000) -> list[str | Owned]:
     """All values of `source`, checking that no chunk is empty or larger than `size`."""
-    values: list[str] = []
+    values: list[str | Owned] = []
     async for chunk in source.chunks(size):
         assert 0 < len(chunk) <= size
         values.extend(chunk)
     return values
 
 
-async def read(url: str, query: str, params: dict[str, str] | None = None, **kw: str) -> list[str]:
+async def read(
+    url: str, query: str, params: dict[str, str] | None = None, **kw: str
+) -> list[str | Owned]:
     """Open and read a SQL source in one go."""
     return await read_all(open_sql_source(url, query, params or {}, **kw))
 
@@ -469,7 +473,7 @@ async def test_connections_close_when_reading_stops_early(
         open_sql_source(f"sqlite:///{path}", "SELECT account_id FROM t", {}),
     ]
     for source in sources:
-        first: list[str] = []
+        first: list[str | Owned] = []
         with anyio.CancelScope() as scope:
             async with contextlib.aclosing(source.chunks(100)) as chunks:
                 async for chunk in chunks:
@@ -480,16 +484,16 @@ async def test_connections_close_when_reading_stops_early(
                     break
         assert first
         if source.description == pg_url:
-            assert not await backend_alive(pg_url, first[0])
+            assert not await backend_alive(pg_url, str(first[0]))
         else:
             assert open_fds_to(path) == 0
 
 
-async def peak_memory_reading(source: SqlSource) -> tuple[int, str, int]:
+async def peak_memory_reading(source: SqlSource) -> tuple[int, str | Owned, int]:
     """Count, last value and peak traced memory (bytes) of reading `source` in chunks of 1000."""
     tracemalloc.start()
     try:
-        count, last = 0, ""
+        count, last = 0, cast(str | Owned, "")
         async for chunk in source.chunks(1000):
             count += len(chunk)
             last = chunk[-1]

@@ -768,16 +768,21 @@ async def test_file_is_in_wal_mode(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_sqlite_claims_range_scan_rowids(tmp_path: Path) -> None:
     """Claiming a page reads and marks it by a rowid range: through the (job, account_id)
-    index each page would visit every row of the job, quadratic in its size."""
-    from bulkdisconnect.store.sqlite import CLAIM, MARK_CLAIMED
+    index each page would visit every row of the job, quadratic in its size. A connected
+    account's page is a rowid range within its own index."""
+    from bulkdisconnect.store.sqlite import CLAIM, CLAIM_LANE, MARK_CLAIMED
 
     path = tmp_path / "s.sqlite"
     opened = await open_store(path)
     await opened.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        for sql, args in ((CLAIM, (0, JOB, 500)), (MARK_CLAIMED, ("r1", 0, 500, JOB))):
+        for sql, args, wanted in (
+            (CLAIM, (0, JOB, "", 500), "INTEGER PRIMARY KEY (rowid>?"),
+            (MARK_CLAIMED, ("r1", 0, 500, JOB), "INTEGER PRIMARY KEY (rowid>?"),
+            (CLAIM_LANE, (JOB, "acct_1", 0, 500), "accounts_lane (job=? AND stripe_account=?"),
+        ):
             plan = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, args))
-            assert "INTEGER PRIMARY KEY (rowid>?" in plan, plan
+            assert wanted in plan, plan
 
 
 @pytest.mark.anyio
@@ -900,7 +905,7 @@ async def test_a_store_of_the_first_layout_is_migrated_and_resumes(tmp_path: Pat
     finally:
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("SELECT value FROM meta").fetchall() == [("3",)]
+        assert db.execute("SELECT value FROM meta").fetchall() == [("4",)]
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         assert "locks_v1" not in tables
 

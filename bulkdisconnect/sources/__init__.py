@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from bulkdisconnect.errors import InputError
-from bulkdisconnect.model import Settled
+from bulkdisconnect.model import Owned, Settled
 
 if TYPE_CHECKING:
     from bulkdisconnect.client import StripeClient
@@ -26,14 +26,19 @@ if TYPE_CHECKING:
 
 # The column (CSV), field (JSONL) or query column read when --column does not name one.
 DEFAULT_COLUMN = "account_id"
+# The one holding each row's connected account, read when present (--account-column).
+DEFAULT_ACCOUNT_COLUMN = "stripe_account"
 
 
-def choose_column(names: Sequence[str], column: str | None, *, where: str) -> int:
+def choose_column(
+    names: Sequence[str], column: str | None, *, where: str, besides: int | None = None
+) -> int:
     """The index of the column holding account IDs among `names`.
 
-    `column` when given; else the one named `account_id`; else the only one. Anything else is
-    ambiguous, and guessing could disconnect the wrong accounts (another column of `fca_`
-    IDs): ask for --column, listing the columns.
+    `column` when given; else the one named `account_id`; else the only one (the connected
+    account's column, at `besides`, aside). Anything else is ambiguous, and guessing could
+    disconnect the wrong accounts (another column of `fca_` IDs): ask for --column, listing
+    the columns.
     """
     shown = ", ".join(name[:40] for name in names[:20]) + (", ..." if len(names) > 20 else "")
     if column is not None:
@@ -44,18 +49,32 @@ def choose_column(names: Sequence[str], column: str | None, *, where: str) -> in
         )
     if DEFAULT_COLUMN in names:
         return list(names).index(DEFAULT_COLUMN)
-    if len(names) == 1:
-        return 0
+    others = [index for index in range(len(names)) if index != besides]
+    if len(others) == 1:
+        return others[0]
     raise InputError(
         f"{where}: no column named {DEFAULT_COLUMN!r} (columns: {shown})"
         f"{case_hint(DEFAULT_COLUMN, names)}; pick the one holding account IDs with --column NAME"
     )
 
 
-def case_hint(wanted: str, names: Sequence[str]) -> str:
+def choose_account_column(names: Sequence[str], column: str | None, *, where: str) -> int | None:
+    """The index of the column holding each row's connected account, if any: `column` when
+    given (it must exist), else the one named stripe_account."""
+    if column is None:
+        names = list(names)
+        return names.index(DEFAULT_ACCOUNT_COLUMN) if DEFAULT_ACCOUNT_COLUMN in names else None
+    if column in names:
+        return list(names).index(column)
+    shown = ", ".join(name[:40] for name in names[:20]) + (", ..." if len(names) > 20 else "")
+    hint = case_hint(column, names, flag="--account-column")
+    raise InputError(f"{where}: no column {column!r} (columns: {shown}){hint}")
+
+
+def case_hint(wanted: str, names: Sequence[str], *, flag: str = "--column") -> str:
     """' (did you mean --column X?)' when a name differs from `wanted` only in case."""
     close = [name for name in names if name.casefold() == wanted.casefold()]
-    return f"; did you mean --column {close[0]!r}?" if close else ""
+    return f"; did you mean {flag} {close[0]!r}?" if close else ""
 
 
 class Source(Protocol):
@@ -71,7 +90,7 @@ class Source(Protocol):
         """Check what can be checked before the store is touched; UsageError if it fails."""
         ...
 
-    def chunks(self, size: int = 1000) -> AsyncIterator[Sequence[str | Settled]]:
+    def chunks(self, size: int = 1000) -> AsyncIterator[Sequence[str | Owned | Settled]]:
         """Yield sequences of 1 to `size` values; raise InputError naming a malformed row."""
         ...
 
@@ -88,14 +107,14 @@ def open_run_source(
     from bulkdisconnect.config import CustomerList, FileInput, SqlQuery  # config reads files.py
 
     match source:
-        case FileInput(path, column):
+        case FileInput(path, column, account_column):
             from bulkdisconnect.sources.files import open_source
 
-            return open_source(path, column, stdin=stdin)
-        case SqlQuery(db, query, params, column):
+            return open_source(path, column, stdin=stdin, account_column=account_column)
+        case SqlQuery(db, query, params, column, account_column):
             from bulkdisconnect.sources.sql import open_sql_source
 
-            return open_sql_source(db, query, params, column)
+            return open_sql_source(db, query, params, column, account_column)
         case CustomerList(ids, file):
             from bulkdisconnect.sources.customers import CustomersSource, read_customer_ids
 

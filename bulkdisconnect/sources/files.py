@@ -24,8 +24,14 @@ from typing import Protocol
 import anyio.to_thread
 
 from bulkdisconnect.errors import InputError
-from bulkdisconnect.model import ACCOUNT_ID_PATTERN
-from bulkdisconnect.sources import DEFAULT_COLUMN, case_hint, choose_column
+from bulkdisconnect.model import ACCOUNT_ID_PATTERN, Owned
+from bulkdisconnect.sources import (
+    DEFAULT_ACCOUNT_COLUMN,
+    DEFAULT_COLUMN,
+    case_hint,
+    choose_account_column,
+    choose_column,
+)
 
 # Bounds the memory one line can take; an ID row is ~30 bytes, so only junk comes near it.
 MAX_LINE_BYTES = 1 << 20
@@ -37,8 +43,9 @@ class _LineReader(Protocol):
     def close(self) -> None: ...
 
 
-# Turns raw lines (BOM removed) into trimmed values; `str` is the description for messages.
-Parser = Callable[[Iterator[bytes], str], Iterator[str]]
+# Turns raw lines (BOM removed) into trimmed values, with their connected account when the
+# input has a column for it; `str` is the description for messages.
+Parser = Callable[[Iterator[bytes], str], Iterator[str | Owned]]
 
 
 class StreamSource:
@@ -55,7 +62,7 @@ class StreamSource:
     async def check(self) -> None:
         """Nothing more to check: `open_source` checked the file and its header."""
 
-    async def chunks(self, size: int = 1000) -> AsyncIterator[list[str]]:
+    async def chunks(self, size: int = 1000) -> AsyncIterator[list[str | Owned]]:
         """Yield lists of up to `size` values; an owned file is closed however iteration ends."""
         if size < 1:
             raise ValueError(f"chunk size must be at least 1, got {size}")
@@ -76,12 +83,21 @@ class StreamSource:
 
 
 def open_source(
-    path: str, column: str | None = None, *, stdin: typing.BinaryIO | None = None
+    path: str,
+    column: str | None = None,
+    *,
+    stdin: typing.BinaryIO | None = None,
+    account_column: str | None = None,
 ) -> StreamSource:
-    """Open `path` (`-` for stdin), checking all that can be checked before reading values."""
+    """Open `path` (`-` for stdin), checking all that can be checked before reading values.
+
+    `account_column` names the column (field) holding each row's connected account; by
+    default one named stripe_account is read when the input has it.
+    """
     if path == "-":
-        if column is not None:
-            raise InputError("--column does not apply to stdin, which is read as one ID a line")
+        if column is not None or account_column is not None:
+            flag = "--column" if column is not None else "--account-column"
+            raise InputError(f"{flag} does not apply to stdin, which is read as one ID a line")
         stream = stdin if stdin is not None else sys.stdin.buffer
         return StreamSource("stdin", _txt_values, lambda: stream, owned=False)
     if not Path(path).exists():
@@ -98,7 +114,7 @@ def open_source(
             " (each optionally followed by .gz), or - for stdin"
         )
     _open_file(path, compressed).close()  # unreadable or not gzip: fail before any work
-    parse = make_parser(path, column, compressed)
+    parse = make_parser(path, column, compressed, account_column)
     return StreamSource(path, parse, functools.partial(_open_file, path, compressed), owned=True)
 
 
@@ -108,31 +124,47 @@ def takes_column(path: str) -> bool:
     return FORMATS.get(PurePath(name).suffix) in (_csv_format, _jsonl_format)
 
 
-def _txt_format(path: str, column: str | None, compressed: bool) -> Parser:
-    if column is not None:
-        raise InputError(f"{path}: --column applies only to .csv and .jsonl inputs")
+def _txt_format(
+    path: str, column: str | None, compressed: bool, account_column: str | None
+) -> Parser:
+    for flag, given in (("--column", column), ("--account-column", account_column)):
+        if given is not None:
+            raise InputError(f"{path}: {flag} applies only to .csv and .jsonl inputs")
     return _txt_values
 
 
-def _jsonl_format(path: str, column: str | None, compressed: bool) -> Parser:
-    return functools.partial(_jsonl_values, field=column or DEFAULT_COLUMN)
+def _jsonl_format(
+    path: str, column: str | None, compressed: bool, account_column: str | None
+) -> Parser:
+    return functools.partial(
+        _jsonl_values,
+        field=column or DEFAULT_COLUMN,
+        account_field=account_column or DEFAULT_ACCOUNT_COLUMN,
+    )
 
 
-def _csv_format(path: str, column: str | None, compressed: bool) -> Parser:
-    """Read the header row now and resolve which cell holds the ID."""
+def _csv_format(
+    path: str, column: str | None, compressed: bool, account_column: str | None
+) -> Parser:
+    """Read the header row now and resolve which cells hold the ID and connected account."""
     with contextlib.closing(_open_file(path, compressed)) as f:
         header = _first_row(csv.reader(_decoded(_lines(f, path), path), strict=True))
     if header is None:  # an empty file: nothing to read, nothing to resolve
         return functools.partial(_csv_values, index=0, label="value", skip_header=False)
     header = [cell.strip() for cell in header]
     if column is None and len(header) == 1 and ACCOUNT_ID_PATTERN.fullmatch(header[0]):
+        if account_column is not None:
+            raise InputError(f"{path}: no header row, so no column {account_column!r}")
         # A single column whose first cell is an account ID: no header row, that is data.
         return functools.partial(_csv_values, index=0, label="value", skip_header=False)
-    index = choose_column(header, column, where=path)
-    return functools.partial(_csv_values, index=index, label=_clip(header[index]), skip_header=True)
+    owner = choose_account_column(header, account_column, where=path)
+    index = choose_column(header, column, where=path, besides=owner)
+    return functools.partial(
+        _csv_values, index=index, label=_clip(header[index]), skip_header=True, owner=owner
+    )
 
 
-FORMATS: dict[str, Callable[[str, str | None, bool], Parser]] = {
+FORMATS: dict[str, Callable[[str, str | None, bool, str | None], Parser]] = {
     ".txt": _txt_format,
     ".csv": _csv_format,
     ".jsonl": _jsonl_format,
@@ -153,9 +185,16 @@ def _txt_values(lines: Iterator[bytes], description: str) -> Iterator[str]:
 
 
 def _csv_values(
-    lines: Iterator[bytes], description: str, *, index: int, label: str, skip_header: bool
-) -> Iterator[str]:
-    """The cell at `index` of each row; rows with every cell blank are skipped."""
+    lines: Iterator[bytes],
+    description: str,
+    *,
+    index: int,
+    label: str,
+    skip_header: bool,
+    owner: int | None = None,
+) -> Iterator[str | Owned]:
+    """The cell at `index` of each row (with the cell at `owner`, its connected account);
+    rows with every cell blank are skipped."""
     reader = csv.reader(_decoded(lines, description), strict=True)
     try:
         if skip_header:
@@ -165,7 +204,10 @@ def _csv_values(
                 # An empty cell in a row with others filled is an ID that is missing: it is
                 # recorded invalid_id (shown empty), as in every source.
                 if (value := row[index].strip()) or any(cell.strip() for cell in row):
-                    yield value
+                    if owner is None:
+                        yield value
+                    else:
+                        yield Owned(value, row[owner].strip() if owner < len(row) else "")
             elif any(cell.strip() for cell in row):
                 where = f"{description} line {reader.line_num}"
                 raise InputError(f"{where}: {len(row)} cell(s), but {label} is cell {index + 1}")
@@ -173,8 +215,11 @@ def _csv_values(
         raise InputError(f"{description} line {reader.line_num}: bad CSV ({exc})") from None
 
 
-def _jsonl_values(lines: Iterator[bytes], description: str, *, field: str) -> Iterator[str]:
-    """The string `field` of each line's JSON object; blank lines skipped."""
+def _jsonl_values(
+    lines: Iterator[bytes], description: str, *, field: str, account_field: str
+) -> Iterator[str | Owned]:
+    """The string `field` of each line's JSON object, with its string `account_field` when it
+    has one (the row's connected account); blank lines skipped."""
     for lineno, raw in enumerate(lines, 1):
         try:
             text = raw.decode()
@@ -190,10 +235,19 @@ def _jsonl_values(lines: Iterator[bytes], description: str, *, field: str) -> It
                 f"{description} line {lineno}: not valid JSON ({reason}): {_clip(text.strip())}"
             ) from None
         value = obj.get(field) if isinstance(obj, dict) else None
-        if isinstance(value, str):
-            yield value.strip()  # empty: recorded invalid_id, as in every source
-            continue
         where = f"{description} line {lineno}"
+        if isinstance(value, str):
+            # empty: recorded invalid_id, as in every source
+            owner = obj.get(account_field)
+            if owner is None:
+                yield value.strip()
+            elif isinstance(owner, str):
+                yield Owned(value.strip(), owner.strip())
+            else:
+                raise InputError(
+                    f"{where}: {account_field!r} is {_json_type(owner)}, expected a string"
+                )
+            continue
         if not isinstance(obj, dict):
             raise InputError(f"{where}: expected a JSON object, got {_json_type(obj)}")
         if field not in obj:
@@ -256,7 +310,7 @@ def _first_row(reader: Iterator[list[str]]) -> list[str] | None:
     return next((row for row in reader if any(cell.strip() for cell in row)), None)
 
 
-def _take(values: Iterator[str], size: int) -> list[str]:
+def _take(values: Iterator[str | Owned], size: int) -> list[str | Owned]:
     return list(itertools.islice(values, size))
 
 

@@ -24,8 +24,9 @@ import anyio.to_thread
 
 from bulkdisconnect.errors import InputError, UsageError
 from bulkdisconnect.logs import mask_url
+from bulkdisconnect.model import Owned
 from bulkdisconnect.postgresql import CONNECT_TIMEOUT, describe_error
-from bulkdisconnect.sources import choose_column
+from bulkdisconnect.sources import choose_account_column, choose_column
 
 SCHEMES = ("sqlite", "postgresql", "postgres")
 CLOSE_TIMEOUT = 5.0
@@ -54,9 +55,17 @@ _COMMENT_MARK = re.compile(r"/\*|\*/")
 
 
 def open_sql_source(
-    url: str, query: str, params: Mapping[str, str], column: str | None = None
+    url: str,
+    query: str,
+    params: Mapping[str, str],
+    column: str | None = None,
+    account_column: str | None = None,
 ) -> SqlSource:
-    """A source over `query` on the database at `url`; checks all it can without connecting."""
+    """A source over `query` on the database at `url`; checks all it can without connecting.
+
+    A result column named `account_column` (default: stripe_account, when there is one)
+    holds each row's connected account.
+    """
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in SCHEMES:
@@ -72,10 +81,14 @@ def open_sql_source(
             )
         names = tuple(dict.fromkeys(name for *_, name in _placeholders(query, "sqlite")))
         _check_params(names, params)
-        return SqliteSource(url, query, dict(params), column, path=rest[1:])
-    translated, names = translate_placeholders(query)
-    _check_params(names, params)
-    return PostgresSource(mask_url(url), translated, tuple(params[n] for n in names), column, url)
+        source: SqlSource = SqliteSource(url, query, dict(params), column, path=rest[1:])
+    else:
+        translated, names = translate_placeholders(query)
+        _check_params(names, params)
+        args = tuple(params[n] for n in names)
+        source = PostgresSource(mask_url(url), translated, args, column, url)
+    source.account_column = account_column
+    return source
 
 
 def translate_placeholders(query: str) -> tuple[str, tuple[str, ...]]:
@@ -97,40 +110,52 @@ class SqlSource(abc.ABC):
         self.description = description
         self.query = query
         self.column = column
+        self.account_column: str | None = None
 
     @abc.abstractmethod
     async def check(self) -> None:
         """Connect and prepare the query without fetching a row; UsageError if either fails."""
 
     @abc.abstractmethod
-    def _values(self, size: int) -> AsyncGenerator[list[object], None]:
-        """Chunks of up to `size` raw values of the chosen column."""
+    def _values(self, size: int) -> AsyncGenerator[list[tuple[object, object]], None]:
+        """Chunks of up to `size` raw (account ID, connected account) cells of the chosen
+        columns; the second is None where the result has no connected account column."""
 
-    async def chunks(self, size: int = 1000) -> AsyncGenerator[list[str], None]:
+    async def chunks(self, size: int = 1000) -> AsyncGenerator[list[str | Owned], None]:
         """Yield lists of up to `size` IDs; the connection is closed however iteration ends."""
         if size < 1:
             raise ValueError(f"chunk size must be at least 1, got {size}")
         row = 0
         async with contextlib.aclosing(self._values(size)) as chunks:
             async for values in chunks:
-                yield [self._account_id(value, row + i) for i, value in enumerate(values, 1)]
+                yield [self._row(cells, row + i) for i, cells in enumerate(values, 1)]
                 row += len(values)
 
-    def _account_id(self, value: object, row: int) -> str:
+    def _row(self, cells: tuple[object, object], row: int) -> str | Owned:
+        value, owner = cells
+        account_id = self._text(value, row, "account ID")
+        if owner is None:
+            return account_id
+        return Owned(account_id, self._text(owner, row, "connected account"))
+
+    def _text(self, value: object, row: int, what: str) -> str:
         if isinstance(value, str):
             return value.strip()  # empty: recorded invalid_id, as in every source
         if value is None:
-            return ""  # NULL: an ID that is missing, like an empty one
+            return ""  # NULL: missing, like an empty one
         shown = repr(value)[:40] + ("..." if len(repr(value)) > 40 else "")
         raise InputError(
-            f"{self.description} row {row}: account ID is {type(value).__name__} {shown},"
+            f"{self.description} row {row}: {what} is {type(value).__name__} {shown},"
             " not text; select a text column (or cast it to text)"
         )
 
-    def _column_index(self, names: Sequence[str]) -> int:
+    def _column_index(self, names: Sequence[str]) -> tuple[int, int | None]:
+        """The indexes of the account ID column and the connected account's (if any)."""
         if not names:
             raise UsageError(f"query on {self.description} returns no columns; select the IDs")
-        return choose_column(names, self.column, where=f"query on {self.description}")
+        where = f"query on {self.description}"
+        owner = choose_account_column(names, self.account_column, where=where)
+        return choose_column(names, self.column, where=where, besides=owner), owner
 
     @contextlib.contextmanager
     def _errors(self, kinds: tuple[type[Exception], ...]) -> Iterator[None]:
@@ -174,11 +199,11 @@ class SqliteSource(SqlSource):
             return None
         return [column[0] for column in cursor.description or ()]
 
-    async def _values(self, size: int) -> AsyncGenerator[list[object], None]:
+    async def _values(self, size: int) -> AsyncGenerator[list[tuple[object, object]], None]:
         async with self._cursor() as cursor:
             await anyio.to_thread.run_sync(self._execute, cursor, "")
-            index = self._column_index([column[0] for column in cursor.description or ()])
-            while values := await anyio.to_thread.run_sync(self._fetch, cursor, size, index):
+            columns = self._column_index([column[0] for column in cursor.description or ()])
+            while values := await anyio.to_thread.run_sync(self._fetch, cursor, size, columns):
                 yield values
 
     @contextlib.asynccontextmanager
@@ -205,9 +230,13 @@ class SqliteSource(SqlSource):
         with self._errors(_SQLITE_ERRORS):
             cursor.execute(prefix + self.query, self.params)
 
-    def _fetch(self, cursor: sqlite3.Cursor, size: int, index: int) -> list[object]:
+    def _fetch(
+        self, cursor: sqlite3.Cursor, size: int, columns: tuple[int, int | None]
+    ) -> list[tuple[object, object]]:
+        index, owner = columns
         with self._errors(_SQLITE_ERRORS):
-            return [row[index] for row in cursor.fetchmany(size)]
+            rows = cursor.fetchmany(size)
+        return [(row[index], None if owner is None else row[owner]) for row in rows]
 
 
 class PostgresSource(SqlSource):
@@ -229,9 +258,9 @@ class PostgresSource(SqlSource):
         async with self._connection() as conn:
             await self._prepare(conn)
 
-    async def _values(self, size: int) -> AsyncGenerator[list[object], None]:
+    async def _values(self, size: int) -> AsyncGenerator[list[tuple[object, object]], None]:
         async with self._connection() as conn:
-            statement, index = await self._prepare(conn)
+            statement, (index, owner) = await self._prepare(conn)
             with self._errors(self.kinds):
                 # Never committed: closing the connection ends the transaction.
                 await conn.transaction(readonly=True).start()
@@ -241,9 +270,9 @@ class PostgresSource(SqlSource):
                     rows = await cursor.fetch(size)
                 if not rows:
                     return
-                yield [row[index] for row in rows]
+                yield [(row[index], None if owner is None else row[owner]) for row in rows]
 
-    async def _prepare(self, conn: Any) -> tuple[Any, int]:
+    async def _prepare(self, conn: Any) -> tuple[Any, tuple[int, int | None]]:
         with self._errors(self.kinds):
             statement = await conn.prepare(self.query)
         return statement, self._column_index([a.name for a in statement.get_attributes()])

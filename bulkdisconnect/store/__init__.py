@@ -38,6 +38,7 @@ class PlanCounts:
 class ReportRow:
     """One account's recorded outcome, as `report` prints it."""
 
+    stripe_account: str  # '' for the job's own account (its --stripe-account, or none)
     account_id: str
     outcome: str | None
     attempts: int
@@ -57,6 +58,19 @@ class Confirmation(enum.Enum):
     CONFIRMED = "confirmed"  # recorded on the account's outcome
     REPLAYED = "replayed"  # this event ID was seen before: ignored
     UNKNOWN = "unknown"  # the account is not in the job: acknowledged, counted, not kept
+
+
+@dataclass(frozen=True, slots=True)
+class LaneCounts:
+    """One connected account's accounts in a job, per outcome (None: still to call)."""
+
+    stripe_account: str  # '' for the job's own
+    counts: dict[str | None, int]
+
+    @property
+    def pending(self) -> int:
+        """Accounts still to call."""
+        return self.counts.get(None, 0)
 
 
 @dataclass(frozen=True, slots=True)

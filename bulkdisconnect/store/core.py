@@ -26,13 +26,16 @@ from bulkdisconnect.model import (
     ACCOUNT_ID_PATTERN,
     MAX_ACCOUNT_ID_LENGTH,
     ItemResult,
+    Owned,
     Settled,
     is_valid_account_id,
+    is_valid_stripe_account,
 )
 from bulkdisconnect.store import (
     Beat,
     Confirmation,
     Forgotten,
+    LaneCounts,
     LockInfo,
     PlanCounts,
     ReportRow,
@@ -46,7 +49,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 # The layout a store is migrated to when opened; a dialect's MIGRATIONS lead up to it.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 READABLE_FROM = 2  # the oldest layout status and report read without migrating it
 # How long a store call rides out a database that fails in passing (a restart, a failover,
 # terminated connections, a lock held by another process) before the run stops with exit 6.
@@ -55,6 +58,7 @@ RETRY_DELAY = (0.1, 2.0)  # the first wait between tries, and the longest
 REPORT_PAGE = 5000
 SETTLED_MESSAGE = "already disconnected when listed: recorded without a call"
 INVALID_MESSAGE = "not a Financial Connections account ID (fca_ followed by letters and digits)"
+INVALID_ACCOUNT_MESSAGE = "not a connected account ID (acct_ followed by letters and digits)"
 
 
 def _guarded(
@@ -256,11 +260,18 @@ class SqlStore:
     # -- planning -----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def stage(self, job: str, *, retry_failed: bool) -> AsyncIterator[StagedInput]:
-        """An input counted in a temporary table; leaving without `commit` discards it."""
+    async def stage(
+        self, job: str, *, retry_failed: bool, stripe_account: str | None = None
+    ) -> AsyncIterator[StagedInput]:
+        """An input counted in a temporary table; leaving without `commit` discards it.
+
+        A row naming `stripe_account` (the run's --stripe-account) is stored as the job's own.
+        """
         with self._failing("planning"):
             async with self._dialect.staging() as staging:
-                yield StagedInput(staging, job, retry_failed=retry_failed)
+                yield StagedInput(
+                    staging, job, retry_failed=retry_failed, stripe_account=stripe_account
+                )
 
     @_guarded
     async def listed_before(self, job: str, customer: str) -> bool:
@@ -277,9 +288,17 @@ class SqlStore:
     # -- work ---------------------------------------------------------------------------------
 
     @_guarded
-    async def claim(self, job: str, run_id: str, *, limit: int) -> list[str]:
-        """The run's next page of accounts still to call, in input order."""
-        return await self._dialect.claim(job, run_id, limit)
+    async def claim(
+        self, job: str, run_id: str, *, limit: int, stripe_account: str = ""
+    ) -> list[str]:
+        """The run's next page of a connected account's accounts still to call, in input
+        order ('': the job's own)."""
+        return await self._dialect.claim(job, run_id, limit, stripe_account)
+
+    @_guarded
+    async def lanes(self, job: str) -> list[str]:
+        """The job's connected accounts ('' for its own), whatever their accounts' state."""
+        return [row[0] for row in await self._read.fetch("lanes", job=job)]
 
     @_guarded
     async def pending_elsewhere(self, job: str, run_id: str) -> bool:
@@ -293,10 +312,34 @@ class SqlStore:
         await self._dialect.record(job, run_id, results)
 
     @_guarded
-    async def release_refused(self, job: str, run_id: str) -> int:
-        """Turn this run's failed and not_found outcomes back to pending; how many."""
+    async def release_refused(
+        self, job: str, run_id: str, *, stripe_account: str | None = None
+    ) -> int:
+        """Turn this run's failed and not_found outcomes (under one connected account, if
+        given) back to pending; how many."""
         async with self._dialect.transaction() as tx:
-            return await tx.execute("release_refused", job=job, run_id=run_id)
+            if stripe_account is None:
+                return await tx.execute("release_refused", job=job, run_id=run_id)
+            return await tx.execute(
+                "release_refused_lane", job=job, run_id=run_id, stripe_account=stripe_account
+            )
+
+    @_guarded
+    async def fail_lane(self, job: str, run_id: str, refusal: ItemResult) -> int:
+        """End the accounts still to call under the refusal's connected account that no live
+        run holds `failed` with its answer (no call each: the platform has no access to it);
+        how many. Those a live run holds it records itself, each under its own claim."""
+        async with self._dialect.transaction() as tx:
+            return await tx.execute(
+                "fail_lane",
+                job=job,
+                stripe_account=refusal.stripe_account,
+                http_status=refusal.http_status,
+                error_code=refusal.error_code,
+                error_message=refusal.error_message,
+                request_id=refusal.request_id,
+                now=time.time(),
+            )
 
     # -- confirmations ------------------------------------------------------------------------
 
@@ -324,6 +367,15 @@ class SqlStore:
     async def counts(self, job: str) -> dict[str | None, int]:
         """Accounts per outcome (None: still to call)."""
         return {row[0]: int(row[1]) for row in await self._read.fetch("outcome_counts", job=job)}
+
+    @_guarded
+    async def lane_counts(self, job: str) -> list[LaneCounts]:
+        """Accounts per connected account and outcome, most still to call first."""
+        lanes: dict[str, dict[str | None, int]] = {}
+        for lane, outcome, count in await self._read.fetch("lane_counts", job=job):
+            lanes.setdefault(lane, {})[outcome] = int(count)
+        found = [LaneCounts(lane, counts) for lane, counts in lanes.items()]
+        return sorted(found, key=lambda lane: (-lane.pending, lane.stripe_account))
 
     @_guarded
     async def confirmed_count(self, job: str) -> int:
@@ -408,18 +460,22 @@ class SqlStore:
 class StagedInput:
     """An input staged for one job: add chunks, count them, then commit the merge."""
 
-    def __init__(self, staging: Staging, job: str, *, retry_failed: bool) -> None:
+    def __init__(
+        self, staging: Staging, job: str, *, retry_failed: bool, stripe_account: str | None
+    ) -> None:
         self._staging = staging
         self._job = job
+        self._own = stripe_account or ""
         self._retry_failed = retry_failed
         self._read = 0
         self._sealed = False
         self._nothing_new = False
 
-    async def add(self, chunk: Sequence[str | Settled]) -> None:
-        """Stage a chunk of raw values (or values a source already settled)."""
+    async def add(self, chunk: Sequence[str | Owned | Settled]) -> None:
+        """Stage a chunk of raw values (with their connected account, or settled by the
+        source)."""
         self._read += len(chunk)
-        await self._staging.add(_staged_rows(chunk))
+        await self._staging.add(_staged_rows(chunk, self._own))
 
     async def count(self) -> PlanCounts:
         """What merging the staged input would do; changes nothing."""
@@ -460,6 +516,7 @@ class StagedInput:
                     "merge_staged",
                     job=job,
                     invalid_message=INVALID_MESSAGE,
+                    invalid_account_message=INVALID_ACCOUNT_MESSAGE,
                     settled_message=SETTLED_MESSAGE,
                     now=time.time(),
                     after=after,
@@ -471,25 +528,38 @@ class StagedInput:
                     )
 
 
-def _staged_rows(chunk: Sequence[str | Settled]) -> list[tuple[str, int, str]]:
-    """(value as stored, valid, settled outcome or '') for the staging table.
+def _staged_rows(
+    chunk: Sequence[str | Owned | Settled], own: str
+) -> list[tuple[str, int, str, str]]:
+    """(value as stored, valid, settled outcome or '', connected account as stored) for the
+    staging table; `own` (the run's --stripe-account) is stored as ''.
 
     One pass, the common case (a plain valid ID) first: a rerun of a million IDs spends most
     of its planning here. '' rather than None for "not settled": sqlite3 binds None slowly.
     """
     valid = ACCOUNT_ID_PATTERN.fullmatch
     return [
-        (value, 1, "")
+        (value, 1, "", "")
         if value.__class__ is str and len(value) <= MAX_ACCOUNT_ID_LENGTH and valid(value)
-        else _unusual_row(value)
+        else _unusual_row(value, own)
         for value in chunk
     ]
 
 
-def _unusual_row(value: str | Settled) -> tuple[str, int, str]:
+def _unusual_row(value: str | Owned | Settled, own: str) -> tuple[str, int, str, str]:
     if isinstance(value, str):
-        return stored_value(value), int(is_valid_account_id(value)), ""
-    return value.account_id, int(is_valid_account_id(value.account_id)), value.outcome.value
+        return stored_value(value), int(is_valid_account_id(value)), "", ""
+    if isinstance(value, Owned):
+        account_id, stripe_account, settled = value.value, value.stripe_account, ""
+    else:
+        account_id, stripe_account = value.account_id, value.stripe_account
+        settled = value.outcome.value
+    lane = "" if stripe_account == own else stripe_account
+    if not is_valid_account_id(account_id):
+        return stored_value(account_id), 0, settled, stored_value(lane)
+    if lane and not is_valid_stripe_account(lane):
+        return account_id, -1, settled, stored_value(lane)
+    return account_id, 1, settled, lane
 
 
 def _check_version(description: str, version: int) -> None:

@@ -43,10 +43,12 @@ class Connection(Protocol):
 
 
 class Staging(Connection, Protocol):
-    """A connection holding the temporary table `staged (pos, account_id, valid, settled)`."""
+    """A connection holding the temporary table
+    `staged (pos, stripe_account, account_id, valid, settled)`."""
 
-    async def add(self, rows: list[tuple[str, int, str]]) -> None:
-        """Stage (value, valid, settled or '') rows; a value seen before keeps its first place."""
+    async def add(self, rows: list[tuple[str, int, str, str]]) -> None:
+        """Stage (value, valid, settled or '', connected account) rows; a (connected account,
+        value) seen before keeps its first place."""
         ...
 
     async def seal(self) -> None:
@@ -122,8 +124,9 @@ class Dialect(Protocol):
         """Wait until no other worker of the job is planning."""
         ...
 
-    async def claim(self, job: str, run_id: str, limit: int) -> list[str]:
-        """Mark and return the next `limit` accounts still to call that nobody holds."""
+    async def claim(self, job: str, run_id: str, limit: int, stripe_account: str) -> list[str]:
+        """Mark and return a connected account's next `limit` accounts still to call that
+        nobody holds."""
         ...
 
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:

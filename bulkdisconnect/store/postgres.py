@@ -49,10 +49,12 @@ QUERIES = load_queries(
 )
 INDEXES = """
 CREATE INDEX IF NOT EXISTS accounts_job_order ON accounts (job, id);
-CREATE INDEX IF NOT EXISTS accounts_pending ON accounts (job, id) WHERE outcome IS NULL;
+CREATE INDEX IF NOT EXISTS accounts_pending_lane ON accounts (job, stripe_account, id)
+    WHERE outcome IS NULL;
 """
 # Layout 1 had a view of the live holders; the statements now say what "live" is themselves.
 # Layout 3 keys events by (job, event) and numbers each account's claims.
+# Layout 4 keys accounts by (job, connected account, account); the job's own rows are ''.
 MIGRATIONS = {
     1: ("", "DROP VIEW IF EXISTS live_locks"),
     2: (
@@ -61,6 +63,15 @@ MIGRATIONS = {
             "ALTER TABLE events DROP CONSTRAINT events_pkey, ADD PRIMARY KEY (job, event_id); "
             "ALTER TABLE accounts ADD COLUMN IF NOT EXISTS claim_gen INTEGER NOT NULL DEFAULT 0"
         ),
+    ),
+    3: (
+        (
+            "ALTER TABLE accounts ADD COLUMN IF NOT EXISTS stripe_account TEXT NOT NULL "
+            "DEFAULT '', DROP CONSTRAINT IF EXISTS accounts_job_account_id_key, "
+            "ADD UNIQUE (job, stripe_account, account_id); "
+            "DROP INDEX IF EXISTS accounts_pending"
+        ),
+        "",
     ),
 }
 
@@ -73,7 +84,7 @@ CLAIM = f"""
 UPDATE accounts SET run_id = $2, claim_gen = claim_gen + 1
 WHERE id = ANY(ARRAY(
     SELECT id FROM accounts
-    WHERE job = $1 AND id > $4 AND outcome IS NULL
+    WHERE job = $1 AND stripe_account = $6 AND id > $4 AND outcome IS NULL
       AND (run_id IS NULL
            OR (run_id = $2 AND id <> ALL($5::bigint[]))
            OR run_id NOT IN (SELECT owner FROM locks WHERE job = $1 AND {LIVE}))
@@ -148,9 +159,10 @@ class PostgresDialect:
         self.description = description
         self._schema = schema
         self.reader = _Statements(pool)
-        self._claimed_up_to: dict[str, int] = {}  # run_id -> id of its last claimed account
-        # (job, account) this dialect claimed -> (its id, the claim's generation)
-        self._claims: dict[tuple[str, str], tuple[int, int]] = {}
+        # (run_id, connected account) -> id of its last claimed account
+        self._claimed_up_to: dict[tuple[str, str], int] = {}
+        # (job, connected account, account) this dialect claimed -> (id, claim generation)
+        self._claims: dict[tuple[str, str, str], tuple[int, int]] = {}
 
     @classmethod
     async def connect(cls, url: str, *, read_only: bool = False) -> PostgresDialect:
@@ -212,7 +224,7 @@ class PostgresDialect:
         try:
             await conn.execute(
                 "CREATE TEMP TABLE staged_raw (pos BIGSERIAL, account_id TEXT NOT NULL, "
-                "valid INTEGER NOT NULL, settled TEXT)"
+                "valid INTEGER NOT NULL, settled TEXT, stripe_account TEXT NOT NULL)"
             )
             yield _Staging(conn)
         finally:
@@ -236,8 +248,9 @@ class PostgresDialect:
                 with anyio.CancelScope(shield=True):
                     await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
-    async def claim(self, job: str, run_id: str, limit: int) -> list[str]:
-        """Claim the first `limit` accounts still to call that no live worker holds.
+    async def claim(self, job: str, run_id: str, limit: int, stripe_account: str) -> list[str]:
+        """Claim a connected account's first `limit` accounts still to call that no live
+        worker holds.
 
         A worker whose own lease ran out claims nothing (LockHeldError).
 
@@ -245,17 +258,24 @@ class PostgresDialect:
         account already done; only when nothing is left ahead does it look from the start,
         for accounts a dead worker left behind or a breaker released.
         """
-        after = self._claimed_up_to.get(run_id, 0)
-        in_hand = [claim[0] for (of, _), claim in self._claims.items() if of == job]
-        rows = await self._pool.fetch(CLAIM, job, run_id, limit, after, in_hand)
+        after = self._claimed_up_to.get((run_id, stripe_account), 0)
+        in_hand = [
+            claim[0]
+            for (of, lane, _), claim in self._claims.items()
+            if of == job and lane == stripe_account
+        ]
+        args = (job, run_id, limit, after, in_hand, stripe_account)
+        rows = await self._pool.fetch(CLAIM, *args)
         if not rows and after:
-            rows = await self._pool.fetch(CLAIM, job, run_id, limit, 0, in_hand)
+            rows = await self._pool.fetch(CLAIM, *args[:3], 0, *args[4:])
         if not rows and not await self.reader.fetch("holds_lease", job=job, owner=run_id):
             raise LockHeldError(f"job {job!r}: lost the lock's lease (taken over); stopped")
         rows = sorted(rows, key=lambda row: row["id"])
         if rows:
-            self._claimed_up_to[run_id] = rows[-1]["id"]
-            self._claims.update(((job, r["account_id"]), (r["id"], r["claim_gen"])) for r in rows)
+            self._claimed_up_to[run_id, stripe_account] = rows[-1]["id"]
+            self._claims.update(
+                ((job, stripe_account, r["account_id"]), (r["id"], r["claim_gen"])) for r in rows
+            )
         return [row["account_id"] for row in rows]
 
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
@@ -264,7 +284,11 @@ class PostgresDialect:
         A result for an account this run did not claim has nothing to land on: it is dropped.
         """
         claims = self._claims
-        mine = [(claims[job, r.account_id], r) for r in results if (job, r.account_id) in claims]
+        mine = [
+            (claims[job, r.stripe_account, r.account_id], r)
+            for r in results
+            if (job, r.stripe_account, r.account_id) in claims
+        ]
         await self._pool.execute(
             RECORD,
             job,
@@ -281,7 +305,7 @@ class PostgresDialect:
             [r.first_attempt_at for _, r in mine],
         )
         for r in results:  # only once written: a batch that failed is written again later
-            claims.pop((job, r.account_id), None)
+            claims.pop((job, r.stripe_account, r.account_id), None)
 
     async def scrub(self) -> None:
         """Nothing here: PostgreSQL's (auto)vacuum reclaims the deleted rows' space."""
@@ -329,9 +353,11 @@ class _Staging(_Statements):
         super().__init__(conn)
         self._connection = conn
 
-    async def add(self, rows: list[tuple[str, int, str]]) -> None:
+    async def add(self, rows: list[tuple[str, int, str, str]]) -> None:
         await self._connection.copy_records_to_table(
-            "staged_raw", records=rows, columns=["account_id", "valid", "settled"]
+            "staged_raw",
+            records=rows,
+            columns=["account_id", "valid", "settled", "stripe_account"],
         )
 
     async def spans(self) -> list[tuple[int, int]]:
@@ -341,9 +367,10 @@ class _Staging(_Statements):
     async def seal(self) -> None:
         # Each value's first occurrence decides its place and its kind, as in SQLite.
         await self._connection.execute(
-            "CREATE TEMP TABLE staged AS SELECT DISTINCT ON (account_id) pos, account_id, "
-            "valid, NULLIF(settled, '') AS settled FROM staged_raw ORDER BY account_id, pos; "
-            "CREATE UNIQUE INDEX ON staged (account_id); ANALYZE staged"
+            "CREATE TEMP TABLE staged AS SELECT DISTINCT ON (stripe_account, account_id) pos, "
+            "stripe_account, account_id, valid, NULLIF(settled, '') AS settled FROM staged_raw "
+            "ORDER BY stripe_account, account_id, pos; "
+            "CREATE UNIQUE INDEX ON staged (stripe_account, account_id); ANALYZE staged"
         )
 
     @asynccontextmanager

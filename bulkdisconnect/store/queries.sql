@@ -13,6 +13,9 @@
 CREATE TABLE IF NOT EXISTS accounts (
     {order_key}
     job TEXT NOT NULL,
+    -- The connected account (Stripe-Account) the row belongs to. '' is the job's own: the
+    -- run's --stripe-account, or the platform (every row of a job planned before layout 4).
+    stripe_account TEXT NOT NULL DEFAULT '',
     account_id TEXT NOT NULL,
     outcome TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -26,7 +29,7 @@ CREATE TABLE IF NOT EXISTS accounts (
     claim_gen INTEGER NOT NULL DEFAULT 0,  -- each claim increments it: a write names its claim
     confirmed_at {real},
     event_id TEXT,
-    UNIQUE (job, account_id)
+    UNIQUE (job, stripe_account, account_id)
 ){accounts_options};
 CREATE TABLE IF NOT EXISTS customers (
     job TEXT NOT NULL,
@@ -137,22 +140,25 @@ UPDATE locks SET planned = TRUE WHERE job = :job AND owner = :owner;
 
 -- name: count_staged
 -- What merging the staged input would find: unique, invalid, already done, new to call,
--- unseen by the job, settled by the source. Changes nothing.
+-- unseen by the job, settled by the source. Changes nothing. (valid: 1 yes; 0 a bad account
+-- ID; -1 a bad connected account.)
 SELECT COUNT(*),
-    COALESCE(SUM(CASE WHEN s.valid = 0 THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN s.valid <> 1 THEN 1 ELSE 0 END), 0),
     COALESCE(SUM(CASE WHEN s.valid = 1 AND a.outcome IS NOT NULL
                       AND NOT (:retry_failed = 1 AND a.outcome = 'failed') THEN 1 ELSE 0 END), 0),
     COALESCE(SUM(CASE WHEN s.valid = 1 AND s.settled IS NULL AND a.account_id IS NULL
                       THEN 1 ELSE 0 END), 0),
     COALESCE(SUM(CASE WHEN a.account_id IS NULL THEN 1 ELSE 0 END), 0),
     COALESCE(SUM(CASE WHEN s.settled IS NOT NULL THEN 1 ELSE 0 END), 0)
-FROM staged s LEFT JOIN accounts a ON a.job = :job AND a.account_id = s.account_id;
+FROM staged s LEFT JOIN accounts a
+    ON a.job = :job AND a.stripe_account = s.stripe_account AND a.account_id = s.account_id;
 
 -- name: count_still_pending
 -- Accounts of the job left to call after the merge, other than those the input settles.
 SELECT COUNT(*) FROM accounts a
 WHERE a.job = :job AND (a.outcome IS NULL OR (:retry_failed = 1 AND a.outcome = 'failed'))
   AND NOT EXISTS (SELECT 1 FROM staged s WHERE s.account_id = a.account_id
+                  AND s.stripe_account = a.stripe_account
                   AND s.valid = 1 AND s.settled IS NOT NULL);
 
 -- name: reopen_failed
@@ -163,22 +169,24 @@ UPDATE accounts SET outcome = NULL WHERE job = :job AND outcome = 'failed';
 -- Add the staged values the job lacks, in input order: invalid ones recorded invalid_id,
 -- settled ones (a Stripe list showed them disconnected) with their outcome, the rest to call.
 -- A span of positions at a time (after, up to].
-INSERT INTO accounts (job, account_id, outcome, error_code, error_message, updated_at)
-SELECT :job, s.account_id,
-    CASE WHEN s.valid = 0 THEN 'invalid_id' ELSE s.settled END,
-    CASE WHEN s.valid = 0 THEN 'invalid_id' END,
+INSERT INTO accounts (job, stripe_account, account_id, outcome, error_code, error_message,
+                      updated_at)
+SELECT :job, s.stripe_account, s.account_id,
+    CASE WHEN s.valid <> 1 THEN 'invalid_id' ELSE s.settled END,
+    CASE WHEN s.valid <> 1 THEN 'invalid_id' END,
     CASE WHEN s.valid = 0 THEN :invalid_message
+         WHEN s.valid = -1 THEN :invalid_account_message
          WHEN s.settled IS NOT NULL THEN :settled_message END,
-    CASE WHEN s.valid = 0 OR s.settled IS NOT NULL THEN CAST(:now AS DOUBLE PRECISION) END
+    CASE WHEN s.valid <> 1 OR s.settled IS NOT NULL THEN CAST(:now AS DOUBLE PRECISION) END
 FROM staged s WHERE s.pos > :after AND s.pos <= :upto ORDER BY s.pos
-ON CONFLICT (job, account_id) DO NOTHING;
+ON CONFLICT (job, stripe_account, account_id) DO NOTHING;
 
 -- name: settle_pending
 -- An account already pending in the job that the input settles needs no call.
 UPDATE accounts SET outcome = s.settled, error_message = :settled_message, updated_at = :now
 FROM staged s
 WHERE accounts.job = :job AND accounts.account_id = s.account_id
-  AND accounts.outcome IS NULL AND s.settled IS NOT NULL AND s.valid = 1;
+  AND accounts.stripe_account = s.stripe_account AND accounts.outcome IS NULL AND s.settled IS NOT NULL AND s.valid = 1;
 
 -- name: listed_before
 -- Whether an earlier plan of the job listed this customer's accounts.
@@ -201,6 +209,38 @@ SELECT EXISTS (
 UPDATE accounts SET outcome = NULL
 WHERE job = :job AND run_id = :run_id AND outcome IN ('failed', 'not_found');
 
+-- name: release_refused_lane
+-- A breaker tripped on one connected account's answers: those are not final after all.
+UPDATE accounts SET outcome = NULL
+WHERE job = :job AND run_id = :run_id AND stripe_account = :stripe_account
+  AND outcome IN ('failed', 'not_found');
+
+-- name: fail_lane
+-- The platform has no access to a connected account (403 account_invalid): the accounts of
+-- the job still to call under it end failed with Stripe's answer, without a call each;
+-- those a live run holds (maybe in flight, or answered and not yet written) it records.
+UPDATE accounts SET outcome = 'failed', http_status = :http_status, error_code = :error_code,
+    error_message = :error_message, request_id = :request_id, updated_at = :now
+WHERE job = :job AND stripe_account = :stripe_account AND outcome IS NULL
+  AND (run_id IS NULL OR run_id NOT IN (
+      SELECT owner FROM locks WHERE job = :job AND {now} - heartbeat_at < lease));
+
+-- name: lanes
+-- The connected accounts of the job ('' included), each found through the unique index.
+WITH RECURSIVE lane (stripe_account) AS (
+    SELECT min(stripe_account) FROM accounts WHERE job = :job
+    UNION ALL
+    SELECT (SELECT min(stripe_account) FROM accounts
+            WHERE job = :job AND stripe_account > lane.stripe_account)
+    FROM lane WHERE lane.stripe_account IS NOT NULL
+)
+SELECT stripe_account FROM lane WHERE stripe_account IS NOT NULL;
+
+-- name: lane_counts
+-- Accounts of the job per connected account and outcome (NULL: still to call).
+SELECT stripe_account, outcome, COUNT(*) FROM accounts WHERE job = :job
+GROUP BY stripe_account, outcome;
+
 -- name: outcome_counts
 -- Accounts of the job per outcome (NULL: still to call).
 SELECT outcome, COUNT(*) FROM accounts WHERE job = :job GROUP BY outcome;
@@ -220,7 +260,7 @@ SELECT EXISTS (SELECT 1 FROM runs WHERE job = :job)
 
 -- name: report_page
 -- The next page of the job's accounts in input order (or only disconnected, unconfirmed).
-SELECT {order}, account_id, outcome, attempts, http_status, error_code, error_message,
+SELECT {order}, stripe_account, account_id, outcome, attempts, http_status, error_code, error_message,
     request_id, first_attempt_at, updated_at, confirmed_at, event_id
 FROM accounts
 WHERE job = :job AND {order} > :after

@@ -47,8 +47,14 @@ QUERIES = load_queries(
     }
 )
 
+_V3_COLUMNS = (
+    "job, account_id, outcome, attempts, http_status, error_code, error_message, request_id, "
+    "first_attempt_at, updated_at, run_id, claim_gen, confirmed_at, event_id"
+)
 # Layout 1 held one lock row per job; layout 2 has a row per holder, as PostgreSQL's.
-# Layout 3 keys events by (job, event) and numbers each account's claims.
+# Layout 3 keys events by (job, event) and numbers each account's claims. Layout 4 keys
+# accounts by (job, connected account, account): the table is rebuilt, rowids (the input
+# order) kept.
 MIGRATIONS = {
     1: (
         "ALTER TABLE locks RENAME TO locks_v1",
@@ -59,23 +65,45 @@ MIGRATIONS = {
         ),
     ),
     2: (
-        "ALTER TABLE events RENAME TO events_v2",
+        (
+            "ALTER TABLE events RENAME TO events_v2; "
+            "ALTER TABLE accounts ADD COLUMN claim_gen INTEGER NOT NULL DEFAULT 0"
+        ),
         (
             "INSERT INTO events (job, event_id, account_id, received_at) "
-            "SELECT job, event_id, account_id, received_at FROM events_v2; DROP TABLE events_v2; "
-            "ALTER TABLE accounts ADD COLUMN claim_gen INTEGER NOT NULL DEFAULT 0"
+            "SELECT job, event_id, account_id, received_at FROM events_v2; DROP TABLE events_v2"
+        ),
+    ),
+    3: (
+        "ALTER TABLE accounts RENAME TO accounts_v3",
+        (
+            f"INSERT INTO accounts (rowid, {_V3_COLUMNS}) SELECT rowid, {_V3_COLUMNS} "  # noqa: S608 - constant names
+            "FROM accounts_v3; DROP TABLE accounts_v3"
         ),
     ),
 }
+# The rows of a connected account, in input order; the job's own rows ('') are not indexed:
+# a job without connected accounts pays nothing for it, and claims them by a rowid scan.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS accounts_lane ON accounts (job, stripe_account)
+WHERE stripe_account <> ''
+"""
 
+# The job's own rows ('') by a range scan of rowids; a connected account's through its index.
 CLAIM = (
     "SELECT rowid, account_id, claim_gen FROM accounts NOT INDEXED WHERE rowid > ? AND job = ? "
+    "AND stripe_account = ? AND outcome IS NULL ORDER BY rowid LIMIT ?"
+)
+CLAIM_LANE = (
+    "SELECT rowid, account_id, claim_gen FROM accounts INDEXED BY accounts_lane "
+    "WHERE job = ? AND stripe_account = ? AND stripe_account <> '' AND rowid > ? "
     "AND outcome IS NULL ORDER BY rowid LIMIT ?"
 )
 MARK_CLAIMED = (
     "UPDATE accounts NOT INDEXED SET run_id = ?, claim_gen = claim_gen + 1 "
-    "WHERE rowid > ? AND rowid <= ? AND job = ? AND outcome IS NULL"
+    "WHERE rowid > ? AND rowid <= ? AND job = ? AND stripe_account = '' AND outcome IS NULL"
 )
+MARK_ONE_CLAIMED = "UPDATE accounts SET run_id = ?, claim_gen = claim_gen + 1 WHERE rowid = ?"
 HOLDS_LEASE = QUERIES["holds_lease"].replace(":job", "?").replace(":owner", "?")
 # A result lands only on the claim it was made under (the run and the claim's generation), and
 # once: a worker that lost its lease cannot overwrite what the run that took over recorded.
@@ -100,7 +128,7 @@ UPDATE accounts SET outcome = ?, attempts = attempts + ?, http_status = ?, error
 class SQLiteDialect:
     """SQLite for `SqlStore`; every statement runs on one connection, one at a time."""
 
-    schema = QUERIES["schema"]
+    schema = QUERIES["schema"] + ";" + INDEXES
     migrations = MIGRATIONS
     shared = False  # one file: `run --join` needs PostgreSQL
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
@@ -123,9 +151,10 @@ class SQLiteDialect:
         self.reader = _Statements(self.call)
         self._beat_db: sqlite3.Connection | None = None  # the heartbeat's own connection
         self._beat_lock = anyio.Lock()
-        self._claimed_up_to: dict[str, int] = {}  # run_id -> rowid of its last claimed account
-        # (job, account) this dialect claimed -> (its rowid, the claim's generation)
-        self._claims: dict[tuple[str, str], tuple[int, int]] = {}
+        # (run_id, connected account) -> rowid of its last claimed account
+        self._claimed_up_to: dict[tuple[str, str], int] = {}
+        # (job, connected account, account) this dialect claimed -> (rowid, claim generation)
+        self._claims: dict[tuple[str, str, str], tuple[int, int]] = {}
 
     @classmethod
     async def connect(
@@ -207,14 +236,15 @@ class SQLiteDialect:
         """Always this holder's turn: its lock on a SQLite job is exclusive."""
         yield
 
-    async def claim(self, job: str, run_id: str, limit: int) -> list[str]:
-        """The run's next page in input order, after its last: a range scan of rowids.
+    async def claim(self, job: str, run_id: str, limit: int, stripe_account: str) -> list[str]:
+        """The run's next page of a connected account's rows in input order, after its last.
 
-        Not the (job, account_id) index: through it every page would visit all of the
-        job's rows and sort them (quadratic in N). A run whose lease ran out claims nothing
-        (LockHeldError): another may be working the job now.
+        The job's own rows ('') by a range scan of rowids, not the unique index: through it
+        every page would visit all of the job's rows and sort them (quadratic in N); a
+        connected account's rows through their own index, in rowid order. A run whose lease
+        ran out claims nothing (LockHeldError): another may be working the job now.
         """
-        after = self._claimed_up_to.get(run_id)
+        after = self._claimed_up_to.get((run_id, stripe_account))
 
         def claim(db: sqlite3.Connection) -> list[tuple[int, str, int]] | None:
             start = after
@@ -224,18 +254,25 @@ class SQLiteDialect:
             with _immediate(db):
                 if not db.execute(HOLDS_LEASE, (job, run_id)).fetchone():
                     return None
-                rows: list[tuple[int, str, int]] = db.execute(CLAIM, (start, job, limit)).fetchall()
-                if rows:
-                    db.execute(MARK_CLAIMED, (run_id, start, rows[-1][0], job))
+                rows: list[tuple[int, str, int]]
+                if stripe_account:
+                    rows = db.execute(CLAIM_LANE, (job, stripe_account, start, limit)).fetchall()
+                    db.executemany(MARK_ONE_CLAIMED, [(run_id, row[0]) for row in rows])
+                else:
+                    rows = db.execute(CLAIM, (start, job, stripe_account, limit)).fetchall()
+                    if rows:
+                        db.execute(MARK_CLAIMED, (run_id, start, rows[-1][0], job))
             return rows
 
         rows = await self._call_here(claim)
         if rows is None:
             raise LockHeldError(f"job {job!r}: lost the lock's lease (taken over); stopped")
         if rows:
-            self._claimed_up_to[run_id] = rows[-1][0]
+            self._claimed_up_to[run_id, stripe_account] = rows[-1][0]
             # Recorded by rowid and under this claim's generation (one more than it was).
-            self._claims.update(((job, account), (rowid, gen + 1)) for rowid, account, gen in rows)
+            self._claims.update(
+                ((job, stripe_account, account), (rowid, gen + 1)) for rowid, account, gen in rows
+            )
         return [account_id for _, account_id, _ in rows]
 
     async def record(self, job: str, run_id: str, results: Sequence[ItemResult]) -> None:
@@ -247,7 +284,7 @@ class SQLiteDialect:
         claims = self._claims
         clean, full = [], []
         for r in results:
-            claim = claims.get((job, r.account_id))
+            claim = claims.get((job, r.stripe_account, r.account_id))
             if claim is None:
                 continue
             head = (r.outcome.value, r.attempts, r.http_status)
@@ -266,7 +303,7 @@ class SQLiteDialect:
 
         await self._call_here(write)
         for r in results:  # only once written: a batch that failed is written again later
-            claims.pop((job, r.account_id), None)
+            claims.pop((job, r.stripe_account, r.account_id), None)
 
     async def scrub(self) -> None:
         """Rebuild the file without the deleted rows' pages, and empty the WAL."""
@@ -340,15 +377,15 @@ class _Staging(_Statements):
         super().__init__(dialect.call)
         self._dialect = dialect
 
-    async def add(self, rows: list[tuple[str, int, str]]) -> None:
+    async def add(self, rows: list[tuple[str, int, str, str]]) -> None:
         # INSERT OR IGNORE keeps each value's first-seen position (pos is the rowid). A
         # deferred transaction: it writes the temporary table only, never locking the file.
         def insert(db: sqlite3.Connection) -> None:
             db.execute("BEGIN")
             try:
                 db.executemany(
-                    "INSERT OR IGNORE INTO temp.staged (account_id, valid, settled) "
-                    "VALUES (?, ?, NULLIF(?, ''))",
+                    "INSERT OR IGNORE INTO temp.staged (account_id, valid, settled, "
+                    "stripe_account) VALUES (?, ?, NULLIF(?, ''), ?)",
                     rows,
                 )
             except BaseException:
@@ -439,8 +476,9 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
 def _create_staging(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE IF EXISTS temp.staged")
     db.execute(
-        "CREATE TEMP TABLE staged (pos INTEGER PRIMARY KEY, account_id TEXT NOT NULL UNIQUE, "
-        "valid INTEGER NOT NULL, settled TEXT)"
+        "CREATE TEMP TABLE staged (pos INTEGER PRIMARY KEY, account_id TEXT NOT NULL, "
+        "valid INTEGER NOT NULL, settled TEXT, stripe_account TEXT NOT NULL, "
+        "UNIQUE (stripe_account, account_id))"
     )
 
 
