@@ -114,7 +114,7 @@ class Pool:
         workers = self.settings.concurrency or MAX_CONCURRENCY
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.meters.tune)
-            lanes = _Lanes(
+            lanes = Lanes(
                 store=self.store,
                 job=self.job,
                 run_id=self.run_id,
@@ -130,7 +130,7 @@ class Pool:
                     tg.start_soon(self._work, lanes)
             outer.cancel_scope.cancel()
 
-    async def _work(self, lanes: _Lanes) -> None:
+    async def _work(self, lanes: Lanes) -> None:
         requested = self.stop.requested
         while not requested.is_set():
             turn = lanes.take() or await lanes.next()
@@ -162,7 +162,7 @@ class Pool:
         if self.metrics is not None:
             self.metrics.outcome(result.outcome)
 
-    async def _refuse(self, lanes: _Lanes, lane: _Lane, refusal: ItemResult) -> None:
+    async def _refuse(self, lanes: Lanes, lane: Lane, refusal: ItemResult) -> None:
         """The platform has no access to a connected account (403 account_invalid): its
         accounts end failed with Stripe's answer, without a call each; the others go on."""
         stripe_account = lane.budget.stripe_account
@@ -184,7 +184,7 @@ class Pool:
             for _ in range(failed):
                 self.metrics.outcome(Outcome.FAILED)
 
-    async def _pause(self, lanes: _Lanes, lane: _Lane) -> None:
+    async def _pause(self, lanes: Lanes, lane: Lane) -> None:
         """A breaker tripped on one account's answers (mostly resource_missing: rows filed
         under the wrong connected account): its accounts stay pending; the others go on."""
         stripe_account = lane.budget.stripe_account
@@ -202,7 +202,7 @@ class Pool:
             reason=reason,
         )
 
-    async def _disconnect(self, lane: _Lane, account_id: str, ticket: Ticket) -> ItemResult | None:
+    async def _disconnect(self, lane: Lane, account_id: str, ticket: Ticket) -> ItemResult | None:
         """All attempts for one account; None if the run stopped before it got an outcome."""
         budget = lane.budget
         stripe_account = budget.stripe_account
@@ -258,7 +258,7 @@ class Pool:
 
 
 @dataclass(eq=False, slots=True)
-class _Lane:
+class Lane:
     """One Stripe account's share of the job: its claimed page, budget and breaker."""
 
     budget: Budget
@@ -277,7 +277,7 @@ class _Lane:
 
 
 @dataclass(kw_only=True, eq=False)
-class _Lanes:
+class Lanes:
     """The lanes of a run, and whose turn it is: a heap of lanes by when each may send next.
 
     Taking a turn is synchronous while a lane may send now (a worker goes from an answer to
@@ -296,8 +296,8 @@ class _Lanes:
     tg: anyio.abc.TaskGroup
     stop: Stop
     clock: Clock
-    _lanes: dict[str, _Lane] = field(default_factory=dict, init=False)
-    _heap: list[tuple[float, int, _Lane]] = field(default_factory=list, init=False)
+    _lanes: dict[str, Lane] = field(default_factory=dict, init=False)
+    _heap: list[tuple[float, int, Lane]] = field(default_factory=list, init=False)
     _entries: itertools.count[int] = field(default_factory=itertools.count, init=False)
     _waiters: deque[anyio.Event] = field(default_factory=deque, init=False)
     _changed: anyio.Event = field(default_factory=anyio.Event, init=False)
@@ -310,8 +310,11 @@ class _Lanes:
         return len(self._lanes) > 1
 
     async def open(self) -> None:
-        """Find the job's Stripe accounts and start claiming a page of each."""
+        """Find the job's Stripe accounts and claim a first page of each."""
         await self._discover()
+        for lane in list(self._lanes.values()):
+            if lane.refilled is not None:
+                await lane.refilled.wait()
 
     async def _discover(self) -> None:
         for stripe_account in await self.store.lanes(self.job):
@@ -322,15 +325,15 @@ class _Lanes:
                 lane.exhausted = False
                 self._refill(lane)
 
-    def _lane(self, stripe_account: str) -> _Lane:
+    def _lane(self, stripe_account: str) -> Lane:
         budget = self.meters.budget(stripe_account)
         rate = budget.limiter.cap
         page = self.settings.page_size
         if not math.isinf(rate):
             page = max(MIN_PAGE, min(page, math.ceil(rate * PAGE_SECONDS)))
-        return _Lane(budget, FailureBreaker(self.settings.breaker), page)
+        return Lane(budget, FailureBreaker(self.settings.breaker), page)
 
-    def take(self) -> tuple[_Lane, str, Ticket] | None:
+    def take(self) -> tuple[Lane, str, Ticket] | None:
         """The next account and its admitted ticket if one may go now, without waiting."""
         if self._waiters:  # first come, first served
             return None
@@ -344,7 +347,7 @@ class _Lanes:
         self.meters.sent(ticket, turn[0].budget)
         return turn[0], turn[1], ticket
 
-    async def next(self) -> tuple[_Lane, str, Ticket] | None:
+    async def next(self) -> tuple[Lane, str, Ticket] | None:
         """The next account to work, with its lane and its admitted ticket (an in-flight
         slot and its account's turn); None when none is pending or the run stops."""
         ticket = await self.meters.slot()
@@ -359,7 +362,7 @@ class _Lanes:
         self.meters.sent(ticket, turn[0].budget)
         return turn[0], turn[1], ticket
 
-    async def _wait_for_turn(self) -> tuple[_Lane, str] | None:
+    async def _wait_for_turn(self) -> tuple[Lane, str] | None:
         """Queue for the next turn; the head of the queue sleeps until it comes."""
         mine = anyio.Event()
         self._waiters.append(mine)
@@ -382,7 +385,7 @@ class _Lanes:
             if self._waiters:
                 self._waiters[0].set()
 
-    def _pick(self) -> tuple[_Lane, str] | None:
+    def _pick(self) -> tuple[Lane, str] | None:
         """Take the turn of the lane that may send first, if it may send now."""
         heap, now, total = self._heap, self.clock(), self.meters.total
         while heap:
@@ -417,7 +420,7 @@ class _Lanes:
             return lane, account_id
         return None
 
-    def _list(self, lane: _Lane, due: float, *, replace: bool = False) -> None:
+    def _list(self, lane: Lane, due: float, *, replace: bool = False) -> None:
         """(Re)list a lane in the turn heap for `due`."""
         lane.entry = next(self._entries)
         if replace:
@@ -453,14 +456,14 @@ class _Lanes:
             self.tg.start_soon(self._look_elsewhere)
         return False
 
-    def _refill(self, lane: _Lane) -> anyio.Event:
+    def _refill(self, lane: Lane) -> anyio.Event:
         """Start claiming the lane's next page unless that is under way; its done event."""
         if lane.refilled is None:
             lane.refilled = anyio.Event()
             self.tg.start_soon(self._claim_page, lane, lane.refilled)
         return lane.refilled
 
-    async def _claim_page(self, lane: _Lane, done: anyio.Event) -> None:
+    async def _claim_page(self, lane: Lane, done: anyio.Event) -> None:
         try:
             page = await self.store.claim(
                 self.job,
@@ -501,7 +504,7 @@ class _Lanes:
             self._polling = False
             self._changed.set()
 
-    async def close(self, lane: _Lane, *, refusal: ItemResult | None = None) -> list[str]:
+    async def close(self, lane: Lane, *, refusal: ItemResult | None = None) -> list[str]:
         """Stop working a lane (refused, or its breaker tripped); the accounts this run had
         claimed of it and not started, once its claim under way (if any) is done."""
         if refusal is None:
