@@ -71,7 +71,18 @@ _PLAN_OPTIONS = [
     click.option(
         "--customer", multiple=True, metavar="cus_…", help="List this customer's accounts."
     ),
-    click.option("--customers", metavar="FILE", help="Customer IDs, one a line."),
+    click.option(
+        "--customers",
+        metavar="FILE",
+        help="Customer IDs, one a line, or a CSV of customer_id[,stripe_account].",
+    ),
+    click.option(
+        "--holder-account",
+        multiple=True,
+        metavar="acct_…",
+        help="Offboard this connected account: list and disconnect the accounts it holds.",
+    ),
+    click.option("--holder-accounts", metavar="FILE", help="Connected account IDs, one a line."),
     click.option("--column", metavar="NAME", help="CSV column / JSONL field / SQL column."),
     click.option(
         "--account-column",
@@ -143,6 +154,8 @@ Examples:
   bulkdisconnect run --input offboarded.csv --job offboarding-2026-11 --rate 50
   bulkdisconnect run jobs/retention-purge.toml --yes
   bulkdisconnect run --db sqlite:///app.db --query "SELECT account_id FROM bank" --job purge
+  bulkdisconnect run --holder-account acct_1Nv0FGQ9RKHgCVdK --job offboard-acct
+  bulkdisconnect run --customers customers.csv --job offboarding  # customer_id,stripe_account
 
 \b
 Exit codes:

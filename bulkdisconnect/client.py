@@ -56,7 +56,7 @@ class Answer(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ListAnswer:
-    """One page of a customer's accounts: (id, status) pairs, or the `answer` saying why not."""
+    """One page of a holder's accounts: (id, status) pairs, or the `answer` saying why not."""
 
     answer: Answer
     accounts: list[tuple[str, str]] = field(default_factory=list)
@@ -127,19 +127,39 @@ class StripeClient:
             return _failed_exchange(exc)
 
     async def list_accounts(
-        self, customer: str, *, starting_after: str | None = None, limit: int = MAX_PAGE
+        self,
+        holder: str,
+        *,
+        stripe_account: str = "",
+        starting_after: str | None = None,
+        limit: int = MAX_PAGE,
     ) -> ListAnswer:
-        """GET /v1/financial_connections/accounts for one customer; never raises for I/O."""
-        if CUSTOMER_ID_PATTERN.fullmatch(customer) is None:
-            raise ValueError(f"refusing to list accounts of an invalid customer ID {customer!r}")
+        """GET /v1/financial_connections/accounts of one account holder; never raises for I/O.
+
+        `holder` is a customer (cus_..., listed by `account_holder[customer]`) or a connected
+        account (acct_..., by `account_holder[account]`); `stripe_account` sends the call on
+        behalf of that connected account ('': the settings' own, if any), as a platform lists
+        the accounts that live on a connected account.
+        """
+        if CUSTOMER_ID_PATTERN.fullmatch(holder) is not None:
+            params = {"account_holder[customer]": holder}
+        elif is_valid_stripe_account(holder):
+            params = {"account_holder[account]": holder}
+        else:
+            raise ValueError(f"refusing to list accounts of an invalid account holder {holder!r}")
         if not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
-        params = {"account_holder[customer]": customer, "limit": str(limit)}
+        params["limit"] = str(limit)
         if starting_after is not None:
             params["starting_after"] = starting_after
+        headers = self._get_headers
+        if stripe_account:
+            if not is_valid_stripe_account(stripe_account):
+                raise ValueError(f"refusing to send an invalid Stripe-Account {stripe_account!r}")
+            headers = {**headers, "Stripe-Account": stripe_account}
         url = self._base / "v1/financial_connections/accounts"
         try:
-            async with self._session.get(url, headers=self._get_headers, params=params) as response:
+            async with self._session.get(url, headers=headers, params=params) as response:
                 body = await response.read()
                 answer = _answer(response.status, response.headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -70,10 +70,13 @@ class SqlQuery:
 
 @dataclass(frozen=True)
 class CustomerList:
-    """The accounts of Stripe customers, listed through the API."""
+    """The accounts of account holders, listed through the API: Stripe customers, and
+    connected accounts being offboarded (`account_holder[account]`)."""
 
-    ids: tuple[str, ...]  # given one by one
-    file: str | None  # and/or a file of them, one a line
+    ids: tuple[str, ...]  # customers given one by one
+    file: str | None  # and/or a file of them: one a line, or a CSV naming their stripe_account
+    holders: tuple[str, ...] = ()  # connected accounts given one by one (acct_...)
+    holders_file: str | None = None  # and/or a file of them, one a line
 
 
 SourceConfig = FileInput | SqlQuery | CustomerList
@@ -264,14 +267,19 @@ def _params(v: _Value) -> dict[str, str]:
     raise v.fail(f"must be a table of name = value, got {value!r}")
 
 
-def _customer_list(v: _Value) -> tuple[str, ...]:
-    items = [v.value] if isinstance(v.value, str) else v.value
-    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-        raise v.fail(f"must be Stripe customer IDs (cus_...), got {v.value!r}")
-    for item in items:
-        if not CUSTOMER_ID_PATTERN.fullmatch(item.strip()):
-            raise v.fail(f"must be Stripe customer IDs (cus_...), got {item!r}")
-    return tuple(i.strip() for i in items)
+def _id_list(pattern: re.Pattern[str], what: str) -> Callable[[_Value], tuple[str, ...]]:
+    """A parser of one ID or a list of them, each matching `pattern`."""
+
+    def parse(v: _Value) -> tuple[str, ...]:
+        items = [v.value] if isinstance(v.value, str) else v.value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise v.fail(f"must be {what}, got {v.value!r}")
+        for item in items:
+            if not pattern.fullmatch(item.strip()):
+                raise v.fail(f"must be {what}, got {item!r}")
+        return tuple(i.strip() for i in items)
+
+    return parse
 
 
 def _url(v: _Value) -> str:
@@ -300,8 +308,10 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "db": (_text, None),
     "query": (_text, None),
     "params": (_params, {}),
-    "customer": (_customer_list, ()),
+    "customer": (_id_list(CUSTOMER_ID_PATTERN, "Stripe customer IDs (cus_...)"), ()),
     "customers": (_text, None),
+    "holder_account": (_id_list(STRIPE_ACCOUNT, "Stripe account IDs (acct_...)"), ()),
+    "holder_accounts": (_text, None),
     "column": (_text, None),
     "account_column": (_text, None),
     "job": (_job_name, None),
@@ -377,7 +387,7 @@ def build_run_config(
 
     source = _source(parsed)
     job = parsed["job"] or _default_job_name(job_file, source)
-    # A dry run calls nothing, except the list calls a customers source needs.
+    # A dry run calls nothing, except the list calls a customers or holders source needs.
     needs_key = not parsed["dry_run"] or isinstance(source, CustomerList)
     api_key = _api_key(raw.get("api_key_file"), env) if needs_key else None
     state = resolve_state(job, parsed["state"])
@@ -398,6 +408,8 @@ _NOT_SETTINGS = (
     "params",
     "customer",
     "customers",
+    "holder_account",
+    "holder_accounts",
     "column",
     "account_column",
     "job",
@@ -416,7 +428,9 @@ def _source(parsed: dict[str, Any]) -> SourceConfig:
         return SqlQuery(db, query, params, column, account_column)
     if account_column is not None:
         raise UsageError("--account-column goes with --input or --query")
-    return CustomerList(parsed["customer"], parsed["customers"])
+    return CustomerList(
+        parsed["customer"], parsed["customers"], parsed["holder_account"], parsed["holder_accounts"]
+    )
 
 
 def _drop_job_file_column(raw: dict[str, _Value]) -> None:
@@ -432,18 +446,30 @@ def _drop_job_file_column(raw: dict[str, _Value]) -> None:
 
 
 def _check_one_source(parsed: dict[str, Any]) -> None:
+    customers = bool(parsed["customer"]) or parsed["customers"] is not None
+    holders = bool(parsed["holder_account"]) or parsed["holder_accounts"] is not None
+    # Customers and connected accounts may be listed together: both are Stripe lists.
+    listed = " and ".join(
+        name
+        for name, given in (
+            ("--customer/--customers", customers),
+            ("--holder-account/--holder-accounts", holders),
+        )
+        if given
+    )
     kinds = [
         name
         for name, given in (
             ("--input", parsed["input"] is not None),
             ("--db/--query", parsed["db"] is not None or parsed["query"] is not None),
-            ("--customer/--customers", bool(parsed["customer"]) or parsed["customers"] is not None),
+            (listed, customers or holders),
         )
         if given
     ]
     if not kinds:
         raise UsageError(
-            "no source: give --input PATH, --db URL with --query SQL, or --customer/--customers"
+            "no source: give --input PATH, --db URL with --query SQL, --customer/--customers "
+            "or --holder-account/--holder-accounts"
         )
     if len(kinds) > 1:
         raise UsageError(f"give one source, not {' and '.join(kinds)}")
@@ -477,7 +503,9 @@ def _default_job_name(job_file: Path | None, source: SourceConfig) -> str:
     elif input_path == "-":
         raise UsageError("--job is required when the input is stdin")
     else:
-        raise UsageError("--job is required for a SQL or customers source (or use a job file)")
+        raise UsageError(
+            "--job is required for a SQL, customers or holder-accounts source (or use a job file)"
+        )
     return _job_name(_Value(stem, f"the job name derived from {job_file or input_path!r}"))
 
 

@@ -18,10 +18,16 @@ from bulkdisconnect.errors import (
     UsageError,
     WrongModeError,
 )
-from bulkdisconnect.model import Outcome, Settled
+from bulkdisconnect.model import Outcome, Owned, Settled
 from bulkdisconnect.retry import RetryPolicy
 from bulkdisconnect.sandbox import LIST_ROUTE, JournalEntry, SandboxThread, max_in_window
-from bulkdisconnect.sources.customers import CustomerBook, CustomersSource, read_customer_ids
+from bulkdisconnect.sources.customers import (
+    CustomerBook,
+    CustomersSource,
+    Holder,
+    read_customers,
+    read_holder_accounts,
+)
 from bulkdisconnect.store import open_store
 from tests.support import API_KEY, client_settings, no_wait, retrier
 
@@ -45,24 +51,29 @@ async def client(sandbox: SandboxThread, anyio_backend: str) -> AsyncIterator[St
 
 def source(
     client: StripeClient,
-    customers: Sequence[str],
+    customers: Sequence[str | Holder],
     *,
     rate: float = float("inf"),
     policy: RetryPolicy | None = None,
     book: CustomerBook | None = None,
 ) -> CustomersSource:
-    """A CustomersSource over `client` with no rate limit and no backoff unless told."""
+    """A CustomersSource over `client` (a bare ID: a customer of the run's own account) with no
+    rate limit and no backoff unless told."""
+    holders = [Holder.customer(c) if isinstance(c, str) else c for c in customers]
     return CustomersSource(
-        customers, client=client, retrier=retrier(policy or no_wait(), rate=rate), book=book
+        holders, client=client, retrier=retrier(policy or no_wait(), rate=rate), book=book
     )
 
 
-async def drain(src: CustomersSource, size: int = 1000) -> list[Sequence[str | Settled]]:
+Value = str | Owned | Settled
+
+
+async def drain(src: CustomersSource, size: int = 1000) -> list[Sequence[Value]]:
     """Every chunk the source yields."""
     return [chunk async for chunk in src.chunks(size)]
 
 
-def flat(chunks: list[Sequence[str | Settled]]) -> list[str | Settled]:
+def flat(chunks: list[Sequence[Value]]) -> list[Value]:
     """The chunks' values in order."""
     return [value for chunk in chunks for value in chunk]
 
@@ -257,11 +268,24 @@ async def test_malformed_customer_never_reaches_the_api(
     sandbox: SandboxThread, client: StripeClient
 ) -> None:
     """The client refuses a malformed customer ID, and so does the source, before any call."""
-    for bad in ["cus_", "cus_a/b", "cus_a?limit=1", "acct_1", " cus_a", "cus_é"]:
-        with pytest.raises(ValueError, match="invalid customer ID"):
+    for bad in ["cus_", "cus_a/b", "cus_a?limit=1", "acct_", " cus_a", "cus_é", "fca_1"]:
+        with pytest.raises(ValueError, match="invalid account holder"):
             await client.list_accounts(bad)
         with pytest.raises(InputError):
             source(client, [bad])
+    with pytest.raises(InputError, match="not a Stripe customer ID"):
+        source(client, ["acct_1"])  # a connected account is a holder of its own kind
+    with pytest.raises(ValueError, match="invalid Stripe-Account"):
+        await client.list_accounts("cus_a", stripe_account="acct_a/b")
+    bad_holders = [
+        Holder.customer("cus_a", "acct_a-b"),
+        Holder("acct_A", "acct_B", is_account=True),
+        Holder.account("acct_a-b"),
+        Holder.customer("acct_1"),
+    ]
+    for holder in bad_holders:
+        with pytest.raises(InputError):
+            source(client, [holder])
     with pytest.raises(ValueError, match="limit"):
         await client.list_accounts("cus_a", limit=101)
     assert sandbox.sandbox.journal_snapshot() == []
@@ -279,21 +303,79 @@ async def test_list_accounts_never_raises_for_io(sandbox: SandboxThread) -> None
     assert page.accounts == []
 
 
-def test_read_customer_ids(tmp_path: Path) -> None:
+def test_read_customers(tmp_path: Path) -> None:
     """Customer files skip blanks and comments, keep order and duplicates, and strip a BOM."""
     path = tmp_path / "customers.txt"
     path.write_text("\ufeffcus_a\n\n# a comment\n  cus_b  \ncus_a\n", encoding="utf-8")
-    assert read_customer_ids(path) == ["cus_a", "cus_b", "cus_a"]
+    assert read_customers(path) == [Holder("cus_a", ""), Holder("cus_b", ""), Holder("cus_a", "")]
 
 
-def test_read_customer_ids_names_the_bad_line(tmp_path: Path) -> None:
+def test_read_customers_names_the_bad_line(tmp_path: Path) -> None:
     """A malformed ID is an InputError naming the file and line; a missing file too."""
     path = tmp_path / "customers.txt"
     path.write_text("cus_a\n# ok\nfca_notacustomer\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"customers.txt, line 3: 'fca_notacustomer'"):
-        read_customer_ids(path)
+        read_customers(path)
     with pytest.raises(InputError, match="not found"):
-        read_customer_ids(tmp_path / "absent.txt")
+        read_customers(tmp_path / "absent.txt")
+
+
+def test_read_customers_csv_with_their_connected_accounts(tmp_path: Path) -> None:
+    """A CSV header names customer_id and stripe_account (any order, other columns ignored);
+    an empty stripe_account is the run's own account."""
+    path = tmp_path / "customers.csv"
+    path.write_text(
+        "email,stripe_account,customer_id\n"
+        "a@example.com,acct_1X,cus_a\n"
+        "# a comment\n"
+        "b@example.com,,cus_b\n"
+        '"c, the third",acct_2Y , cus_c\n',
+        encoding="utf-8",
+    )
+    assert read_customers(path) == [
+        Holder("cus_a", "acct_1X"),
+        Holder("cus_b", ""),
+        Holder("cus_c", "acct_2Y"),
+    ]
+    only = tmp_path / "only.csv"
+    only.write_text("customer_id\ncus_a\n", encoding="utf-8")
+    assert read_customers(only) == [Holder("cus_a", "")]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("customer_id,stripe_account\ncus_a,acct_a-b\n", r"line 2: 'acct_a-b' is not a Stripe acc"),
+        ("customer_id,stripe_account\ncus_a,cus_b\n", r"line 2: 'cus_b' is not a Stripe account"),
+        ("customer_id,stripe_account\nacct_1,\n", r"line 2: 'acct_1' is not a Stripe customer"),
+        ("customer_id,stripe_account\ncus_a\n", r"line 2: 1 cells where the header has 2"),
+        ("id,stripe_account\ncus_a,acct_1\n", r"line 1: a customers CSV needs a customer_id"),
+    ],
+)
+def test_read_customers_csv_names_the_bad_line(tmp_path: Path, text: str, message: str) -> None:
+    """A bad connected account, customer, row width or header is an InputError naming the line."""
+    path = tmp_path / "customers.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=message):
+        read_customers(path)
+
+
+def test_read_holder_accounts(tmp_path: Path) -> None:
+    """Holder files hold one acct_ ID a line (a stripe_account header skipped); each is listed
+    under its own header; a bad line or a missing file is an InputError naming it."""
+    path = tmp_path / "holders.txt"
+    path.write_text("stripe_account\nacct_1A\n\n# gone\n acct_2B \n", encoding="utf-8")
+    assert read_holder_accounts(path) == [
+        Holder.account("acct_1A"),
+        Holder.account("acct_2B"),
+    ]
+    path.write_text("acct_1A\ncus_a\n", encoding="utf-8")
+    with pytest.raises(
+        InputError, match=r"holders.txt, line 2: 'cus_a' is not a Stripe account ID"
+    ):
+        read_holder_accounts(path)
+    with pytest.raises(InputError, match="holder accounts file not found"):
+        read_holder_accounts(tmp_path / "absent.txt")
 
 
 # -- the sandbox's list route, over plain HTTP --------------------------------------------------

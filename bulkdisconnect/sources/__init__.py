@@ -2,7 +2,7 @@
 
     files.py      .txt / .csv / .jsonl, optionally .gz, or stdin
     sql.py        a query over SQLite or PostgreSQL
-    customers.py  the accounts of Stripe customers, listed through the API
+    customers.py  the accounts of Stripe customers and connected accounts, listed through the API
 
 A source only reads: it trims values and reports malformed rows, and leaves validating and
 deduplicating to the store's planning.
@@ -115,9 +115,19 @@ def open_run_source(
             from bulkdisconnect.sources.sql import open_sql_source
 
             return open_sql_source(db, query, params, column, account_column)
-        case CustomerList(ids, file):
-            from bulkdisconnect.sources.customers import CustomersSource, read_customer_ids
+        case CustomerList(ids, file, holder_ids, holders_file):
+            from bulkdisconnect.sources.customers import (
+                CustomersSource,
+                Holder,
+                read_customers,
+                read_holder_accounts,
+            )
 
-            assert client is not None, "a customers source needs the API key"
-            customers = [*ids, *(read_customer_ids(Path(file)) if file is not None else [])]
-            return CustomersSource(customers, client=client, retrier=retrier, book=book)
+            assert client is not None, "a customers or holders source needs the API key"
+            holders = [
+                *(Holder.customer(customer) for customer in ids),
+                *(read_customers(Path(file)) if file is not None else []),
+                *(Holder.account(account) for account in holder_ids),
+                *(read_holder_accounts(Path(holders_file)) if holders_file is not None else []),
+            ]
+            return CustomersSource(holders, client=client, retrier=retrier, book=book)
