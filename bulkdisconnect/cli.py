@@ -80,7 +80,7 @@ _PLAN_OPTIONS = [
         "--holder-account",
         multiple=True,
         metavar="acct_…",
-        help="Offboard this connected account: list and disconnect the accounts it holds.",
+        help="Offboard it: list and disconnect the accounts it holds.",
     ),
     click.option("--holder-accounts", metavar="FILE", help="Connected account IDs, one a line."),
     click.option("--column", metavar="NAME", help="CSV column / JSONL field / SQL column."),

@@ -18,7 +18,7 @@ from bulkdisconnect.errors import (
     UsageError,
     WrongModeError,
 )
-from bulkdisconnect.model import Outcome, Owned, Settled
+from bulkdisconnect.model import Outcome, Owned, RunStats, Settled
 from bulkdisconnect.retry import RetryPolicy
 from bulkdisconnect.sandbox import LIST_ROUTE, JournalEntry, SandboxThread, max_in_window
 from bulkdisconnect.sources.customers import (
@@ -464,3 +464,64 @@ async def test_listed_accounts_respect_the_account_knobs(
     assert values == ["fca_ka0", "fca_ka2", "fca_ka3", "fca_ka4"]
     sandbox.sandbox.configure(accounts=frozenset({"fca_ka3"}), missing=frozenset())
     assert flat(await drain(source(client, ["cus_k"]))) == ["fca_ka3"]
+
+
+# -- holders of connected accounts ---------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_connected_account_holders_come_out_owned_and_listed_under_their_header(
+    sandbox: SandboxThread, client: StripeClient
+) -> None:
+    """A connected account and a customer of another are each listed under their Stripe
+    account, and their accounts come out Owned (or Settled) under it; the run's own customer
+    stays a bare ID, listed without a header."""
+    sandbox.sandbox.configure(accounts_per_customer=2, disconnected_per_customer=1)
+    holders: list[str | Holder] = [
+        Holder.account("acct_H"),
+        Holder.customer("cus_c", "acct_X"),
+        "cus_own",
+    ]
+    src = source(client, holders)
+    assert src.description == "2 customers and 1 connected account"
+    assert source(client, [Holder.account("acct_H")]).description == "1 connected account"
+    done = Outcome.DISCONNECTED
+    assert flat(await drain(src)) == [
+        Settled("fca_Hh0", done, "acct_H"),
+        Owned("fca_Hh1", "acct_H"),
+        Settled("fca_ca0", done, "acct_X"),
+        Owned("fca_ca1", "acct_X"),
+        Settled("fca_owna0", done),
+        "fca_owna1",
+    ]
+    assert [(query(e), e.stripe_account) for e in list_calls(sandbox)] == [
+        ({"account_holder[account]": "acct_H", "limit": "100"}, "acct_H"),
+        ({"account_holder[customer]": "cus_c", "limit": "100"}, "acct_X"),
+        ({"account_holder[customer]": "cus_own", "limit": "100"}, None),
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_refused_connected_account_is_listed_no_further(
+    sandbox: SandboxThread, client: StripeClient
+) -> None:
+    """After a 403 account_invalid, the other holders of that Stripe account are skipped
+    without a call, it is reported refused, and only the others count as listed."""
+    sandbox.sandbox.configure(revoked_accounts=frozenset({"acct_Gone"}))
+    book = CustomerBook("job")
+    holders = [
+        Holder.customer("cus_a", "acct_Gone"),
+        Holder.account("acct_Gone"),
+        Holder.customer("cus_b", "acct_Gone"),
+        Holder.account("acct_Ok"),
+    ]
+    stats = RunStats()
+    src = CustomersSource(
+        holders, client=client, retrier=retrier(no_wait(), stats=stats), book=book
+    )
+    assert flat(await drain(src)) == [Owned(f"fca_Okh{i}", "acct_Ok") for i in range(3)]
+    assert [e.stripe_account for e in list_calls(sandbox)] == ["acct_Gone", "acct_Ok"]
+    assert book.handed_over == ["acct_Ok"]
+    refused = stats.refused
+    assert list(refused) == ["acct_Gone"]
+    assert refused["acct_Gone"].startswith("listing its accounts: account_invalid: ")
