@@ -17,8 +17,10 @@ from multidict import MultiMapping
 from bulkdisconnect.sandbox.wire import (
     DEFAULT_STRIPE_VERSION,
     EVENTS_ROUTE,
+    _account_json,
     _Answer,
     _error,
+    _holder_of,
     _limit,
     _list_body,
     _object_id,
@@ -49,14 +51,40 @@ _INTEGER = re.compile(r"-?[0-9]{1,12}")
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """One event of the log: what GET /v1/events filters on, and the event as JSON."""
+    """One event of the log: what GET /v1/events filters on and what its JSON is made of (kept
+    as fields, rendered when listed or sent: a million events stay a few hundred MB)."""
 
     id: str
     type: str
     created: int  # unix time, as in the event
     visible_at: float  # the sandbox's clock from which GET /v1/events lists it
     account_id: str  # data.object.id
-    body: str
+    status: str  # data.object.status: the account as the change left it
+    livemode: bool
+    stripe_account: str  # "" = the platform's own event
+    request_id: str | None
+    idempotency_key: str | None
+    pending_webhooks: int
+
+    @property
+    def body(self) -> str:
+        """The event as JSON, the same each time."""
+        return event_json(
+            event_id=self.id,
+            kind=self.type,
+            created=self.created,
+            account_json=_account_json(
+                self.account_id,
+                livemode=self.livemode,
+                status=self.status,
+                holder=_holder_of(self.account_id),
+            ),
+            livemode=self.livemode,
+            request_id=self.request_id,
+            idempotency_key=self.idempotency_key,
+            stripe_account=self.stripe_account,
+            pending_webhooks=self.pending_webhooks,
+        )
 
 
 def event_json(
@@ -111,7 +139,7 @@ class EventLog:
         created: int,
         visible_at: float,
         account_id: str,
-        account_json: str,
+        status: str,
         request_id: str | None,
         idempotency_key: str | None,
         pending_webhooks: int,
@@ -120,20 +148,20 @@ class EventLog:
         stream = self._streams.setdefault((mode, stripe_account), _Stream())
         if stream.created:  # a clock that stepped back must not unsort the list
             created = max(created, stream.created[-1])
-        event_id = _object_id("evt_", 24)
-        body = event_json(
-            event_id=event_id,
-            kind=kind,
+        event = StoredEvent(
+            id=_object_id("evt_", 24),
+            type=kind,
             created=created,
-            account_json=account_json,
+            visible_at=visible_at,
+            account_id=account_id,
+            status=status,
             livemode=mode == "live",
+            stripe_account=stripe_account,
             request_id=request_id,
             idempotency_key=idempotency_key,
-            stripe_account=stripe_account,
             pending_webhooks=pending_webhooks,
         )
-        event = StoredEvent(event_id, kind, created, visible_at, account_id, body)
-        stream.index[event_id] = len(stream.events)
+        stream.index[event.id] = len(stream.events)
         stream.events.append(event)
         stream.created.append(created)
         return event

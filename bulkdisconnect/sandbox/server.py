@@ -380,15 +380,15 @@ class Sandbox:
         body = self.accounts.account_json(account, config, status="disconnected")
         if changed:  # Stripe emits an event when the status changes
             emit = functools.partial(self._emit, account=account, owner=owner, config=config)
-            emit(DISCONNECTED, body, note=note, key=key)
+            emit(DISCONNECTED, "disconnected", note=note, key=key)
             if reactivated:
-                emit(REACTIVATED, self.accounts.account_json(account, config), note=note, key=None)
+                emit(REACTIVATED, "active", note=note, key=None)
         return _SAVED_500 if note.fault == "p500_saved" else _Answer(200, body.encode())
 
     def _emit(
         self,
         kind: str,
-        account_json: str,
+        status: str,
         *,
         account: str,
         owner: str,
@@ -412,7 +412,7 @@ class Sandbox:
             created=int(self._epoch + now),
             visible_at=now + (config.event_delay_seconds if late else 0.0),
             account_id=account,
-            account_json=account_json,
+            status=status,
             request_id=note.request_id if kind == DISCONNECTED else None,
             idempotency_key=key,
             pending_webhooks=1 if webhook else 0,
