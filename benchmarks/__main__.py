@@ -27,6 +27,7 @@ from benchmarks.harness import (
     fresh_state,
     ids_file,
     machine,
+    owned_file,
     postgres_available,
     postgres_state,
     sandbox,
@@ -440,6 +441,129 @@ def shared_cap(box: Sandbox, quick: bool) -> list[str]:
     ]
 
 
+def platforms(box: Sandbox, quick: bool) -> list[str]:
+    """A Connect platform's job: connected accounts each limited to 25/s at the server, the
+    input sorted by account (the worst order for head-of-line blocking); then one of them
+    limited to 5/s; then the same job shared by `run --join` workers."""
+    accounts, rows, limit = (10, 100, 25) if quick else (40, 200, 25)
+    data, ideal, aggregate = owned_file(accounts, rows), rows / limit, accounts * limit
+    lines = [
+        (
+            f"{accounts} connected accounts x {rows} IDs, sorted by account; the sandbox limits "
+            f"each Stripe account to {limit}/s (sliding window), `--rate {limit}` (per account). "
+            f"Ideal: {ideal:.0f} s, {aggregate:,} requests/s in all."
+        ),
+        "",
+    ]
+    startup = bulkdisconnect("--input", str(ids_file(1)), url=box.url, state=fresh_state("one"))
+    box.reset(rate_limit=limit)
+    many = _platform_run(box, data, limit)
+    by_account = box.arrivals_by_account()
+    arrivals = sorted(a for per in by_account.values() for a in per)
+    elapsed = arrivals[-1][0] - arrivals[0][0]
+    window = max(max_in_window([at for at, _ in per]) for per in by_account.values())
+    lines.append(
+        f"- Many accounts: {steady_rate(arrivals):,.0f} requests/s = "
+        f"**{steady_rate(arrivals) / aggregate:.3f} x {aggregate:,}/s** (target ≥ 0.90); "
+        f"done in {elapsed:.1f} s = **{elapsed / ideal:.3f} x ideal** (target ≤ 1.10); busiest "
+        f"second of one account at the server **{window}** (target ≤ {limit}); "
+        f"429s {sum(1 for _, status in arrivals if status == 429)}."
+    )
+    slow = "acct_bench0000"
+    box.reset(rate_limit=limit, rate_limits={slow: 5})
+    _platform_run(box, data, limit)
+    by_account = box.arrivals_by_account()
+    start = min(per[0][0] for per in by_account.values())
+    others = max(per[-1][0] for account, per in by_account.items() if account != slow) - start
+    slow_429 = sum(1 for _, status in by_account[slow] if status == 429) / len(by_account[slow])
+    lines.append(
+        f"- One slow account (5/s at the server): the other {accounts - 1} done in "
+        f"{others:.1f} s = **{others / ideal:.3f} x their ideal** (target ≤ 1.10); the slow "
+        f"one's 429 share **{slow_429:.1%}** (target < 10 %), done in "
+        f"{by_account[slow][-1][0] - start:.1f} s (ideal {rows / 5:.0f} s)."
+    )
+    lines += ["", *_cpu_rows(box, quick, startup, many, accounts * rows)]
+    lines += ["", *_platform_workers(box, data, limit, ideal)]
+    return lines
+
+
+def _platform_run(box: Sandbox, data: Path, limit: int) -> Timed:
+    result = bulkdisconnect(
+        "--input",
+        str(data),
+        "--rate",
+        str(limit),
+        "--max-attempts",
+        "20",
+        url=box.url,
+        state=fresh_state("platforms"),
+    )
+    assert result.returncode == 0, result
+    return result
+
+
+def _cpu_rows(box: Sandbox, quick: bool, startup: Timed, many: Timed, requests: int) -> list[str]:
+    """CPU-seconds per 1,000 disconnects, start-up (a run of one ID) set aside."""
+    count = 1_000 if quick else 3_000
+    box.reset(latency_ms=150)
+    paced = bulkdisconnect(
+        "--input", str(ids_file(count)), "--rate", "100", url=box.url, state=fresh_state("cpu")
+    )
+    assert paced.returncode == 0, paced
+
+    def per_1000(run: Timed, calls: int) -> float:
+        return (run.cpu_seconds - startup.cpu_seconds) / calls * 1000
+
+    return [
+        (
+            f"CPU of the `bulkdisconnect run` process per 1,000 disconnects, start-up (a run of "
+            f"one ID: {startup.cpu_seconds:.2f} CPU-s) set aside (target ≤ 0.4 for both):"
+        ),
+        "",
+        "| run | CPU-s | CPU-s per 1,000 disconnects |",
+        "| --- | ---: | ---: |",
+        (
+            f"| {count:,} IDs, `--rate 100`, latency 150 ms | {paced.cpu_seconds:.2f} "
+            f"| **{per_1000(paced, count):.2f}** |"
+        ),
+        (
+            f"| the many-accounts job ({requests:,} IDs) | {many.cpu_seconds:.2f} "
+            f"| **{per_1000(many, requests):.2f}** |"
+        ),
+    ]
+
+
+def _platform_workers(box: Sandbox, data: Path, limit: int, ideal: float) -> list[str]:
+    """The many-accounts job shared by 1, 2 and 4 `run --join` workers (PostgreSQL)."""
+    if not postgres_available():
+        return [f"Workers: skipped, no PostgreSQL at {PG_URL}."]
+    lines = [
+        (
+            "The same job shared by `run --join` workers (PostgreSQL), each taking 1/N of each "
+            "account's budget:"
+        ),
+        "",
+        "| workers | done in | x ideal | busiest second of one account (≤ 25) | 429s |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n in (1, 2, 4):
+        box.reset(rate_limit=limit)
+        with postgres_state("platforms") as state:
+            results = bulkdisconnect_workers(
+                n, "--input", str(data), "--rate", str(limit), url=box.url, state=state
+            )
+        assert all(r.returncode == 0 for r in results), results
+        by_account = box.arrivals_by_account()
+        arrivals = sorted(a for per in by_account.values() for a in per)
+        elapsed = arrivals[-1][0] - arrivals[0][0]
+        window = max(max_in_window([at for at, _ in per]) for per in by_account.values())
+        rejected = sum(1 for _, status in arrivals if status == 429)
+        lines.append(
+            f"| {n} | {elapsed:.1f} s | {elapsed / ideal:.2f} | **{window}** | {rejected} |"
+        )
+    return lines
+
+
 # Profiling history, kept by hand and appended to every RESULTS.md.
 PROFILE_NOTES = Path(__file__).parent / "PROFILE.md"
 
@@ -453,6 +577,7 @@ SECTIONS: dict[str, tuple[str, Section]] = {
     "report": ("6. Audit export", report),
     "workers": ("7. Workers sharing a job (PostgreSQL)", workers),
     "hangs": ("8. Hung requests", hangs),
+    "platforms": ("9. Platforms: many connected accounts", platforms),
 }
 MEMORY_STATE: dict[int, Path] = {}
 

@@ -50,12 +50,26 @@ class Sandbox:
             "latency_ms": 0.0,
             "jitter_ms": 0.0,
             "rate_limit": None,
+            "rate_limits": {},
             "p500": 0.0,
             "p429": 0.0,
             "p_hang": 0.0,
             "hang_seconds": 3600.0,
         }
         self.control("config", {**defaults, **knobs})
+
+    def arrivals_by_account(self) -> dict[str, list[tuple[float, int]]]:
+        """(arrival time, status) of every disconnect since the last reset, per Stripe-Account
+        header ('' without one), in arrival order."""
+        journal = self.control("journal")
+        assert isinstance(journal, list)
+        by_account: dict[str, list[tuple[float, int]]] = {}
+        for entry in sorted(journal, key=lambda entry: entry["at"]):
+            if entry["account_id"]:
+                by_account.setdefault(entry["stripe_account"] or "", []).append(
+                    (entry["at"], entry["status"])
+                )
+        return by_account
 
     def arrivals(self) -> list[tuple[float, int]]:
         """(arrival time, status) of every request since the last reset, in arrival order."""
@@ -99,6 +113,22 @@ def sandbox() -> Iterator[Sandbox]:
             process.communicate()
 
 
+def owned_file(accounts: int, per_account: int) -> Path:
+    """A .csv input of `accounts` connected accounts x `per_account` IDs, sorted by account
+    (the worst order for head-of-line blocking)."""
+    WORK.mkdir(exist_ok=True)
+    path = WORK / f"owned-{accounts}x{per_account}.csv"
+    if not path.exists():
+        with path.open("w") as out:
+            out.write("stripe_account,account_id\n")
+            out.writelines(
+                f"acct_bench{a:04d},fca_bench{a:04d}x{n:06d}\n"
+                for a in range(accounts)
+                for n in range(per_account)
+            )
+    return path
+
+
 def ids_file(count: int, *, name: str | None = None) -> Path:
     """A .txt input of `count` distinct IDs (cached in the work folder)."""
     WORK.mkdir(exist_ok=True)
@@ -117,6 +147,7 @@ class Timed:
     peak_rss_mb: float
     returncode: int
     stdout: str
+    cpu_seconds: float = 0.0  # user + system time of the child
 
 
 def timed(
@@ -138,7 +169,7 @@ def timed(
     peak_kb = 0
     while True:
         peak_kb = max(peak_kb, _high_water_kb(process.pid))
-        pid, status = os.waitpid(process.pid, os.WNOHANG)
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
         if deadline is not None and time.monotonic() >= deadline:
@@ -154,6 +185,7 @@ def timed(
         peak_rss_mb=peak_kb / 1024,
         returncode=process.returncode,
         stdout=stdout,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
     )
 
 

@@ -50,7 +50,9 @@ from bulkdisconnect.writer import ResultWriter
 
 log = structlog.get_logger("bulkdisconnect")
 
-JOIN_PAGE_SIZE = 100  # workers sharing a job end together better with smaller pages in hand
+# Workers sharing a job end together better with smaller pages in hand.
+JOIN_PAGE_SIZE = 100
+JOIN_PAGE_SECONDS = 2.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -354,6 +356,7 @@ async def _work(run: _Run, run_id: str) -> int:
         settings=PoolSettings(
             concurrency=config.concurrency,
             page_size=JOIN_PAGE_SIZE if config.join else PoolSettings.page_size,
+            page_seconds=JOIN_PAGE_SECONDS if config.join else PoolSettings.page_seconds,
             breaker=breaker,
         ),
         stats=stats,

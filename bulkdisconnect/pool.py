@@ -39,10 +39,11 @@ from bulkdisconnect.writer import ResultWriter
 
 log = structlog.get_logger("bulkdisconnect")
 
-# A lane claims about this many seconds of its account's budget at a time (at least
-# MIN_PAGE, at most the page size): forty accounts at 25/s hold 5,000 accounts, not 20,000.
-PAGE_SECONDS = 5.0
+# A lane claims a few seconds of its account's budget (this worker's share of it) at a time,
+# at least MIN_PAGE and at most the page size: forty accounts at 25/s hold 5,000 accounts,
+# not 20,000, and `--join` workers (2 s) leave each other work rather than hold it all.
 MIN_PAGE = 10
+CLAIMS_AT_ONCE = 2
 
 
 class ClaimStore(Protocol):
@@ -80,6 +81,7 @@ class PoolSettings:
 
     concurrency: int | None  # None: adapt to the observed latency (Little's law)
     page_size: int = 500
+    page_seconds: float = 5.0
     # How often to look again while other workers of the job hold all that is left.
     poll_interval: float = 0.5
     breaker: BreakerSettings = field(
@@ -263,13 +265,21 @@ class Lane:
 
     budget: Budget
     breaker: FailureBreaker
-    page_size: int
+    settings: PoolSettings
     queue: deque[str] = field(default_factory=deque)
     exhausted: bool = False  # its last claim found nothing
     refilled: anyio.Event | None = None  # set when the claim under way is done
     entry: int = -1  # its live entry in the turn heap (-1: not listed)
     paused: bool = False  # its breaker tripped: what is left stays pending
     refusal: ItemResult | None = None  # the answer that refused it (account_invalid)
+
+    @property
+    def page_size(self) -> int:
+        """Accounts to claim at a time: a few seconds' worth at this worker's share."""
+        rate, page = self.budget.limiter.rate, self.settings.page_size
+        if math.isinf(rate):
+            return page
+        return max(MIN_PAGE, min(page, math.ceil(rate * self.settings.page_seconds)))
 
     @property
     def closed(self) -> bool:
@@ -302,6 +312,11 @@ class Lanes:
     _waiters: deque[anyio.Event] = field(default_factory=deque, init=False)
     _changed: anyio.Event = field(default_factory=anyio.Event, init=False)
     _polling: bool = field(default=False, init=False)
+    # Claims under way at once: each holds a store connection (PostgreSQL's pool is small,
+    # and the heartbeat must not wait behind forty lanes' claims).
+    _claiming: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(CLAIMS_AT_ONCE), init=False
+    )
     _finished: bool = field(default=False, init=False)
 
     @property
@@ -327,43 +342,25 @@ class Lanes:
 
     def _lane(self, stripe_account: str) -> Lane:
         budget = self.meters.budget(stripe_account)
-        rate = budget.limiter.cap
-        page = self.settings.page_size
-        if not math.isinf(rate):
-            page = max(MIN_PAGE, min(page, math.ceil(rate * PAGE_SECONDS)))
-        return Lane(budget, FailureBreaker(self.settings.breaker), page)
+        return Lane(budget, FailureBreaker(self.settings.breaker), self.settings)
 
     def take(self) -> tuple[Lane, str, Ticket] | None:
         """The next account and its admitted ticket if one may go now, without waiting."""
-        if self._waiters:  # first come, first served
+        if self._waiters or self._ready() is None:  # first come, first served
             return None
         ticket = self.meters.slot_now()
         if ticket is None:
             return None
-        turn = self._pick()
-        if turn is None:
-            self.meters.give_back(ticket)
-            return None
-        self.meters.sent(ticket, turn[0].budget)
-        return turn[0], turn[1], ticket
+        return self._taken(ticket)
 
     async def next(self) -> tuple[Lane, str, Ticket] | None:
         """The next account to work, with its lane and its admitted ticket (an in-flight
-        slot and its account's turn); None when none is pending or the run stops."""
-        ticket = await self.meters.slot()
-        if ticket is None:
-            return None
-        turn = None if self._waiters else self._pick()
-        if turn is None:
-            turn = await self._wait_for_turn()
-        if turn is None:
-            self.meters.give_back(ticket)
-            return None
-        self.meters.sent(ticket, turn[0].budget)
-        return turn[0], turn[1], ticket
+        slot and its account's turn); None when none is pending or the run stops.
 
-    async def _wait_for_turn(self) -> tuple[Lane, str] | None:
-        """Queue for the next turn; the head of the queue sleeps until it comes."""
+        Workers queue for turns first come, first served; only the head of the queue waits,
+        and it takes an in-flight slot only once a lane may send: a worker waiting for a
+        turn holds no slot that a request could use.
+        """
         mine = anyio.Event()
         self._waiters.append(mine)
         if len(self._waiters) == 1:
@@ -374,9 +371,15 @@ class Lanes:
                 while True:
                     if self._changed.is_set():
                         self._changed = anyio.Event()
-                    turn = self._pick()
-                    if turn is not None or self._done():
-                        return turn
+                    if self._ready() is not None:
+                        ticket = await self.meters.slot()
+                        if ticket is None:
+                            return None
+                        if (turn := self._taken(ticket)) is not None:
+                            return turn
+                        continue
+                    if self._done():
+                        return None
                     with anyio.move_on_after(self._due_in()):
                         await self._changed.wait()
             return None
@@ -385,8 +388,31 @@ class Lanes:
             if self._waiters:
                 self._waiters[0].set()
 
+    def _taken(self, ticket: Ticket) -> tuple[Lane, str, Ticket] | None:
+        """The turn `_pick` takes, sent under `ticket`; else None, the slot given back."""
+        turn = self._pick()
+        if turn is None:
+            self.meters.give_back(ticket)
+            return None
+        self.meters.sent(ticket, turn[0].budget)
+        return turn[0], turn[1], ticket
+
+    def _ready(self) -> Lane | None:
+        """The lane that may send now, if any, without taking its turn."""
+        return self._first(take=False)
+
     def _pick(self) -> tuple[Lane, str] | None:
         """Take the turn of the lane that may send first, if it may send now."""
+        lane = self._first(take=True)
+        if lane is None:
+            return None
+        account_id = lane.queue.popleft()
+        if len(lane.queue) <= lane.page_size // 2 and not lane.exhausted:
+            self._refill(lane)
+        return lane, account_id
+
+    def _first(self, *, take: bool) -> Lane | None:
+        """The lane that may send first, if it may send now (its turn taken, with `take`)."""
         heap, now, total = self._heap, self.clock(), self.meters.total
         while heap:
             due, entry, lane = heap[0]
@@ -406,18 +432,17 @@ class Lanes:
                 continue
             if total is not None and total.ready_in() > 0:
                 return None
+            if not take:
+                return lane
             if not budget.try_take(now) or (total is not None and not total.try_acquire()):
                 self._list(lane, now + 0.001, replace=True)  # not after all: look again soon
                 continue
-            account_id = lane.queue.popleft()
-            if lane.queue:
+            if len(lane.queue) > 1:
                 self._list(lane, now + budget.ready_in(now), replace=True)
             else:
                 heapq.heappop(heap)
                 lane.entry = -1
-            if len(lane.queue) <= lane.page_size // 2 and not lane.exhausted:
-                self._refill(lane)
-            return lane, account_id
+            return lane
         return None
 
     def _list(self, lane: Lane, due: float, *, replace: bool = False) -> None:
@@ -465,12 +490,13 @@ class Lanes:
 
     async def _claim_page(self, lane: Lane, done: anyio.Event) -> None:
         try:
-            page = await self.store.claim(
-                self.job,
-                self.run_id,
-                limit=lane.page_size,
-                stripe_account=lane.budget.stripe_account,
-            )
+            async with self._claiming:
+                page = await self.store.claim(
+                    self.job,
+                    self.run_id,
+                    limit=lane.page_size,
+                    stripe_account=lane.budget.stripe_account,
+                )
             if not page:
                 lane.exhausted = True
                 return

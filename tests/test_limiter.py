@@ -155,18 +155,31 @@ async def test_a_cancelled_waiter_passes_its_turn_on() -> None:
 
 
 def test_shared_limiter_runs_at_its_share_without_a_burst() -> None:
-    """share(n) gives 1/n of the cap (2 % less), with no burst even after a lower share."""
+    """share(n) gives 1/n of the cap (2 % less, a whole number, less one for each worker's
+    jitter), with no burst even after a lower share."""
     clock = FakeClock()
     limiter = RateLimiter(200, clock=clock)
     admitted_by_polling(limiter, clock, 0.3)  # at the whole cap first: the bucket fills
     limiter.share(4)
-    assert limiter.rate == pytest.approx(200 / 4 * 0.98)
+    assert limiter.rate == 48  # floor(200 / 4 x 0.98) - 1
     times = admitted_by_polling(limiter, clock, 1.0)
-    assert len(times) <= 49  # none of the old share's credit, and the share's own bucket
-    assert len(times) >= 46
+    assert len(times) <= 48  # none of the old share's credit, and the share's own bucket
+    assert len(times) >= 45
     limiter.share(1)
     assert limiter.rate == 200
     assert len(admitted_by_polling(limiter, clock, 0.25)) >= 45  # back to the whole cap
+
+
+def test_small_shares_leave_room_for_each_workers_jitter() -> None:
+    """Four workers sharing 25/s run at 5/s each: 20 in all, so that one more request from
+    each (timing jitter on a busy machine) still keeps a second at the server under 25."""
+    clock = FakeClock()
+    limiter = RateLimiter(25, clock=clock)
+    limiter.share(4)
+    assert limiter.rate == 5
+    assert max_in_window(admitted_by_polling(limiter, clock, 3.0)) == 5
+    limiter.share(30)  # under one a second each: the fraction itself
+    assert limiter.rate == pytest.approx(25 / 30 * 0.98)
 
 
 def test_concurrency_follows_rate_times_latency() -> None:
