@@ -135,6 +135,12 @@ DEFAULT_KNOBS: dict[str, object] = {
     "disconnected_per_customer": 0,
     "webhook_url": None,
     "webhook_secret": None,
+    "p500_saved": 0.0,
+    "inactive": frozenset(),
+    "event_delay_seconds": 0.0,
+    "event_delay_share": 1.0,
+    "event_drop_share": 0.0,
+    "reactivate_share": 0.0,
 }
 
 
