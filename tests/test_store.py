@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bulkdisconnect.errors import InputError, LockHeldError, UsageError
-from bulkdisconnect.model import ItemResult, Outcome, is_valid_account_id
+from bulkdisconnect.model import ItemResult, Outcome, Owned, is_valid_account_id
 from bulkdisconnect.planning import plan_input
 from bulkdisconnect.store import (
     Beat,
@@ -61,7 +61,7 @@ async def _opened(location: str) -> AsyncIterator[SqlStore]:
         await opened.aclose()
 
 
-async def chunks(*parts: Sequence[str]) -> AsyncIterator[Sequence[str]]:
+async def chunks(*parts: Sequence[str | Owned]) -> AsyncIterator[Sequence[str | Owned]]:
     """Feed values to `plan` in the given chunks."""
     for part in parts:
         yield part
@@ -128,6 +128,25 @@ async def age(location: str, owner: str, seconds: float) -> None:
     else:
         with contextlib.closing(sqlite3.connect(location)) as db, db:
             db.execute(sql.format("?", "?", "?"), (seconds, seconds, owner))
+
+
+async def raw_sql(location: str, sql: str) -> list[tuple[Any, ...]]:
+    """Run `sql` (statements separated by ';', no parameters) straight on the store's
+    database; the rows of the last one."""
+    statements = [s.strip() for s in sql.split(";") if s.strip()]
+    if location.startswith("postgresql://"):
+        url, _, schema = location.partition("?schema=")
+        conn = await asyncpg.connect(url, server_settings={"search_path": schema})
+        try:
+            for statement in statements[:-1]:
+                await conn.execute(statement)
+            return [tuple(row) for row in await conn.fetch(statements[-1])]
+        finally:
+            await conn.close()
+    with contextlib.closing(sqlite3.connect(location)) as db, db:
+        for statement in statements[:-1]:
+            db.execute(statement)
+        return db.execute(statements[-1]).fetchall()
 
 
 def ids(count: int, prefix: str = "a") -> list[str]:
@@ -696,6 +715,58 @@ async def test_forget_refuses_while_a_run_holds_the_job(store: SqlStore) -> None
 
 
 @pytest.mark.anyio
+async def test_samples_come_back_per_job_oldest_first(store: SqlStore) -> None:
+    """A run's samples are kept once per (run, moment) and read back per job in time order,
+    every run of the job together."""
+    await store.record_sample(
+        JOB, "r2", at=30.5, requests=9, rate_limited=1, disconnected=7, target_rate=18.5
+    )
+    for at, requests in ((10.0, 2), (20.25, 5)):
+        await store.record_sample(
+            JOB, "r1", at=at, requests=requests, rate_limited=0, disconnected=requests,
+            target_rate=20.0,
+        )  # fmt: skip
+    # Written again (a lost reply): kept once, as first written.
+    await store.record_sample(
+        JOB, "r1", at=10.0, requests=99, rate_limited=0, disconnected=0, target_rate=1.0
+    )
+    await store.record_sample(
+        "other", "r3", at=15.0, requests=1, rate_limited=0, disconnected=1, target_rate=5.0
+    )
+    assert await store.samples(JOB) == [
+        ("r1", 10.0, 2, 0, 2, 20.0),
+        ("r1", 20.25, 5, 0, 5, 20.0),
+        ("r2", 30.5, 9, 1, 7, 18.5),
+    ]
+    assert await store.samples("nobody") == []
+
+
+@pytest.mark.anyio
+async def test_forget_deletes_the_jobs_samples_and_check_progress(
+    store: SqlStore, location: str
+) -> None:
+    """forget deletes the job's samples, reconcile progress and verify passes too; another
+    job's stay."""
+    await plan(store, ids(2))
+    for job in (JOB, "other"):
+        await store.record_sample(
+            job, f"run-{job}", at=1.0, requests=1, rate_limited=0, disconnected=1, target_rate=1.0
+        )
+    await raw_sql(
+        location,
+        "INSERT INTO reconciled (job, stripe_account, created_upto, at) VALUES "
+        "('purge', '', 5, 1.0), ('other', '', 6, 1.0); "
+        "INSERT INTO verify_passes (job, pass_id, selection, started_at) VALUES "
+        "('purge', 'p1', 'all', 1.0), ('other', 'p2', 'all', 1.0)",
+    )
+    await store.forget(JOB, "forget-1")
+    assert await store.samples(JOB) == []
+    assert [row[0] for row in await store.samples("other")] == ["run-other"]
+    for table in ("reconciled", "verify_passes"):
+        assert await raw_sql(location, f"SELECT job FROM {table}") == [("other",)]  # noqa: S608
+
+
+@pytest.mark.anyio
 async def test_jobs_finished_before_a_date(store: SqlStore, location: str) -> None:
     """Finished is a last run that ended 0 or 1; a job to resume (3) is not finished."""
     for job, code in (("done", 0), ("some-failed", 1), ("interrupted", 3), ("recent", 0)):
@@ -905,9 +976,90 @@ async def test_a_store_of_the_first_layout_is_migrated_and_resumes(tmp_path: Pat
     finally:
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("SELECT value FROM meta").fetchall() == [("4",)]
+        assert db.execute("SELECT value FROM meta").fetchall() == [("5",)]
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         assert "locks_v1" not in tables
+
+
+# What layout 5 added, taken away again: a store as the previous version left it.
+DOWNGRADE_TO_LAYOUT_4 = """
+ALTER TABLE accounts DROP COLUMN verified_at; ALTER TABLE accounts DROP COLUMN verified_status;
+ALTER TABLE accounts DROP COLUMN verified_pass; DROP TABLE reconciled; DROP TABLE verify_passes;
+DROP TABLE samples; UPDATE meta SET value = '4'; SELECT value FROM meta
+"""
+
+
+async def layout_4_store(location: str) -> list[str]:
+    """A store of layout 4 at `location` holding a job half done (one disconnected and
+    confirmed, one pending, one invalid, one of a connected account); its accounts."""
+    accounts = ["fca_a1", "fca_a2", "fca_a3"]
+    async for store in _opened(location):
+        await plan_input(
+            store,
+            JOB,
+            chunks([*accounts[:2], "junk", Owned(accounts[2], "acct_1X")]),
+            retry_failed=False,
+        )
+        await settle(store, "r1", [result("fca_a1", Outcome.DISCONNECTED)])
+        await store.confirm(JOB, "fca_a1", event_id="evt_1", confirmed_at=5.0)
+        await store.start_run(JOB, "r1")
+    assert await raw_sql(location, DOWNGRADE_TO_LAYOUT_4) == [("4",)]
+    return accounts
+
+
+@pytest.mark.anyio
+async def test_a_store_of_layout_4_is_migrated_to_5(location: str) -> None:
+    """A store the previous version left opens as layout 5: its accounts, outcomes,
+    confirmations and runs as they were, in input order, nothing read back yet; the new
+    tables take samples; a rerun resumes the pending account."""
+    accounts = await layout_4_store(location)
+    async for store in _opened(location):
+        rows = await all_rows(store)
+        assert [(r.stripe_account, r.account_id, r.outcome, r.event_id) for r in rows] == [
+            ("", "fca_a1", "disconnected", "evt_1"),
+            ("", "fca_a2", None, None),
+            ("", "junk", "invalid_id", None),
+            ("acct_1X", "fca_a3", None, None),
+        ]
+        assert {(r.verified_at, r.verified_status) for r in rows} == {(None, None)}
+        assert await store.confirmed_count(JOB) == 1
+        run = await store.last_run(JOB)
+        assert run is not None
+        assert run.run_id == "r1"
+        await store.record_sample(
+            JOB, "r2", at=1.0, requests=1, rate_limited=0, disconnected=1, target_rate=2.0
+        )
+        assert await store.samples(JOB) == [("r2", 1.0, 1, 0, 1, 2.0)]
+        assert await claim_all(store, "r2") == ["fca_a2"]
+        assert accounts[2] not in await claim_all(store, "r2")
+    assert await raw_sql(location, "SELECT value FROM meta") == [("5",)]
+    columns = await raw_sql(
+        location, "SELECT verified_at, verified_status, verified_pass FROM accounts"
+    )
+    assert set(columns) == {(None, None, None)}
+
+
+@pytest.mark.anyio
+async def test_status_and_report_read_a_layout_4_store_without_migrating_it(
+    location: str,
+) -> None:
+    """Opened read-only, a store of layout 4 reads as one where nothing was read back yet,
+    and stays at layout 4; layout 3 (no connected account per row) is refused, saying how."""
+    await layout_4_store(location)
+    reader = await open_store(location, read_only=True)
+    try:
+        rows = await all_rows(reader)
+        assert [(r.account_id, r.verified_at, r.verified_status) for r in rows][:2] == [
+            ("fca_a1", None, None),
+            ("fca_a2", None, None),
+        ]
+        assert await reader.samples(JOB) == []
+    finally:
+        await reader.aclose()
+    assert await raw_sql(location, "SELECT value FROM meta") == [("4",)]
+    await raw_sql(location, "UPDATE meta SET value = '3'; SELECT 1")
+    with pytest.raises(UsageError, match="has layout 3: a run of this bulkdisconnect migrates"):
+        await open_store(location, read_only=True)
 
 
 # -- PostgreSQL: workers sharing a job (run --join) ---------------------------------------------

@@ -50,6 +50,8 @@ class ReportRow:
     updated_at: float | None
     confirmed_at: float | None  # when the financial_connections.account.disconnected event came
     event_id: str | None  # that event's ID
+    verified_at: float | None = None  # when `verify` last read the account back
+    verified_status: str | None = None  # what Stripe said then: active, inactive, disconnected
 
 
 class Confirmation(enum.Enum):

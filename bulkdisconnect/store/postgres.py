@@ -55,6 +55,7 @@ CREATE INDEX IF NOT EXISTS accounts_pending_lane ON accounts (job, stripe_accoun
 # Layout 1 had a view of the live holders; the statements now say what "live" is themselves.
 # Layout 3 keys events by (job, event) and numbers each account's claims.
 # Layout 4 keys accounts by (job, connected account, account); the job's own rows are ''.
+# Layout 5 adds what `verify` read back; its new tables come with the schema.
 MIGRATIONS = {
     1: ("", "DROP VIEW IF EXISTS live_locks"),
     2: (
@@ -70,6 +71,14 @@ MIGRATIONS = {
             "DEFAULT '', DROP CONSTRAINT IF EXISTS accounts_job_account_id_key, "
             "ADD UNIQUE (job, stripe_account, account_id); "
             "DROP INDEX IF EXISTS accounts_pending"
+        ),
+        "",
+    ),
+    4: (
+        (
+            "ALTER TABLE accounts ADD COLUMN IF NOT EXISTS verified_at DOUBLE PRECISION, "
+            "ADD COLUMN IF NOT EXISTS verified_status TEXT, "
+            "ADD COLUMN IF NOT EXISTS verified_pass TEXT"
         ),
         "",
     ),

@@ -51,10 +51,20 @@ _V3_COLUMNS = (
     "job, account_id, outcome, attempts, http_status, error_code, error_message, request_id, "
     "first_attempt_at, updated_at, run_id, claim_gen, confirmed_at, event_id"
 )
+# The accounts table of layout 4, as step 3 leaves it (the schema is always the newest).
+_V4_ACCOUNTS = (
+    "CREATE TABLE accounts (job TEXT NOT NULL, stripe_account TEXT NOT NULL DEFAULT '', "
+    "account_id TEXT NOT NULL, outcome TEXT, attempts INTEGER NOT NULL DEFAULT 0, "
+    "http_status INTEGER, error_code TEXT, error_message TEXT, request_id TEXT, "
+    "first_attempt_at REAL, updated_at REAL, run_id TEXT, "
+    "claim_gen INTEGER NOT NULL DEFAULT 0, confirmed_at REAL, event_id TEXT, "
+    "UNIQUE (job, stripe_account, account_id))"
+)
 # Layout 1 held one lock row per job; layout 2 has a row per holder, as PostgreSQL's.
 # Layout 3 keys events by (job, event) and numbers each account's claims. Layout 4 keys
 # accounts by (job, connected account, account): the table is rebuilt, rowids (the input
-# order) kept.
+# order) kept, into layout 4's own definition so that step 4 finds it whatever it came from.
+# Layout 5 adds what `verify` read back; its new tables come with the schema.
 MIGRATIONS = {
     1: (
         "ALTER TABLE locks RENAME TO locks_v1",
@@ -75,11 +85,20 @@ MIGRATIONS = {
         ),
     ),
     3: (
-        "ALTER TABLE accounts RENAME TO accounts_v3",
         (
-            f"INSERT INTO accounts (rowid, {_V3_COLUMNS}) SELECT rowid, {_V3_COLUMNS} "  # noqa: S608 - constant names
+            f"ALTER TABLE accounts RENAME TO accounts_v3; {_V4_ACCOUNTS}; "  # noqa: S608 - constants
+            f"INSERT INTO accounts (rowid, {_V3_COLUMNS}) SELECT rowid, {_V3_COLUMNS} "
             "FROM accounts_v3; DROP TABLE accounts_v3"
         ),
+        "",
+    ),
+    4: (
+        (
+            "ALTER TABLE accounts ADD COLUMN verified_at REAL; "
+            "ALTER TABLE accounts ADD COLUMN verified_status TEXT; "
+            "ALTER TABLE accounts ADD COLUMN verified_pass TEXT"
+        ),
+        "",
     ),
 }
 # The rows of a connected account, in input order; the job's own rows ('') are not indexed:
