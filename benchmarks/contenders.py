@@ -1,6 +1,6 @@
 """The alternatives bulkdisconnect is measured against, each run as its own process.
 
-python -m benchmarks.contenders bare|bare-tuned|sdk URL IDS_FILE CONCURRENCY
+python -m benchmarks.contenders bare|bare-tuned|sdk|paced URL IDS_FILE CONCURRENCY|RATE
 """
 
 from __future__ import annotations
@@ -55,6 +55,36 @@ async def bare_loop(url: str, ids: list[str], concurrency: int, *, tuned: bool =
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+async def paced_loop(url: str, ids: list[str], rate: int) -> None:
+    """The floor of waiting at an operating point: aiohttp sending `rate` requests a second,
+    evenly, a task per request, one sleeper (no store, no limiter, no retry)."""
+    import aiohttp
+    import yarl
+
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Stripe-Version": "2026-10-28.endive",
+        "User-Agent": "bare/1.0",
+    }
+    base = yarl.URL(url)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as s:
+
+        async def one(account: str) -> None:
+            target = base.with_path(PATH.format(account), encoded=True)
+            keyed = {**headers, "Idempotency-Key": f"paced-{account}"}
+            async with s.post(target, headers=keyed) as r:
+                await r.read()
+
+        loop = asyncio.get_running_loop()
+        started, tasks = loop.time(), []
+        for n, account in enumerate(ids):
+            await asyncio.sleep(max(0.0, started + n / rate - loop.time()))
+            tasks.append(asyncio.ensure_future(one(account)))
+        await asyncio.gather(*tasks)
+
+
 async def stripe_sdk(url: str, ids: list[str], concurrency: int) -> None:
     """The official SDK's async client, gathered under a semaphore (its documented usage)."""
     import stripe
@@ -82,6 +112,7 @@ def main() -> None:
         "bare": bare_loop,
         "bare-tuned": functools.partial(bare_loop, tuned=True),
         "sdk": stripe_sdk,
+        "paced": paced_loop,
     }
     asyncio.run(contenders[kind](url, ids, int(concurrency)))
 

@@ -15,6 +15,7 @@ request rate above --rate, and a stop signal ends every wait.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import math
@@ -286,16 +287,24 @@ class Lane:
         return self.paused or self.refusal is not None
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """A worker queued for a turn; its event is set when it should look."""
+
+    woken: anyio.Event = field(default_factory=anyio.Event)
+
+
 @dataclass(kw_only=True, eq=False)
 class Lanes:
     """The lanes of a run, and whose turn it is: a heap of lanes by when each may send next.
 
     Taking a turn is synchronous while a lane may send now (a worker goes from an answer to
-    its next request without a trip through the event loop). Otherwise one worker sleeps
-    until the earliest lane's turn, the others queue behind it: idle workers cost no
-    wake-ups. Each lane claims its next page in the background once its page runs low; when
-    nothing is left to claim but other workers of the job still hold accounts, they keep
-    looking: a worker that dies leaves its accounts behind once its lease runs out.
+    its next request without a trip through the event loop). Otherwise workers queue; a
+    timer wakes the head of the queue when the earliest lane's turn comes, and nobody else:
+    each turn costs one wake-up, idle workers none. Each lane claims its next page in the
+    background once its page runs low; when nothing is left to claim but other workers of
+    the job still hold accounts, they keep looking: a worker that dies leaves its accounts
+    behind once its lease runs out.
     """
 
     store: ClaimStore
@@ -309,8 +318,8 @@ class Lanes:
     _lanes: dict[str, Lane] = field(default_factory=dict, init=False)
     _heap: list[tuple[float, int, Lane]] = field(default_factory=list, init=False)
     _entries: itertools.count[int] = field(default_factory=itertools.count, init=False)
-    _waiters: deque[anyio.Event] = field(default_factory=deque, init=False)
-    _changed: anyio.Event = field(default_factory=anyio.Event, init=False)
+    _waiters: deque[_Waiter] = field(default_factory=deque, init=False)
+    _timer: asyncio.TimerHandle | None = field(default=None, init=False)  # wakes the head
     _polling: bool = field(default=False, init=False)
     # Claims under way at once: each holds a store connection (PostgreSQL's pool is small,
     # and the heartbeat must not wait behind forty lanes' claims).
@@ -326,6 +335,7 @@ class Lanes:
 
     async def open(self) -> None:
         """Find the job's Stripe accounts and claim a first page of each."""
+        self.tg.start_soon(self._wake_on_stop)
         await self._discover()
         for lane in list(self._lanes.values()):
             if lane.refilled is not None:
@@ -357,36 +367,62 @@ class Lanes:
         """The next account to work, with its lane and its admitted ticket (an in-flight
         slot and its account's turn); None when none is pending or the run stops.
 
-        Workers queue for turns first come, first served; only the head of the queue waits,
-        and it takes an in-flight slot only once a lane may send: a worker waiting for a
-        turn holds no slot that a request could use.
+        Workers queue for turns first come, first served; only the head of the queue is
+        woken, when a lane may send (or something changed), and it takes an in-flight slot
+        only then: a worker waiting for a turn holds no slot that a request could use.
         """
-        mine = anyio.Event()
-        self._waiters.append(mine)
+        me = _Waiter()
+        self._waiters.append(me)
         if len(self._waiters) == 1:
-            mine.set()
+            self._arm()
         try:
-            with self.stop.cancels():
-                await mine.wait()
-                while True:
-                    if self._changed.is_set():
-                        self._changed = anyio.Event()
-                    if self._ready() is not None:
-                        ticket = await self.meters.slot()
-                        if ticket is None:
-                            return None
-                        if (turn := self._taken(ticket)) is not None:
-                            return turn
-                        continue
-                    if self._done():
+            while True:
+                await me.woken.wait()
+                if self.stop.requested.is_set():
+                    return None
+                if self._ready() is not None:
+                    ticket = await self.meters.slot()
+                    if ticket is None:
                         return None
-                    with anyio.move_on_after(self._due_in()):
-                        await self._changed.wait()
-            return None
+                    if (turn := self._taken(ticket)) is not None:
+                        return turn
+                elif self._done():
+                    return None
+                me.woken = anyio.Event()
+                self._arm()
         finally:
-            self._waiters.remove(mine)
-            if self._waiters:
-                self._waiters[0].set()
+            self._waiters.remove(me)
+            self._arm()
+
+    def _arm(self) -> None:
+        """Wake the head of the queue when the earliest lane may send: now, by a timer, or
+        (nothing listed while pages are being claimed) when something changes (`_poke`)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._waiters:
+            return
+        woken = self._waiters[0].woken
+        delay = 0.0 if self._ready() is not None else self._due_in()
+        if math.isinf(delay) and not (self._polling or self._claiming_any()):
+            delay = 0.0  # nothing to wait for: the head finds out whether all is done
+        if delay <= 0:
+            woken.set()
+        elif not math.isinf(delay):
+            self._timer = asyncio.get_running_loop().call_later(delay, woken.set)
+
+    def _poke(self) -> None:
+        """Something changed (a page came, a lane closed): the head looks again."""
+        if self._waiters:
+            self._waiters[0].woken.set()
+
+    def _claiming_any(self) -> bool:
+        return any(lane.refilled is not None for lane in self._lanes.values())
+
+    async def _wake_on_stop(self) -> None:
+        await self.stop.requested.wait()
+        for waiter in self._waiters:
+            waiter.woken.set()
 
     def _taken(self, ticket: Ticket) -> tuple[Lane, str, Ticket] | None:
         """The turn `_pick` takes, sent under `ticket`; else None, the slot given back."""
@@ -473,7 +509,7 @@ class Lanes:
             return True
         if any(lane.queue and not lane.closed for lane in self._lanes.values()):
             return False
-        if any(lane.refilled is not None for lane in self._lanes.values()):
+        if self._claiming_any():
             return False
         idle = all(lane.exhausted or lane.closed for lane in self._lanes.values())
         if idle and not self._polling:
@@ -506,7 +542,7 @@ class Lanes:
         finally:
             lane.refilled = None
             done.set()
-            self._changed.set()
+            self._poke()
 
     async def _look_elsewhere(self) -> None:
         """Every lane found nothing more: finish, unless other workers of the job still hold
@@ -528,7 +564,7 @@ class Lanes:
                     return
         finally:
             self._polling = False
-            self._changed.set()
+            self._poke()
 
     async def close(self, lane: Lane, *, refusal: ItemResult | None = None) -> list[str]:
         """Stop working a lane (refused, or its breaker tripped); the accounts this run had
@@ -541,7 +577,7 @@ class Lanes:
             await lane.refilled.wait()
         held = list(lane.queue)
         lane.queue.clear()
-        self._changed.set()
+        self._poke()
         return held
 
 
