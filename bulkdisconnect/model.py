@@ -39,11 +39,20 @@ def is_valid_stripe_account(value: str) -> bool:
     )
 
 
-def idempotency_key(job: str, account_id: str, stripe_account: str = "") -> str:
+def idempotency_key(
+    job: str, account_id: str, stripe_account: str = "", generation: int = 0
+) -> str:
     """The Idempotency-Key for (job, connected account, account): the same on every retry and
     every rerun. Rows of the job's own account ('') keep the key they had before jobs had
-    connected accounts, so a job planned then resumes under the same keys."""
+    connected accounts, so a job planned then resumes under the same keys.
+
+    A later `generation` is a fresh key, derived: after a 500 Stripe saved under a key, an
+    account read back still connected is asked again under the next one, and a rerun after
+    kill -9 goes through the same keys in the same order.
+    """
     text = f"{job}\n{stripe_account}\n{account_id}" if stripe_account else f"{job}\n{account_id}"
+    if generation:
+        text += f"\n{generation}"
     digest = hashlib.sha256(text.encode()).hexdigest()[:32]
     return f"bulkdisconnect-{digest}"
 

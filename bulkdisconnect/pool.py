@@ -16,6 +16,7 @@ request rate above --rate, and a stop signal ends every wait.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import math
@@ -34,7 +35,7 @@ from bulkdisconnect.errors import BreakerTrippedError, UnreachableError
 from bulkdisconnect.limiter import MAX_CONCURRENCY, Budget, Clock, Meters, Ticket
 from bulkdisconnect.metrics import RunMetrics
 from bulkdisconnect.model import ItemResult, Outcome, RunStats, idempotency_key
-from bulkdisconnect.retry import Action, Attempted, Retrier
+from bulkdisconnect.retry import DISCONNECTED, Action, Attempted, Retrier, classify_list
 from bulkdisconnect.stopping import Stop
 from bulkdisconnect.writer import ResultWriter
 
@@ -206,36 +207,77 @@ class Pool:
         )
 
     async def _disconnect(self, lane: Lane, account_id: str, ticket: Ticket) -> ItemResult | None:
-        """All attempts for one account; None if the run stopped before it got an outcome."""
+        """All attempts for one account, at most --max-attempts requests in all (read-backs
+        included); None if the run stopped before it got an outcome.
+
+        A 500 that Stripe saved under the Idempotency-Key comes back to every retry with that
+        key: the account is read back instead. Disconnected, that is its outcome; still
+        connected, it is asked again under the key's next generation.
+        """
         budget = lane.budget
         stripe_account = budget.stripe_account
-        key = idempotency_key(self.job, account_id, stripe_account)
-        client = self.client
-        attempted = await self.retrier.call(
-            lambda: client.disconnect(account_id, key, stripe_account),
-            about=account_id,
-            meter=budget,
-            ticket=ticket,
-        )
-        if attempted is None:
-            return None
-        answer, decision, attempts, first_attempt_at = attempted
-        if decision.action is Action.FINAL:
-            assert decision.outcome is not None
-            if decision.outcome is Outcome.FAILED:
-                _log_failure(account_id, answer, attempts)
-            return ItemResult(
-                account_id=account_id,
-                outcome=decision.outcome,
-                attempts=attempts,
-                http_status=answer.status,
-                error_code=decision.error_code or _error_code(answer, decision.outcome),
-                error_message=decision.error_message or answer.error_message,
-                request_id=answer.request_id,
-                first_attempt_at=first_attempt_at,
-                stripe_account=stripe_account,
+        client, most = self.client, self.retrier.policy.max_attempts
+        used, generation, first_attempt_at = 0, 0, 0.0
+        first: Ticket | None = ticket  # the first attempt's, admitted with the account's turn
+        while True:
+            key = idempotency_key(self.job, account_id, stripe_account, generation)
+            attempted = await self.retrier.call(
+                functools.partial(client.disconnect, account_id, key, stripe_account),
+                about=account_id,
+                meter=budget,
+                ticket=first,
+                max_attempts=most - used,
             )
-        return self._gave_up(account_id, attempted, stripe_account)
+            first = None
+            if attempted is None:
+                return None
+            used += attempted.attempts
+            first_attempt_at = first_attempt_at or attempted.first_attempt_at
+            if attempted.decision.action is not Action.READ_BACK or used >= most:
+                break
+            read = await self.retrier.call(
+                functools.partial(client.retrieve_account, account_id, stripe_account),
+                about=account_id,
+                judge=classify_list,
+                meter=budget,
+                max_attempts=most - used,
+            )
+            if read is None:
+                return None
+            used += read.attempts
+            if read.answer.account_status == "disconnected" and read.answer.status == 200:
+                attempted = read._replace(decision=DISCONNECTED)
+                break
+            if read.decision.outcome is Outcome.NOT_FOUND:
+                attempted = read
+                break
+            if read.answer.status != 200 or used >= most:
+                break  # not read back, or no attempt left: the saved 500 is the outcome
+            generation += 1
+        attempted = attempted._replace(attempts=used, first_attempt_at=first_attempt_at)
+        return self._outcome(account_id, attempted, stripe_account)
+
+    def _outcome(self, account_id: str, attempted: Attempted, stripe_account: str) -> ItemResult:
+        """The result an account's last answer (and its verdict) amounts to."""
+        answer, decision, attempts, first_attempt_at = attempted
+        if decision.action is not Action.FINAL:
+            return self._gave_up(account_id, attempted, stripe_account)
+        assert decision.outcome is not None
+        error_code = decision.error_code or _error_code(answer, decision.outcome)
+        error_message = decision.error_message or answer.error_message
+        if decision.outcome is Outcome.FAILED:
+            _log_failure(account_id, answer, attempts, code=error_code, message=error_message)
+        return ItemResult(
+            account_id=account_id,
+            outcome=decision.outcome,
+            attempts=attempts,
+            http_status=answer.status,
+            error_code=error_code,
+            error_message=error_message,
+            request_id=answer.request_id,
+            first_attempt_at=first_attempt_at,
+            stripe_account=stripe_account,
+        )
 
     def _gave_up(self, account_id: str, attempted: Attempted, stripe_account: str) -> ItemResult:
         """The outcome of an account whose attempts were all retryable failures."""
@@ -581,10 +623,12 @@ class Lanes:
         return held
 
 
-def _log_failure(account_id: str, answer: Answer, attempts: int) -> None:
-    log.warning(
-        "bulkdisconnect.failed", account_id=account_id, attempts=attempts, **answer.described()
-    )
+def _log_failure(account_id: str, answer: Answer, attempts: int, **reason: str | None) -> None:
+    """One line for an account that failed: the answer's fields, and why (`code`, `message`:
+    ours when the answer itself says nothing, e.g. a 200 with an unexpected status)."""
+    fields = answer.described()
+    fields.update({name: value for name, value in reason.items() if value is not None})
+    log.warning("bulkdisconnect.failed", account_id=account_id, attempts=attempts, **fields)
 
 
 def _error_code(answer: Answer, outcome: Outcome) -> str | None:

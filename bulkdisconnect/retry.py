@@ -39,6 +39,9 @@ class Action(enum.Enum):
 
     FINAL = "final"  # record `outcome`
     RETRY = "retry"  # try again after a backoff, if attempts remain
+    # Stripe saved this 5xx under the Idempotency-Key (Stripe-Should-Retry: false): every retry
+    # with the key gets it again; only reading the account back tells what happened.
+    READ_BACK = "read_back"
     FATAL = "fatal"  # stop the whole run: the key or its mode is wrong
 
 
@@ -80,6 +83,7 @@ _JITTER = random.Random()
 
 DISCONNECTED = Decision(Action.FINAL, Outcome.DISCONNECTED)  # the common verdict, made once
 ACCOUNT_REFUSED = Decision(Action.FINAL, Outcome.FAILED, refuses_account=True)
+SAVED_ERROR = Decision(Action.READ_BACK)
 
 
 def classify(answer: Answer) -> Decision:
@@ -109,20 +113,24 @@ def classify(answer: Answer) -> Decision:
             )
         return Decision(Action.FINAL, Outcome.NOT_FOUND)
     if answer.should_retry is not None:
-        return Decision(Action.RETRY) if answer.should_retry else _failed(answer)
+        if answer.should_retry:
+            return Decision(Action.RETRY)
+        return SAVED_ERROR if status >= 500 else _failed(answer)
     if status == 0 or answer.transport_error or status in (409, 429) or status >= 500:
         return Decision(Action.RETRY)
     return _failed(answer)
 
 
-LISTED = Decision(Action.FINAL)  # a page of a list call
+LISTED = Decision(Action.FINAL)  # a page of a list call, or an object read
 
 
 def classify_list(answer: Answer) -> Decision:
-    """Decide what a list call's answer means: a page is final, the rest as `classify`."""
+    """Decide what a read's answer means (a list page, an account read back): a 200 is
+    final, the rest as `classify` (a 5xx is not saved under any key: a GET has none)."""
     if answer.status == 200 and answer.transport_error is None:
         return LISTED
-    return classify(answer)
+    decision = classify(answer)
+    return _failed(answer) if decision.action is Action.READ_BACK else decision
 
 
 def _failed(answer: Answer) -> Decision:
@@ -136,6 +144,9 @@ def _key_refused(answer: Answer) -> AuthenticationError:
         f"the API refused the key (HTTP {answer.status}{code}): "
         f"{answer.error_message or 'no message'}; fix STRIPE_API_KEY / --api-key-file and rerun"
     )
+
+
+_DONE = (Action.FINAL, Action.READ_BACK)
 
 
 class Meter(Protocol):
@@ -182,6 +193,7 @@ class Retrier:
         judge: Callable[[Answer], Decision] = classify,
         meter: Meter | None = None,
         ticket: Ticket | None = None,
+        max_attempts: int | None = None,
     ) -> Attempted | None:
         """Attempt `send` until an answer is final or the attempts are spent; None if the
         run stopped first (nothing more was sent). Raises the refusal of a fatal answer.
@@ -189,10 +201,11 @@ class Retrier:
         `about` names what is called (an account, a customer) in the retry log lines;
         `judge` classifies its answers (`classify_list` for list calls); `meter` is the
         account's budget (default: the run's own); `ticket`, the first attempt's, already
-        admitted through it.
+        admitted through it; `max_attempts`, the attempts left of the policy's (an account's
+        read-back and its retries under a new key share them).
         """
         meter = meter or self.meter
-        max_attempts = self.policy.max_attempts
+        max_attempts = max_attempts or self.policy.max_attempts
         first_attempt_at = time.time()
         attempts = 0
         while True:
@@ -211,7 +224,7 @@ class Retrier:
             if decision.action is Action.FATAL:
                 assert decision.refusal is not None
                 raise decision.refusal
-            if decision.action is Action.FINAL or attempts >= max_attempts:
+            if decision.action in _DONE or attempts >= max_attempts:
                 return Attempted(answer, decision, attempts, first_attempt_at)
             if not await self._back_off(answer, attempts, about):
                 return None

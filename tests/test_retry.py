@@ -75,7 +75,8 @@ def wire(status: int, body: bytes, **headers: str) -> Answer:
         (Answer(503), Action.RETRY, None),
         (Answer(0, transport_error="ServerDisconnectedError"), Action.RETRY, None),
         (Answer(0, transport_error="TimeoutError"), Action.RETRY, None),
-        (Answer(500, should_retry=False), Action.FINAL, Outcome.FAILED),
+        (Answer(500, should_retry=False), Action.READ_BACK, None),
+        (Answer(409, should_retry=False), Action.FINAL, Outcome.FAILED),
         (Answer(400, should_retry=True), Action.RETRY, None),
         (Answer(400, error_type="invalid_request_error"), Action.FINAL, Outcome.FAILED),
         (Answer(400, error_code="api_key_expired"), Action.FATAL, None),
@@ -213,12 +214,14 @@ def test_wire_rate_limited_reason_is_kept() -> None:
     assert answer.rate_limited_reason == "endpoint-rate"
 
 
-def test_wire_should_retry_false_overrides_500() -> None:
-    """Stripe-Should-Retry: false on a 500 makes it a final failure."""
+def test_wire_should_retry_false_on_a_500_is_read_back() -> None:
+    """Stripe-Should-Retry: false on a 500: saved under the key, so not retried with it; the
+    account is read back (a read's own 500 is a failure: a GET has no key to save it under)."""
     body = error("api_error", "Something went wrong")
     answer = wire(500, body, **{"Stripe-Should-Retry": "false"})
     assert answer.should_retry is False
-    decision = classify(answer)
+    assert classify(answer).action is Action.READ_BACK
+    decision = classify_list(answer)
     assert (decision.action, decision.outcome) == (Action.FINAL, Outcome.FAILED)
 
 
