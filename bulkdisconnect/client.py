@@ -63,6 +63,24 @@ class ListAnswer:
     has_more: bool = False
 
 
+class ListedEvent(NamedTuple):
+    """One event of GET /v1/events: what reconciling a job reads of it."""
+
+    id: str  # evt_...
+    type: str
+    created: int  # unix seconds, Stripe's clock
+    account_id: str | None  # data.object.id, when it is a string
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """One page of events, newest first, or the `answer` saying why not."""
+
+    answer: Answer
+    events: list[ListedEvent] = field(default_factory=list)
+    has_more: bool = False
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings:
     """How to reach Stripe: base URL, credentials, headers, timeouts and pool size."""
@@ -172,6 +190,69 @@ class StripeClient:
             return ListAnswer(answer._replace(transport_error="UnreadableBody"))
         return ListAnswer(answer, *page)
 
+    async def list_events(
+        self,
+        kind: str,
+        *,
+        created_gte: int,
+        stripe_account: str = "",
+        starting_after: str | None = None,
+        limit: int = MAX_PAGE,
+    ) -> EventPage:
+        """GET /v1/events of one type created at or after `created_gte` (unix seconds), newest
+        first, after the `starting_after` event (toward older ones); never raises for I/O.
+
+        `stripe_account` lists that connected account's events ('': the settings' own).
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        params = {"type": kind, "created[gte]": str(created_gte), "limit": str(limit)}
+        if starting_after is not None:
+            params["starting_after"] = starting_after
+        url = self._base / "v1/events"
+        try:
+            async with self._session.get(
+                url, headers=self._headers_for(stripe_account), params=params
+            ) as response:
+                body = await response.read()
+                answer = _answer(response.status, response.headers, body)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return EventPage(_failed_exchange(exc))
+        if answer.status != 200 or answer.transport_error is not None:
+            return EventPage(answer)
+        page = _event_page(body)
+        if page is None:  # a 200 that is not a list of events: retried like an unreadable body
+            return EventPage(answer._replace(transport_error="UnreadableBody"))
+        return EventPage(answer, *page)
+
+    async def retrieve_account(self, account_id: str, stripe_account: str = "") -> Answer:
+        """GET /v1/financial_connections/accounts/{id}: the account's status now (in
+        `account_status`); never raises for I/O.
+
+        `stripe_account` reads it on behalf of that connected account ('': the settings' own).
+        """
+        if not is_valid_account_id(account_id):
+            raise ValueError(f"refusing to call the API with an invalid account ID {account_id!r}")
+        url = self._base.with_path(
+            f"{self._base.path}v1/financial_connections/accounts/{account_id}", encoded=True
+        )
+        try:
+            async with self._session.get(
+                url, headers=self._headers_for(stripe_account)
+            ) as response:
+                body = await response.read()
+                return _answer(response.status, response.headers, body)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return _failed_exchange(exc)
+
+    def _headers_for(self, stripe_account: str) -> dict[str, str]:
+        """A GET's headers, on behalf of `stripe_account` if given (else the settings')."""
+        if not stripe_account:
+            return self._get_headers
+        if not is_valid_stripe_account(stripe_account):
+            raise ValueError(f"refusing to send an invalid Stripe-Account {stripe_account!r}")
+        return {**self._get_headers, "Stripe-Account": stripe_account}
+
 
 def _failed_exchange(exc: BaseException) -> Answer:
     """The answer for an exchange that raised: which exception, and why no connection if so."""
@@ -248,6 +329,56 @@ def _page(payload: dict[str, Any]) -> tuple[list[tuple[str, str]], bool] | None:
             return None
         accounts.append((account_id, status))
     return accounts, has_more
+
+
+class _EventObject(msgspec.Struct):
+    id: Any = None
+
+
+class _EventData(msgspec.Struct):
+    object: _EventObject | None = None
+
+
+class _Event(msgspec.Struct):
+    id: Any = None
+    type: Any = None
+    created: Any = None
+    data: _EventData | None = None
+
+
+class _Events(msgspec.Struct):
+    object: Any = None
+    data: list[_Event] | None = None
+    has_more: Any = None
+
+
+_EVENTS = msgspec.json.Decoder(_Events)
+
+
+def _event_page(body: bytes) -> tuple[list[ListedEvent], bool] | None:
+    """Events and has_more from a list envelope; None if it is not one (or an event lacks a
+    string ID and type, or an integer `created`)."""
+    try:
+        payload = _EVENTS.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return None
+    if payload.object != "list" or payload.data is None or not isinstance(payload.has_more, bool):
+        return None
+    events = []
+    for event in payload.data:
+        created = event.created
+        if not (isinstance(event.id, str) and event.id and isinstance(event.type, str)):
+            return None
+        if not isinstance(created, int) or isinstance(created, bool):
+            return None
+        account = event.data.object if event.data is not None else None
+        account_id = account.id if account is not None else None
+        events.append(
+            ListedEvent(
+                event.id, event.type, created, account_id if isinstance(account_id, str) else None
+            )
+        )
+    return events, payload.has_more
 
 
 def _text(value: object) -> str | None:
