@@ -134,6 +134,31 @@ def test_a_connected_account_revoked_mid_run_fails_only_its_rows(
     assert f"stopped for {revoked}: account_invalid" in out
 
 
+def test_connected_accounts_on_postgresql_with_two_workers(
+    ws: Workspace, sandbox: SandboxThread, pg_state: str
+) -> None:
+    """Two `--join` workers on one PostgreSQL job across three connected accounts, one of them
+    refused: every row of the others disconnected under its own header, once; the refused
+    one's rows failed account_invalid; both workers exit 1."""
+    rows = owned(ws, 30)
+    sandbox.sandbox.configure(
+        accounts={i: a for a, i in rows}, revoked_accounts=frozenset({OWNERS[2]})
+    )
+    write_csv(ws, "purge.csv", rows)
+    args = ("run", "--join", "--input", "purge.csv", "--state", pg_state, "--rate", "50", *FAST)
+    workers = [ws.spawn(*args), ws.spawn(*args)]
+    outputs = [worker.communicate(timeout=60) for worker in workers]
+    assert [worker.returncode for worker in workers] == [1, 1], outputs
+    seen = headers_seen(sandbox)
+    for owner, account in rows:
+        assert seen.get(account, {owner}) == {owner}
+    sent = Counter(e.account_id for e in sandbox.sandbox.journal_snapshot() if e.account_id)
+    assert all(sent[i] == 1 for a, i in rows if a != OWNERS[2])
+    status = ws.run("status", "--job", "purge", "--state", pg_state)
+    assert f"{OWNERS[0]}: disconnected 30," in status.stdout
+    assert f"{OWNERS[2]}: disconnected 0, not_found 0, invalid_id 0, failed 30," in status.stdout
+
+
 def sent_to(sandbox: SandboxThread, stripe_account: str) -> int:
     """Disconnect requests the sandbox saw for one connected account."""
     return sum(
