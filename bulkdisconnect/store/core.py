@@ -49,13 +49,24 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 # The layout a store is migrated to when opened; a dialect's MIGRATIONS lead up to it.
-SCHEMA_VERSION = 4
-READABLE_FROM = 2  # the oldest layout status and report read without migrating it
+SCHEMA_VERSION = 5
+# The oldest layout status and report read without migrating it. Layout 4 reads as one where
+# nothing was read back yet; older ones lack the connected account of each row.
+READABLE_FROM = 4
 # How long a store call rides out a database that fails in passing (a restart, a failover,
 # terminated connections, a lock held by another process) before the run stops with exit 6.
 OUTAGE = 15.0
 RETRY_DELAY = (0.1, 2.0)  # the first wait between tries, and the longest
 REPORT_PAGE = 5000
+# What `forget` deletes of a job besides its accounts, runs and events.
+FORGOTTEN_TABLES = (
+    "customers",
+    "unknown_events",
+    "holders",
+    "reconciled",
+    "verify_passes",
+    "samples",
+)
 SETTLED_MESSAGE = "already disconnected when listed: recorded without a call"
 INVALID_MESSAGE = "not a Financial Connections account ID (fca_ followed by letters and digits)"
 INVALID_ACCOUNT_MESSAGE = "not a connected account ID (acct_ followed by letters and digits)"
@@ -87,6 +98,7 @@ class SqlStore:
     def __init__(self, dialect: Dialect) -> None:
         self._dialect = dialect
         self._read = dialect.reader
+        self._layout = SCHEMA_VERSION  # an older one only when opened read-only
 
     @classmethod
     async def open(cls, dialect: Dialect, *, read_only: bool = False) -> SqlStore:
@@ -115,6 +127,7 @@ class SqlStore:
                 f"the store {self.description} has layout {version}: a run of this "
                 "bulkdisconnect migrates it (status and report only read)"
             )
+        self._layout = version
 
     async def _migrate(self) -> None:
         """Create the tables, or bring an older store's up to SCHEMA_VERSION."""
@@ -395,7 +408,7 @@ class SqlStore:
         while True:
             with self._failing("reading"):
                 page = await self._read.fetch(
-                    "report_page",
+                    "report_page" if self._layout >= 5 else "report_page_v4",
                     job=job,
                     after=after,
                     unconfirmed=int(unconfirmed),
@@ -426,7 +439,7 @@ class SqlStore:
                 runs=await tx.execute("forget_runs", job=job),
                 confirmations=await tx.execute("forget_events", job=job),
             )
-            for table in ("customers", "unknown_events", "holders"):
+            for table in FORGOTTEN_TABLES:
                 await tx.execute(f"forget_{table}", job=job)
         await self._dialect.scrub()
         return forgotten
@@ -435,6 +448,45 @@ class SqlStore:
     async def jobs_finished_before(self, before: float) -> list[str]:
         """Jobs whose last run finished (exit 0 or 1) before `before` (epoch seconds)."""
         return [row[0] for row in await self._read.fetch("jobs_finished_before", before=before)]
+
+    # -- samples of runs, for the HTML report ------------------------------------------------
+
+    @_guarded
+    async def record_sample(
+        self,
+        job: str,
+        run_id: str,
+        *,
+        at: float,
+        requests: int,
+        rate_limited: int,
+        disconnected: int,
+        target_rate: float,
+    ) -> None:
+        """Keep a run's cumulative counters at `at` (epoch seconds)."""
+        await self._read.execute(
+            "record_sample",
+            job=job,
+            run_id=run_id,
+            at=at,
+            requests=requests,
+            rate_limited=rate_limited,
+            disconnected=disconnected,
+            target_rate=target_rate,
+        )
+
+    @_guarded
+    async def samples(self, job: str) -> list[tuple[str, float, int, int, int, float]]:
+        """Every run's samples of the job, oldest first: (run_id, at, requests, rate_limited,
+        disconnected, target_rate)."""
+        if self._layout < 5:
+            return []
+        return [
+            (run_id, float(at), int(requests), int(limited), int(disconnected), float(rate))
+            for run_id, at, requests, limited, disconnected, rate in await self._read.fetch(
+                "samples", job=job
+            )
+        ]
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -496,7 +548,6 @@ class SqlStore:
         accounts, the most frequent first."""
         rows = await self._read.fetch("problem_codes", job=job, limit=limit)
         return [(outcome, status, code, int(n)) for outcome, status, code, n in rows]
-
 
 
 class StagedInput:

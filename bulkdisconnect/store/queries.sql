@@ -29,6 +29,11 @@ CREATE TABLE IF NOT EXISTS accounts (
     claim_gen INTEGER NOT NULL DEFAULT 0,  -- each claim increments it: a write names its claim
     confirmed_at {real},
     event_id TEXT,
+    -- What Stripe reported when `verify` read the account back (GET .../accounts/{id}):
+    -- active, inactive or disconnected (not_found: gone), when, and in which verify pass.
+    verified_at {real},
+    verified_status TEXT,
+    verified_pass TEXT,
     UNIQUE (job, stripe_account, account_id)
 ){accounts_options};
 CREATE TABLE IF NOT EXISTS customers (
@@ -73,6 +78,45 @@ CREATE TABLE IF NOT EXISTS runs (
     exit_code INTEGER,
     summary TEXT
 );
+-- How far `reconcile` has read Stripe's events, per connected account of the job ('' its own).
+CREATE TABLE IF NOT EXISTS reconciled (
+    job TEXT NOT NULL,
+    stripe_account TEXT NOT NULL,
+    -- Every event created before this (unix seconds, Stripe's clock) was listed, late ones
+    -- included: the next pass reads only from here on. NULL: no pass finished yet.
+    created_upto BIGINT,
+    -- A pass cut short: the last event it listed (it goes on after it, toward older ones), the
+    -- oldest `created` it reads down to, and the newest `created` it saw. NULL when none.
+    last_event_id TEXT,
+    pass_floor BIGINT,
+    pass_top BIGINT,
+    events BIGINT NOT NULL DEFAULT 0,  -- events listed, every pass together
+    pages BIGINT NOT NULL DEFAULT 0,  -- list calls answered
+    at {real} NOT NULL,  -- last progress
+    PRIMARY KEY (job, stripe_account)
+);
+-- `verify` passes: each reads a selection of the job's accounts back from Stripe once; an
+-- interrupted pass is resumed by the next `verify` of the same selection.
+CREATE TABLE IF NOT EXISTS verify_passes (
+    job TEXT NOT NULL,
+    pass_id TEXT NOT NULL,
+    selection TEXT NOT NULL,  -- unconfirmed, all, or sample:N
+    started_at {real} NOT NULL,
+    finished_at {real},
+    PRIMARY KEY (job, pass_id)
+);
+-- A run's cumulative counters over time, for the HTML report's charts.
+CREATE TABLE IF NOT EXISTS samples (
+    job TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    at {real} NOT NULL,  -- epoch seconds
+    requests BIGINT NOT NULL,
+    rate_limited BIGINT NOT NULL,
+    disconnected BIGINT NOT NULL,
+    target_rate {real} NOT NULL,
+    PRIMARY KEY (run_id, at)
+);
+CREATE INDEX IF NOT EXISTS samples_job ON samples (job, at);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -261,7 +305,16 @@ SELECT EXISTS (SELECT 1 FROM runs WHERE job = :job)
 -- name: report_page
 -- The next page of the job's accounts in input order (or only disconnected, unconfirmed).
 SELECT {order}, stripe_account, account_id, outcome, attempts, http_status, error_code, error_message,
-    request_id, first_attempt_at, updated_at, confirmed_at, event_id
+    request_id, first_attempt_at, updated_at, confirmed_at, event_id, verified_at, verified_status
+FROM accounts
+WHERE job = :job AND {order} > :after
+  AND (:unconfirmed = 0 OR (outcome = 'disconnected' AND confirmed_at IS NULL))
+ORDER BY {order} LIMIT :limit;
+
+-- name: report_page_v4
+-- report_page of a layout-4 store, read without migrating it: nothing was read back yet.
+SELECT {order}, stripe_account, account_id, outcome, attempts, http_status, error_code, error_message,
+    request_id, first_attempt_at, updated_at, confirmed_at, event_id, NULL, NULL
 FROM accounts
 WHERE job = :job AND {order} > :after
   AND (:unconfirmed = 0 OR (outcome = 'disconnected' AND confirmed_at IS NULL))
@@ -305,6 +358,15 @@ DELETE FROM runs WHERE job = :job;
 
 -- name: forget_holders
 DELETE FROM locks WHERE job = :job;
+
+-- name: forget_reconciled
+DELETE FROM reconciled WHERE job = :job;
+
+-- name: forget_verify_passes
+DELETE FROM verify_passes WHERE job = :job;
+
+-- name: forget_samples
+DELETE FROM samples WHERE job = :job;
 
 -- name: jobs_finished_before
 -- Jobs whose last run finished (exit 0 or 1: nothing left to resume) before :before.
@@ -365,3 +427,14 @@ SELECT outcome, http_status, error_code, COUNT(*) AS n FROM accounts
 WHERE job = :job AND outcome IN ('failed', 'invalid_id')
 GROUP BY outcome, http_status, error_code
 ORDER BY n DESC, outcome, error_code LIMIT :limit;
+
+-- name: record_sample
+-- A run's cumulative counters at one moment (written again after a lost reply: kept once).
+INSERT INTO samples (job, run_id, at, requests, rate_limited, disconnected, target_rate)
+VALUES (:job, :run_id, :at, :requests, :rate_limited, :disconnected, :target_rate)
+ON CONFLICT (run_id, at) DO NOTHING;
+
+-- name: samples
+-- Every run's samples of the job, oldest first.
+SELECT run_id, at, requests, rate_limited, disconnected, target_rate FROM samples
+WHERE job = :job ORDER BY at, run_id;
