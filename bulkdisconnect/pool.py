@@ -398,7 +398,7 @@ class Lanes:
 
     def take(self) -> tuple[Lane, str, Ticket] | None:
         """The next account and its admitted ticket if one may go now, without waiting."""
-        if self._waiters or self._ready() is None:  # first come, first served
+        if self._waiters:  # first come, first served
             return None
         ticket = self.meters.slot_now()
         if ticket is None:
