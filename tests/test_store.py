@@ -26,8 +26,13 @@ from bulkdisconnect.planning import plan_input
 from bulkdisconnect.store import (
     Beat,
     Confirmation,
+    Cursor,
+    LaneSpan,
+    Listed,
     PlanCounts,
+    ReadBack,
     ReportRow,
+    VerifyCounts,
     open_store,
     stored_value,
 )
@@ -677,6 +682,132 @@ async def test_one_event_confirms_the_account_in_every_job_that_holds_it(store: 
             Confirmation.REPLAYED
         )
         assert await store.confirmed_count(job) == 1
+
+
+# -- reconcile and verify ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_reconciled_pages_confirm_each_event_once_on_its_own_row(store: SqlStore) -> None:
+    """A page's events confirm the rows of the Stripe account they were listed under, once
+    per event; an event of an account outside the job (or under another Stripe account) is
+    neither kept nor counted; how far the pass got is kept with the page."""
+    await plan_input(
+        store,
+        JOB,
+        chunks(["fca_own", Owned("fca_x", "acct_1X"), Owned("fca_own", "acct_1Y")]),
+        retry_failed=False,
+    )
+    await plan(store, ["fca_theirs"], job="other")
+    at = 1_700_000_000.0
+    page = store.reconciled_page
+    found = await page(
+        JOB,
+        "",
+        [Listed("fca_own", "evt_1", at), Listed("fca_theirs", "evt_2", at)],
+        events=3,
+        cursor=Cursor("evt_2", 1_699_999_000, 1_700_000_000),
+        created_upto=None,
+    )
+    assert found == {Confirmation.CONFIRMED: 1, Confirmation.UNKNOWN: 1}
+    (progress,) = await store.reconcile_progress(JOB)
+    assert progress.cursor == Cursor("evt_2", 1_699_999_000, 1_700_000_000)
+    assert (progress.created_upto, progress.events, progress.pages) == (None, 3, 1)
+    found = await page(
+        JOB,
+        "acct_1X",
+        [Listed("fca_own", "evt_3", at), Listed("fca_x", "evt_4", at + 1)],
+        events=2,
+        cursor=None,
+        created_upto=1_699_999_940,
+    )
+    assert found == {Confirmation.UNKNOWN: 1, Confirmation.CONFIRMED: 1}
+    again = await page(JOB, "", [Listed("fca_own", "evt_1", at + 5)], events=1, cursor=None,
+                       created_upto=1_699_999_000)  # fmt: skip
+    assert again == {Confirmation.REPLAYED: 1}
+    stored = {
+        (r.stripe_account, r.account_id): (r.event_id, r.confirmed_at)
+        for r in await all_rows(store)
+    }
+    assert stored == {
+        ("", "fca_own"): ("evt_1", at),
+        ("acct_1X", "fca_x"): ("evt_4", at + 1),
+        ("acct_1Y", "fca_own"): (None, None),
+    }
+    assert await store.unknown_events(JOB) == 0
+    assert await store.confirm("other", "fca_theirs", event_id="evt_2", confirmed_at=at) is (
+        Confirmation.CONFIRMED
+    )
+    lanes = {p.stripe_account: p for p in await store.reconcile_progress(JOB)}
+    assert (lanes[""].cursor, lanes[""].created_upto, lanes[""].pages) == (None, 1_699_999_000, 2)
+    assert lanes["acct_1X"].created_upto == 1_699_999_940
+    await page(JOB, "acct_1X", [], events=0, cursor=None, created_upto=5)  # never moves back
+    assert {p.stripe_account: p.created_upto for p in await store.reconcile_progress(JOB)} == {
+        "": 1_699_999_000,
+        "acct_1X": 1_699_999_940,
+    }
+
+
+@pytest.mark.anyio
+async def test_reconcile_span_counts_what_a_call_disconnected_and_no_event_confirmed(
+    store: SqlStore,
+) -> None:
+    """A Stripe account's span starts at its first attempt and counts only accounts a call
+    disconnected that no event confirmed (not the failed, nor those never called)."""
+    await plan(store, ids(4))
+    assert await store.reconcile_span(JOB, "") == LaneSpan(None, 0)
+    await settle(
+        store,
+        "r1",
+        [
+            result(ids(4)[0], Outcome.DISCONNECTED, first_attempt_at=20.0),
+            result(ids(4)[1], Outcome.DISCONNECTED, first_attempt_at=10.0),
+            result(ids(4)[2], Outcome.FAILED, first_attempt_at=5.0),
+        ],
+    )
+    assert await store.reconcile_span(JOB, "") == LaneSpan(5.0, 2)
+    await store.confirm(JOB, ids(4)[0], event_id="evt_1", confirmed_at=21.0)
+    assert await store.reconcile_span(JOB, "") == LaneSpan(5.0, 1)
+    assert await store.reconcile_span(JOB, "acct_1None") == LaneSpan(None, 0)
+
+
+@pytest.mark.anyio
+async def test_read_backs_are_recorded_only_while_the_lease_is_held(store: SqlStore) -> None:
+    """A verify pass records what it read only while its owner holds the job's lease; its
+    candidates leave out what it read; counts tell verified, reactivated and never read."""
+    accounts = ids(4)
+    await plan(store, accounts)
+    await settle(store, "r1", [result(a, Outcome.DISCONNECTED) for a in accounts[:3]])
+    await store.confirm(JOB, accounts[0], event_id="evt_1", confirmed_at=1.0)
+    await store.start_verify_pass(JOB, "p1", "all")
+    opened = await store.open_verify_pass(JOB)
+    assert opened is not None
+    assert (opened.pass_id, opened.selection) == ("p1", "all")
+    assert opened.started_at == pytest.approx(time.time(), abs=60)
+    unconfirmed = await store.verify_candidates(JOB, "p1", unconfirmed=True, after=0, limit=10)
+    assert [row[2] for row in unconfirmed] == accounts[1:3]
+    read = [
+        ReadBack("", accounts[0], "disconnected", 2.0),
+        ReadBack("", accounts[1], "active", 3.0),
+    ]
+    assert await store.record_verified(JOB, "v1", "p1", read) == 0  # not the holder
+    await store.acquire_lock(JOB, "v1", stale_after=30)
+    assert await store.record_verified(JOB, "v1", "p1", read) == 2
+    left = await store.verify_candidates(JOB, "p1", unconfirmed=False, after=0, limit=10)
+    assert [(row[2], row[3]) for row in left] == [(accounts[2], None)]
+    assert await store.verify_counts(JOB) == VerifyCounts(verified=1, reactivated=1, unverified=1)
+    assert await store.pass_counts(JOB, "p1") == {"disconnected": 1, "active": 1}
+    rows = {r.account_id: (r.verified_at, r.verified_status) for r in await all_rows(store)}
+    assert rows[accounts[1]] == (3.0, "active")
+    await store.start_verify_pass(JOB, "p2", "unconfirmed")  # p1 is not resumed any more
+    opened = await store.open_verify_pass(JOB)
+    assert opened is not None
+    assert (opened.pass_id, opened.selection, opened.finished_at) == ("p2", "unconfirmed", None)
+    await store.finish_verify_pass(JOB, "p2")
+    assert await store.open_verify_pass(JOB) is None
+    last = await store.last_verify_pass(JOB)
+    assert last is not None
+    assert (last.pass_id, last.finished_at is not None) == ("p2", True)
 
 
 # -- forgetting -------------------------------------------------------------------------------

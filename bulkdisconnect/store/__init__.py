@@ -113,6 +113,69 @@ class RunInfo:
     summary: str | None
 
 
+class LaneSpan(NamedTuple):
+    """One connected account's accounts of a job that a call was made for."""
+
+    first_attempt_at: float | None  # the first of their first attempts (None: no call yet)
+    unconfirmed: int  # recorded disconnected, no event confirming it yet
+
+
+class Cursor(NamedTuple):
+    """Where a reconcile pass cut short goes on: after `last_event_id`, down to `floor`."""
+
+    last_event_id: str
+    floor: int  # the oldest `created` it reads (unix seconds)
+    top: int | None  # the newest `created` it saw
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileProgress:
+    """How far `reconcile` read one connected account's events."""
+
+    stripe_account: str  # '' for the job's own
+    created_upto: int | None  # every event created before this was read (None: no pass ended)
+    cursor: Cursor | None  # a pass cut short
+    events: int  # listed in all
+    pages: int
+    at: float  # last progress
+
+
+class Listed(NamedTuple):
+    """A disconnected event as `reconcile` read it: its account, its ID, when Stripe made it."""
+
+    account_id: str
+    event_id: str
+    created: float
+
+
+class ReadBack(NamedTuple):
+    """What Stripe reported for one account `verify` read back."""
+
+    stripe_account: str
+    account_id: str
+    status: str  # active, inactive, disconnected; not_found when Stripe has no such account
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyPass:
+    """One `verify` pass: a selection of the job's accounts read back once."""
+
+    pass_id: str
+    selection: str  # unconfirmed, all, or sample:N
+    started_at: float
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyCounts:
+    """What `verify` found of a job, over all its passes (the latest read of each account)."""
+
+    verified: int  # read back not active: disconnected, inactive, or gone
+    reactivated: int  # recorded disconnected, and Stripe reported it active
+    unverified: int  # recorded disconnected, never read back
+
+
 class Forgotten(NamedTuple):
     """What `forget` deleted of a job."""
 

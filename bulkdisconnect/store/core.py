@@ -10,6 +10,7 @@ and how planning is serialised among workers.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import socket
@@ -34,12 +35,19 @@ from bulkdisconnect.model import (
 from bulkdisconnect.store import (
     Beat,
     Confirmation,
+    Cursor,
     Forgotten,
     LaneCounts,
+    LaneSpan,
+    Listed,
     LockInfo,
     PlanCounts,
+    ReadBack,
+    ReconcileProgress,
     ReportRow,
     RunInfo,
+    VerifyCounts,
+    VerifyPass,
     stored_value,
 )
 from bulkdisconnect.store.dialect import Dialect, Row, Staging
@@ -374,6 +382,149 @@ class SqlStore:
             await tx.execute("count_unknown_event", job=job, at=confirmed_at)
         return Confirmation.UNKNOWN
 
+    # -- reconciling with Stripe's events ------------------------------------------------------
+
+    @_guarded
+    async def reconcile_span(self, job: str, stripe_account: str) -> LaneSpan:
+        """One connected account's accounts of the job a call was made for: the first attempt
+        among them, and how many are disconnected with no event confirming it yet."""
+        ((first, unconfirmed),) = await self._read.fetch(
+            "reconcile_span", job=job, stripe_account=stripe_account
+        )
+        return LaneSpan(None if first is None else float(first), int(unconfirmed))
+
+    @_guarded
+    async def reconcile_progress(self, job: str) -> list[ReconcileProgress]:
+        """How far reconcile read each connected account's events, least far first."""
+        if self._layout < 5:
+            return []
+        return [_progress(row) for row in await self._read.fetch("reconcile_progress_all", job=job)]
+
+    @_guarded
+    async def reconciled_page(
+        self,
+        job: str,
+        stripe_account: str,
+        listed: Sequence[Listed],
+        *,
+        events: int,
+        cursor: Cursor | None,
+        created_upto: int | None,
+    ) -> collections.Counter[Confirmation]:
+        """Record a page of one connected account's disconnected events and how far the pass
+        got, in one transaction: each event as the webhook's (`confirm`), but on that account's
+        row only, and an event of an account outside the job is neither kept nor counted
+        (a later pass may list it again). `events` were listed in all; `cursor`, where the
+        pass goes on (None: it ended); `created_upto`, how far every event is now read."""
+        found: collections.Counter[Confirmation] = collections.Counter()
+        async with self._dialect.transaction() as tx:
+            for account_id, event_id, created in listed:
+                event = {"event_id": event_id, "job": job, "account_id": account_id}
+                if not await tx.execute("claim_event", **event, at=created):
+                    found[Confirmation.REPLAYED] += 1
+                elif await tx.execute(
+                    "confirm_account_lane", **event, at=created, stripe_account=stripe_account
+                ):
+                    found[Confirmation.CONFIRMED] += 1
+                else:
+                    await tx.execute("forget_event", job=job, event_id=event_id)
+                    found[Confirmation.UNKNOWN] += 1
+            await tx.execute(
+                "save_reconciled",
+                job=job,
+                stripe_account=stripe_account,
+                created_upto=created_upto,
+                last_event_id=None if cursor is None else cursor.last_event_id,
+                pass_floor=None if cursor is None else cursor.floor,
+                pass_top=None if cursor is None else cursor.top,
+                events=events,
+                at=time.time(),
+            )
+        return found
+
+    # -- verifying by reading accounts back -----------------------------------------------------
+
+    @_guarded
+    async def open_verify_pass(self, job: str) -> VerifyPass | None:
+        """The job's latest verify pass that did not finish."""
+        rows = await self._read.fetch("open_verify_pass", job=job)
+        return VerifyPass(rows[0][0], rows[0][1], float(rows[0][2])) if rows else None
+
+    @_guarded
+    async def last_verify_pass(self, job: str) -> VerifyPass | None:
+        """The job's latest verify pass, finished or not."""
+        if self._layout < 5:
+            return None
+        rows = await self._read.fetch("last_verify_pass", job=job)
+        return VerifyPass(*rows[0]) if rows else None
+
+    @_guarded
+    async def start_verify_pass(self, job: str, pass_id: str, selection: str) -> None:
+        """Start a verify pass; the job's other unfinished passes are not resumed any more."""
+        async with self._dialect.transaction() as tx:
+            await tx.execute("close_verify_passes", job=job, pass_id=pass_id, now=time.time())
+            await tx.execute(
+                "start_verify_pass", job=job, pass_id=pass_id, selection=selection, now=time.time()
+            )
+
+    @_guarded
+    async def finish_verify_pass(self, job: str, pass_id: str) -> None:
+        """The pass read back every account it chose."""
+        await self._read.execute("finish_verify_pass", job=job, pass_id=pass_id, now=time.time())
+
+    @_guarded
+    async def verify_candidates(
+        self, job: str, pass_id: str, *, unconfirmed: bool, after: int, limit: int
+    ) -> list[tuple[int, str, str, str | None]]:
+        """The next page, in input order after position `after`, of the job's accounts recorded
+        disconnected (only unconfirmed ones, if asked) that pass `pass_id` has not read back
+        ('': any): (position, connected account, account, the pass that last read it)."""
+        rows = await self._read.fetch(
+            "verify_candidates",
+            job=job,
+            pass_id=pass_id,
+            unconfirmed=int(unconfirmed),
+            after=after,
+            limit=limit,
+        )
+        return [(int(order), lane, account, read_by) for order, lane, account, read_by in rows]
+
+    @_guarded
+    async def record_verified(
+        self, job: str, owner: str, pass_id: str, read: Sequence[ReadBack]
+    ) -> int:
+        """Record what Stripe reported for accounts read back in pass `pass_id`, in one write,
+        only while `owner` holds the job's lease; how many were recorded."""
+        written = 0
+        async with self._dialect.transaction() as tx:
+            for lane, account_id, status, at in read:
+                written += await tx.execute(
+                    "record_verified",
+                    job=job,
+                    owner=owner,
+                    pass_id=pass_id,
+                    stripe_account=lane,
+                    account_id=account_id,
+                    status=status,
+                    at=at,
+                )
+        return written
+
+    @_guarded
+    async def verify_counts(self, job: str) -> VerifyCounts:
+        """What read-backs found of the job: verified, reactivated, never read back."""
+        if self._layout < 5:
+            disconnected = (await self.counts(job)).get("disconnected", 0)
+            return VerifyCounts(verified=0, reactivated=0, unverified=disconnected)
+        ((verified, reactivated, unverified),) = await self._read.fetch("verify_counts", job=job)
+        return VerifyCounts(int(verified), int(reactivated), int(unverified))
+
+    @_guarded
+    async def pass_counts(self, job: str, pass_id: str) -> dict[str, int]:
+        """What one verify pass read back, per status Stripe reported."""
+        rows = await self._read.fetch("pass_counts", job=job, pass_id=pass_id)
+        return {status: int(count) for status, count in rows}
+
     # -- reading ------------------------------------------------------------------------------
 
     @_guarded
@@ -392,7 +543,7 @@ class SqlStore:
 
     @_guarded
     async def confirmed_count(self, job: str) -> int:
-        """Accounts whose disconnection a webhook event confirmed."""
+        """Accounts whose disconnection an event confirmed (from the webhook or reconcile)."""
         (row,) = await self._read.fetch("confirmed_count", job=job)
         return int(row[0])
 
@@ -653,6 +804,15 @@ def _unusual_row(value: str | Owned | Settled, own: str) -> tuple[str, int, str,
     if lane and not is_valid_stripe_account(lane):
         return account_id, -1, settled, stored_value(lane)
     return account_id, 1, settled, lane
+
+
+def _progress(row: Row) -> ReconcileProgress:
+    lane, created_upto, last_event_id, floor, top, events, pages, at = row
+    cursor = None
+    if last_event_id is not None:
+        cursor = Cursor(last_event_id, int(floor), None if top is None else int(top))
+    upto = None if created_upto is None else int(created_upto)
+    return ReconcileProgress(lane, upto, cursor, int(events), int(pages), float(at))
 
 
 def _check_version(description: str, version: int) -> None:

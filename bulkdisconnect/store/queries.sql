@@ -438,3 +438,99 @@ ON CONFLICT (run_id, at) DO NOTHING;
 -- Every run's samples of the job, oldest first.
 SELECT run_id, at, requests, rate_limited, disconnected, target_rate FROM samples
 WHERE job = :job ORDER BY at, run_id;
+
+-- name: confirm_account_lane
+-- Record an event listed under one connected account on that account's row of the job.
+UPDATE accounts SET confirmed_at = :at, event_id = :event_id
+WHERE job = :job AND stripe_account = :stripe_account AND account_id = :account_id;
+
+-- name: reconcile_span
+-- One connected account's accounts of the job that a call was made for: the first attempt
+-- among them, and how many are recorded disconnected with no event confirming it yet.
+SELECT min(first_attempt_at),
+    COALESCE(SUM(CASE WHEN outcome = 'disconnected' AND confirmed_at IS NULL THEN 1 ELSE 0 END), 0)
+FROM accounts
+WHERE job = :job AND stripe_account = :stripe_account AND first_attempt_at IS NOT NULL;
+
+-- name: reconcile_progress
+-- How far reconcile read one connected account's events.
+SELECT created_upto, last_event_id, pass_floor, pass_top, events, pages, at FROM reconciled
+WHERE job = :job AND stripe_account = :stripe_account;
+
+-- name: reconcile_progress_all
+-- How far reconcile read each connected account's events, least far first.
+SELECT stripe_account, created_upto, last_event_id, pass_floor, pass_top, events, pages, at
+FROM reconciled WHERE job = :job ORDER BY created_upto, stripe_account;
+
+-- name: save_reconciled
+-- A page of events read: where the pass goes on (or NULL: it ended), and how far every event
+-- is read (it never moves back).
+INSERT INTO reconciled (job, stripe_account, created_upto, last_event_id, pass_floor, pass_top,
+                        events, pages, at)
+VALUES (:job, :stripe_account, :created_upto, :last_event_id, :pass_floor, :pass_top, :events,
+        1, :at)
+ON CONFLICT (job, stripe_account) DO UPDATE SET
+    created_upto = CASE
+        WHEN reconciled.created_upto IS NULL OR excluded.created_upto > reconciled.created_upto
+        THEN excluded.created_upto ELSE reconciled.created_upto END,
+    last_event_id = excluded.last_event_id, pass_floor = excluded.pass_floor,
+    pass_top = excluded.pass_top, events = reconciled.events + excluded.events,
+    pages = reconciled.pages + 1, at = excluded.at;
+
+-- name: open_verify_pass
+-- The job's latest verify pass that did not finish.
+SELECT pass_id, selection, started_at FROM verify_passes
+WHERE job = :job AND finished_at IS NULL ORDER BY started_at DESC, pass_id DESC LIMIT 1;
+
+-- name: last_verify_pass
+-- The job's latest verify pass, finished or not.
+SELECT pass_id, selection, started_at, finished_at FROM verify_passes
+WHERE job = :job ORDER BY started_at DESC, pass_id DESC LIMIT 1;
+
+-- name: start_verify_pass
+-- A new verify pass of the job.
+INSERT INTO verify_passes (job, pass_id, selection, started_at)
+VALUES (:job, :pass_id, :selection, :now)
+ON CONFLICT (job, pass_id) DO NOTHING;
+
+-- name: close_verify_passes
+-- The job's passes other than :pass_id that did not finish are not resumed any more.
+UPDATE verify_passes SET finished_at = :now
+WHERE job = :job AND finished_at IS NULL AND pass_id <> :pass_id;
+
+-- name: finish_verify_pass
+-- A verify pass read back every account it chose.
+UPDATE verify_passes SET finished_at = :now WHERE job = :job AND pass_id = :pass_id;
+
+-- name: verify_candidates
+-- The next page, in input order, of the job's accounts recorded disconnected (only those no
+-- event confirmed, with :unconfirmed = 1) that pass :pass_id has not read back ('' : any).
+SELECT {order}, stripe_account, account_id, verified_pass FROM accounts
+WHERE job = :job AND {order} > :after AND outcome = 'disconnected'
+  AND (:unconfirmed = 0 OR confirmed_at IS NULL)
+  AND (:pass_id = '' OR verified_pass IS NULL OR verified_pass <> :pass_id)
+ORDER BY {order} LIMIT :limit;
+
+-- name: record_verified
+-- What Stripe reported for one account read back, by a holder of the job's lease.
+UPDATE accounts SET verified_at = :at, verified_status = :status, verified_pass = :pass_id
+WHERE job = :job AND stripe_account = :stripe_account AND account_id = :account_id
+  AND EXISTS (SELECT 1 FROM locks
+              WHERE job = :job AND owner = :owner AND {now} - heartbeat_at < lease);
+
+-- name: verify_counts
+-- The job's accounts read back and not active (disconnected, inactive or gone), those
+-- recorded disconnected that Stripe reports active again, and those recorded disconnected
+-- never read back.
+SELECT
+    COALESCE(SUM(CASE WHEN verified_status IN ('disconnected', 'inactive', 'not_found')
+                      THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN outcome = 'disconnected' AND verified_status = 'active'
+                      THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN outcome = 'disconnected' AND verified_at IS NULL THEN 1 ELSE 0 END), 0)
+FROM accounts WHERE job = :job;
+
+-- name: pass_counts
+-- What one verify pass read back, per status.
+SELECT verified_status, COUNT(*) FROM accounts
+WHERE job = :job AND verified_pass = :pass_id GROUP BY verified_status;
