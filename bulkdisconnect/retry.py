@@ -54,6 +54,8 @@ class Decision:
     error_code: str | None = None  # overrides the answer's code (e.g. a 200 not disconnected)
     error_message: str | None = None
     refusal: RunRefusedError | None = None  # FATAL: the error that stops the run
+    # The platform has no access to the connected account: its other accounts fail alike.
+    refuses_account: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,9 +82,7 @@ _JITTER = random.Random()
 
 
 DISCONNECTED = Decision(Action.FINAL, Outcome.DISCONNECTED)  # the common verdict, made once
-# The platform has no access to the connected account: this account fails, and (pool.py) the
-# other accounts under it fail alike, without a call each; the run goes on.
-ACCOUNT_REFUSED = Decision(Action.FINAL, Outcome.FAILED)
+ACCOUNT_REFUSED = Decision(Action.FINAL, Outcome.FAILED, refuses_account=True)
 SAVED_ERROR = Decision(Action.READ_BACK)
 
 
