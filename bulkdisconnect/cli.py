@@ -40,7 +40,7 @@ def _run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 # The commands that take over the stop signals remembered since start-up (see early.py).
-_RUNS = ("run", "plan")
+_RUNS = ("run", "plan", "reconcile", "verify")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,6 +135,13 @@ _RUN_ONLY_OPTIONS = [
     click.option("--metrics-file", metavar="PATH", help="Prometheus textfile (node_exporter)."),
     click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics here."),
     click.option("--progress/--no-progress", default=True, help="Progress bar or log lines."),
+    click.option(
+        "--reconcile",
+        is_flag=True,
+        default=None,
+        help="Then confirm the disconnects from Stripe's events (see `reconcile`).",
+    ),
+    _setting("--reconcile-wait", float, "Seconds --reconcile waits for missing events"),
 ]
 
 
@@ -372,6 +379,133 @@ async def _opened_store(location: Path | str) -> AsyncIterator[SqlStore]:
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()
+
+
+# Options of the commands that check a job against Stripe (reconcile, verify): how to reach
+# it and how fast, as a run's; a job file's source keys are ignored.
+_CHECK_OPTIONS = [
+    click.argument("job_file", required=False, type=click.Path(path_type=Path)),
+    click.option("--job", metavar="NAME", help="The job to check [the job file's name]."),
+    click.option(
+        "--state", metavar="PATH|URL", help="SQLite file or postgresql://… [state/<job>.sqlite]."
+    ),
+    click.option("--api-base", metavar="URL", help="[env STRIPE_API_BASE, else api.stripe.com]"),
+    click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
+    click.option(
+        "--stripe-account", metavar="ID", help="The run's --stripe-account (the job's own rows)."
+    ),
+    click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
+    click.option(
+        "--proxy", metavar="URL", help="Egress proxy [env HTTPS_PROXY/HTTP_PROXY, NO_PROXY]."
+    ),
+    click.option(
+        "--ca-bundle", metavar="PATH", help="PEM file of CAs to trust [system, SSL_CERT_FILE]."
+    ),
+    _setting("--rate", float, "Max requests per second, per Stripe account"),
+    click.option("--total-rate", type=float, help="Max requests per second across all of them."),
+    _setting("--max-attempts", int, "Attempts per request, first included"),
+    _setting("--timeout", float, "Total seconds per request"),
+    _setting("--connect-timeout", float, "Seconds to connect"),
+    _setting("--retry-delay", float, "First backoff delay in seconds"),
+    _setting("--retry-max-delay", float, "Longest backoff delay in seconds"),
+    _setting("--lock-stale-after", float, "Seconds without heartbeat: stale"),
+    click.option(
+        "--metrics-file",
+        metavar="PATH",
+        help="Prometheus textfile (one of its own, not the run's).",
+    ),
+    click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics here."),
+    click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto"),
+]
+
+
+def _check(
+    command: str, job_file: Path | None, flags: dict[str, Any], log_format: str, **what: Any
+) -> None:
+    """Build the check's config and run it (reconcile or verify); exit with its code."""
+    from bulkdisconnect import logs
+    from bulkdisconnect.config import build_check_config
+
+    logs.configure(json=None if log_format == "auto" else log_format == "json")
+
+    async def go() -> ExitCode:
+        config = build_check_config(flags, job_file, os.environ)
+        if command == "reconcile":
+            from bulkdisconnect.reconcile import reconcile_job
+
+            return await reconcile_job(config, sys.stdout, **what)
+        from bulkdisconnect.verify import verify_job
+
+        return await verify_job(config, sys.stdout, **what)
+
+    sys.exit(int(_run_async(go)))
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  bulkdisconnect reconcile --job offboarding-2026-11
+  bulkdisconnect reconcile jobs/retention-purge.toml --metrics-file /var/lib/node/reconcile.prom
+  bulkdisconnect run --input offboarded.csv --job offboarding-2026-11 --reconcile
+
+\b
+Reads GET /v1/events?type=financial_connections.account.disconnected from a little before
+the job's first attempt, 100 a page, under each connected account's Stripe-Account, within
+--rate, and records each event of the job's accounts as the webhook receiver does (once).
+A rerun reads only what is new. Stripe keeps events 30 days: read older jobs back with
+`verify`. Holds the job's lock, as a run does.
+
+\b
+Exit codes: 0 done; 1 a connected account refused the platform; 2 usage; 3 interrupted (a
+rerun goes on); 4 the job is held; 5 the API refused (key, or listing kept failing); 6 store.
+"""
+)
+@_with(_CHECK_OPTIONS)
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Read every event since the first attempt again, not only new ones.",
+)
+def reconcile(job_file: Path | None, log_format: str, full: bool, **flags: Any) -> None:
+    """Confirm the job's disconnects from Stripe's Events API: no webhook needed."""
+    _check("reconcile", job_file, flags, log_format, full=full)
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  bulkdisconnect verify --job offboarding-2026-11                # the unconfirmed accounts
+  bulkdisconnect verify --job offboarding-2026-11 --sample 500
+  bulkdisconnect verify --job offboarding-2026-11 --all --rate 50
+
+\b
+Retrieves each chosen account recorded disconnected (GET /v1/financial_connections/
+accounts/{id}) and records what Stripe reports: disconnected or inactive is verified; active
+is flagged (status and the report show it). An interrupted pass (SIGTERM) is resumed by the
+next verify of the same selection; one that ended is followed by a new pass. Holds the job's
+lock, as a run does.
+
+\b
+Exit codes: 0 every account read back is verified; 1 some are active again (or could not be
+read); 2 usage; 3 interrupted (a rerun goes on); 4 the job is held; 5 the API refused; 6 store.
+"""
+)
+@_with(_CHECK_OPTIONS)
+@click.option("--unconfirmed", "which", flag_value="unconfirmed", default=True, help="[default]")
+@click.option("--all", "which", flag_value="all", help="Every account recorded disconnected.")
+@click.option("--sample", type=click.IntRange(min=1), metavar="N", help="N of them, at random.")
+@click.option("--concurrency", type=int, help="Max requests in flight [adapts to latency].")
+@_setting("--grace", float, "Seconds in flight get after a stop signal")
+def verify(
+    job_file: Path | None, log_format: str, which: str, sample: int | None, **flags: Any
+) -> None:
+    """Read the job's accounts back from Stripe: disconnected, or active again?"""
+    from bulkdisconnect.verify import Selection
+
+    if sample is not None and which == "all":
+        raise click.UsageError("--sample draws among all accounts: give it without --all")
+    selection = Selection(unconfirmed=which == "unconfirmed" and sample is None, sample=sample)
+    _check("verify", job_file, flags, log_format, selection=selection)
 
 
 @main.command(

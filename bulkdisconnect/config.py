@@ -114,6 +114,8 @@ class RunConfig:
     pushgateway: str | None
     yes: bool  # confirms a run with a live key without asking
     max_accounts: int | None  # refuse to start when more accounts than this are to call
+    reconcile: bool  # read the job's disconnected events from Stripe after the last disconnect
+    reconcile_wait: float  # seconds to keep reading while events of the run are still missing
 
     @property
     def reads_stdin(self) -> bool:
@@ -340,6 +342,8 @@ FIELDS: dict[str, tuple[Callable[[_Value], Any], Any]] = {
     "pushgateway": (_url, None),
     "yes": (_bool, False),
     "max_accounts": (_positive_int, None),
+    "reconcile": (_bool, False),
+    "reconcile_wait": (_non_negative, 30.0),
 }
 JOB_FILE_ONLY = {"api_key_file": _text}
 
@@ -538,3 +542,61 @@ def _api_key(key_file: _Value | None, env: Mapping[str, str]) -> Secret:
             "(sk_test_..., sk_live_..., rk_test_..., rk_live_...)"
         )
     return Secret(key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckConfig:
+    """What `reconcile` and `verify` need: the job and its store, how to reach Stripe, how
+    fast and how patiently. The same settings as a run's, read the same way (a job file's
+    source keys are ignored)."""
+
+    job: str
+    state: Path | str
+    api_base: str
+    api_key: Secret
+    stripe_account: str | None  # the job's own rows' Stripe-Account (the run's)
+    stripe_version: str | None
+    proxy: str | None
+    ca_bundle: str | None
+    rate: float
+    total_rate: float | None
+    concurrency: int | None
+    max_attempts: int
+    timeout: float
+    connect_timeout: float
+    grace: float
+    retry_delay: float
+    retry_max_delay: float
+    lock_stale_after: float
+    metrics_file: str | None
+    pushgateway: str | None
+
+
+_CHECK_FIELDS = tuple(
+    f.name for f in dataclasses.fields(CheckConfig) if f.name not in ("api_key", "state")
+)
+
+
+def build_check_config(
+    flags: Mapping[str, Any], job_file: Path | None, env: Mapping[str, str]
+) -> CheckConfig:
+    """Merge defaults < environment < job file < flags for `reconcile` or `verify`."""
+    raw: dict[str, _Value] = {}
+    if "STRIPE_API_BASE" in env:
+        raw["api_base"] = _Value(env["STRIPE_API_BASE"], "STRIPE_API_BASE")
+    if job_file is not None:
+        wanted = {*_CHECK_FIELDS, "state", "api_key_file"}
+        raw.update((k, v) for k, v in read_job_file(job_file).items() if k in wanted)
+    for name, value in flags.items():
+        if value is not None and value != ():
+            raw[name] = _Value(value, f"--{name.replace('_', '-')}")
+    parsed = {
+        name: FIELDS[name][0](raw[name]) if name in raw else FIELDS[name][1]
+        for name in (*_CHECK_FIELDS, "state")
+    }
+    if parsed["job"] is None:
+        if job_file is None:
+            raise UsageError("--job is required (or give the job file)")
+        parsed["job"] = _job_name(_Value(job_file.stem, f"the job name derived from {job_file}"))
+    state = resolve_state(parsed["job"], parsed.pop("state"))
+    return CheckConfig(**parsed, state=state, api_key=_api_key(raw.get("api_key_file"), env))

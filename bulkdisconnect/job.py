@@ -39,6 +39,7 @@ from bulkdisconnect.model import GOOD_OUTCOMES, RunStats
 from bulkdisconnect.planning import PLAN_CHUNK, plan_input
 from bulkdisconnect.pool import Pool, PoolSettings
 from bulkdisconnect.progress import show_progress
+from bulkdisconnect.reconcile import after_run
 from bulkdisconnect.report import format_plan, format_summary
 from bulkdisconnect.retry import Retrier, RetryPolicy
 from bulkdisconnect.sources import Source, open_run_source
@@ -259,7 +260,8 @@ async def _plan_and_work(run: _Run, run_id: str) -> tuple[ExitCode, str]:
                 f"{unwritten} results in time; their accounts stay pending and a rerun "
                 "sends them again under the same idempotency keys"
             )
-    return await _summarise(run, run_id, time.monotonic() - started)
+    ended = await _summarise(run, run_id, time.monotonic() - started)
+    return await after_run(run, ended) if config.reconcile else ended  # run --reconcile
 
 
 async def _plan(run: _Run, run_id: str) -> PlanCounts | None:

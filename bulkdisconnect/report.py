@@ -16,8 +16,11 @@ from bulkdisconnect.store import (
     LaneCounts,
     LockInfo,
     PlanCounts,
+    ReconcileProgress,
     ReportRow,
     RunInfo,
+    VerifyCounts,
+    VerifyPass,
     shown_location,
 )
 
@@ -37,6 +40,8 @@ REPORT_COLUMNS = [
     "confirmed_at",
     "event_id",
     "stripe_account",  # '' for the job's own account (its --stripe-account, or the platform)
+    "verified_at",  # when `verify` last read the account back from Stripe
+    "verified_status",  # what Stripe reported then: active (flagged), inactive, disconnected
 ]
 # `status` lists this many connected accounts, those with most accounts to call first.
 STATUS_ACCOUNTS = 20
@@ -63,6 +68,18 @@ class ReadStore(Protocol):
 
     async def last_run(self, job: str) -> RunInfo | None:
         """The job's most recent run."""
+        ...
+
+    async def verify_counts(self, job: str) -> VerifyCounts:
+        """Accounts read back verified, reactivated, never read back."""
+        ...
+
+    async def last_verify_pass(self, job: str) -> VerifyPass | None:
+        """The job's latest verify pass."""
+        ...
+
+    async def reconcile_progress(self, job: str) -> list[ReconcileProgress]:
+        """How far reconcile read each Stripe account's events."""
         ...
 
     async def locks(self, job: str) -> list[LockInfo]:
@@ -149,9 +166,10 @@ async def write_status(store: ReadStore, job: str, out: TextIO) -> None:
     unconfirmed = counts.get(Outcome.DISCONNECTED.value, 0) - confirmed
     unknown = await store.unknown_events(job)
     out.write(
-        f"  webhook confirmations: confirmed {confirmed}, unconfirmed {max(unconfirmed, 0)}; "
-        f"events for accounts outside the job {unknown}\n"
+        f"  confirmations (webhook, reconcile): confirmed {confirmed}, unconfirmed "
+        f"{max(unconfirmed, 0)}; events for accounts outside the job {unknown}\n"
     )
+    out.write(await _checks(store, job))
     run = await store.last_run(job)
     if run is not None:
         ended = (
@@ -171,6 +189,37 @@ async def write_status(store: ReadStore, job: str, out: TextIO) -> None:
         )
 
 
+async def _checks(store: ReadStore, job: str) -> str:
+    """What reconcile and verify found of the job: how far the events were read, the accounts
+    read back verified, reactivated (flagged), never read back."""
+    lines = []
+    progress = await store.reconcile_progress(job)
+    if progress:
+        upto = [p.created_upto for p in progress if p.created_upto is not None]
+        read = f"read up to {_when(min(upto))}" if len(upto) == len(progress) else "read in part"
+        cut = sum(p.cursor is not None for p in progress)
+        lines.append(
+            f"  reconcile: events {read} ({sum(p.events for p in progress)} listed"
+            f"{f'; {cut} pass(es) cut short, a rerun goes on' if cut else ''})"
+        )
+    counts = await store.verify_counts(job)
+    last = await store.last_verify_pass(job)
+    passed = ""
+    if last is not None:
+        ended = "ended" if last.finished_at is not None else "not ended: a rerun goes on"
+        passed = f"; last pass {last.pass_id} ({last.selection}) {ended}"
+    lines.append(
+        f"  read back (verify): verified {counts.verified}, reactivated {counts.reactivated}, "
+        f"never read back {counts.unverified}{passed}"
+    )
+    if counts.reactivated:
+        lines.append(
+            f"  REACTIVATED: {counts.reactivated} accounts recorded disconnected are active at "
+            "Stripe again (report: verified_status active)"
+        )
+    return "".join(f"{line}\n" for line in lines)
+
+
 async def write_report(
     store: ReadStore, job: str, out: TextIO, fmt: str, *, unconfirmed: bool = False
 ) -> int:
@@ -184,7 +233,8 @@ async def write_report(
     if writer is not None:
         writer.writerow(REPORT_COLUMNS)
     count = 0
-    times = [REPORT_COLUMNS.index(c) for c in ("updated_at", "first_attempt_at", "confirmed_at")]
+    stamped = ("updated_at", "first_attempt_at", "confirmed_at", "verified_at")
+    times = [REPORT_COLUMNS.index(c) for c in stamped]
     async for row in store.rows(job, unconfirmed=unconfirmed):
         values = astuple(row)
         ordered = [values[i] for i in order]
