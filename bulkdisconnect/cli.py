@@ -10,7 +10,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import anyio
 import click
@@ -243,12 +243,18 @@ def _state_for(job: str, state: str | None) -> Path | str:
 Examples:
   bulkdisconnect report --job offboarding-2026-11 --format csv --output report.csv
   bulkdisconnect report --job offboarding-2026-11 --unconfirmed
+  bulkdisconnect report --job offboarding-2026-11 --format html --output purge.html
   bulkdisconnect report --job purge --state postgresql://bd@db/ops | gzip > purge.jsonl.gz
+
+\b
+--format html writes one page for the people who sign off a purge (it opens offline):
+totals, proof of disconnection, runs, charts over time, the first 1,000 failed and
+invalid accounts. It needs matplotlib: pip install 'bulkdisconnect[html]'.
 """
 )
 @click.option("--job", required=True, metavar="NAME")
 @click.option("--state", metavar="PATH|URL", help="[state/<job>.sqlite]")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "html"]), default="jsonl")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="[stdout]")
 @click.option(
     "--unconfirmed", is_flag=True, help="Only disconnected accounts no webhook event confirmed."
@@ -257,20 +263,42 @@ def report(job: str, state: str | None, fmt: str, output: Path | None, unconfirm
     """One row per account: outcome, attempts, HTTP status, error, request ID, times."""
     from bulkdisconnect.report import write_report
 
+    if fmt == "html" and unconfirmed:
+        raise click.UsageError("--unconfirmed lists rows: use it with --format csv or jsonl")
+
+    async def write(store: SqlStore, out: TextIO) -> str:
+        if fmt != "html":
+            return f"{await write_report(store, job, out, fmt, unconfirmed=unconfirmed)} rows"
+        from bulkdisconnect.report_html import write_html_report
+        from bulkdisconnect.report_html.charts import ChartsUnavailableError
+        from bulkdisconnect.store import shown_location
+
+        where = shown_location(_state_for(job, state))
+        try:
+            audit = await write_html_report(store, job, out, location=where)
+        except ChartsUnavailableError:
+            raise UsageError(
+                "report --format html draws its charts with matplotlib, which is not "
+                "installed: pip install 'bulkdisconnect[html]'"
+            ) from None
+        return f"the HTML report of {audit.total} accounts"
+
     async def go() -> None:
         async with _job_store(job, state) as store:
             if output is None:
-                await write_report(store, job, sys.stdout, fmt, unconfirmed=unconfirmed)
+                await write(store, sys.stdout)
                 return
             tmp = output.with_name(output.name + ".partial")
             try:
                 with tmp.open("w", encoding="utf-8", newline="") as out:
                     tmp.chmod(0o600)  # before a row is written: it lists customers' accounts
-                    rows = await write_report(store, job, out, fmt, unconfirmed=unconfirmed)
+                    what = await write(store, out)
                 tmp.replace(output)
             except OSError as exc:
                 raise UsageError(f"cannot write the report to {output}: {exc.strerror}") from None
-            click.echo(f"wrote {rows} rows to {output}", err=True)
+            finally:
+                tmp.unlink(missing_ok=True)
+            click.echo(f"wrote {what} to {output}", err=True)
 
     _run_async(go)
 

@@ -42,6 +42,7 @@ from bulkdisconnect.progress import show_progress
 from bulkdisconnect.reconcile import after_run
 from bulkdisconnect.report import format_plan, format_summary
 from bulkdisconnect.retry import Retrier, RetryPolicy
+from bulkdisconnect.sampler import keep_sampling
 from bulkdisconnect.sources import Source, open_run_source
 from bulkdisconnect.sources.customers import CustomerBook
 from bulkdisconnect.stopping import Stop, StoppedError, cancel_after_grace, on_signals
@@ -370,6 +371,7 @@ async def _work(run: _Run, run_id: str) -> int:
             tg.start_soon(writer.run)
             if run.metrics is not None:
                 tg.start_soon(run.metrics.keep_published, stats)
+            tg.start_soon(keep_sampling, store, config.job, run_id, stats)  # report's charts
             if run.hooks.progress:
                 tg.start_soon(show_progress, stats)
             with anyio.CancelScope() as pool_scope:
