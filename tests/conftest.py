@@ -103,6 +103,27 @@ def pg_state(pg_url: str) -> Iterator[str]:
     anyio.run(drop, backend="asyncio")
 
 
+# -- Chromium ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The headless Chromium that loads the HTML report (Debian's `chromium`, or $BD_CHROMIUM).
+
+    Without one the tests that need it are skipped with one line; BD_REQUIRE_CHROMIUM=1 (set
+    by .ci/run, which installs it) turns that skip into a failure.
+    """
+    explicit = os.environ.get("BD_CHROMIUM")
+    found = explicit or shutil.which("chromium") or shutil.which("chromium-browser")
+    if found and os.access(found, os.X_OK):
+        return found
+    where = f"BD_CHROMIUM={explicit} is not executable" if explicit else "no chromium on PATH"
+    message = f"Chromium tests skipped: {where}; apt-get install chromium"
+    if os.environ.get("BD_REQUIRE_CHROMIUM"):
+        pytest.fail(f"{message} (BD_REQUIRE_CHROMIUM is set: they must run)", pytrace=False)
+    pytest.skip(message)
+
+
 # -- the sandbox and a workspace --------------------------------------------------------------
 
 
