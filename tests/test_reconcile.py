@@ -118,6 +118,14 @@ def test_a_run_then_reconcile_confirms_every_disconnect_without_a_webhook(
     assert again.exit_code == 0, again.stderr
     assert "(1 had nothing left to confirm)" in again.stdout
     assert len(event_requests(sandbox)) == 3
+    full = ws.run("reconcile", "--job", JOB, "--full", *state, *FASTER)
+    assert full.exit_code == 0, full.stderr
+    assert "confirmed 0 (already recorded 250, of accounts outside the job 0)" in full.stdout
+    assert [p.get("starting_after") for p in event_requests(sandbox)[3:]] == [
+        None,
+        newest_first[99].id,
+        newest_first[199].id,
+    ]
 
 
 def test_late_events_are_read_by_the_next_reconcile_without_the_older_pages(
@@ -373,6 +381,24 @@ def test_an_interrupted_reconcile_goes_on_after_its_last_page(
     assert int(pages[-1]["created[gte]"]) == newest_first[0].created - EVENT_LAG
     assert f"confirmed {1000 - len(recorded)} (already recorded 100" in rerun.stdout
     assert all(r["confirmed_at"] for r in report(ws))
+
+
+def test_a_cursor_stripe_no_longer_lists_starts_the_pass_over(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """A pass cut short whose last event Stripe no longer lists (400 resource_missing) is
+    read again from the top, down to where it was going."""
+    run(ws, ws.ids(150))
+    with contextlib.closing(sqlite3.connect(ws.state(JOB))) as db, db:
+        db.execute(
+            "INSERT INTO reconciled (job, stripe_account, last_event_id, pass_floor, pass_top, "
+            "at) VALUES (?, '', 'evt_gone', 0, NULL, 0)",
+            (JOB,),
+        )
+    result = ws.run("reconcile", "--job", JOB, *FASTER)
+    assert result.exit_code == 0, result.stderr
+    assert "confirmed 150" in result.stdout
+    assert [p.get("starting_after") for p in event_requests(sandbox)][:2] == ["evt_gone", None]
 
 
 def test_reconcile_of_a_held_or_unknown_job_is_refused(

@@ -416,19 +416,20 @@ class SqlStore:
         row only, and an event of an account outside the job is neither kept nor counted
         (a later pass may list it again). `events` were listed in all; `cursor`, where the
         pass goes on (None: it ended); `created_upto`, how far every event is now read."""
-        found: collections.Counter[Confirmation] = collections.Counter()
+        events_of = [
+            {"event_id": event_id, "job": job, "account_id": account_id, "at": created}
+            for account_id, event_id, created in listed
+        ]
         async with self._dialect.transaction() as tx:
-            for account_id, event_id, created in listed:
-                event = {"event_id": event_id, "job": job, "account_id": account_id}
-                if not await tx.execute("claim_event", **event, at=created):
-                    found[Confirmation.REPLAYED] += 1
-                elif await tx.execute(
-                    "confirm_account_lane", **event, at=created, stripe_account=stripe_account
-                ):
-                    found[Confirmation.CONFIRMED] += 1
-                else:
-                    await tx.execute("forget_event", job=job, event_id=event_id)
-                    found[Confirmation.UNKNOWN] += 1
+            claimed = await tx.execute_each("claim_event", events_of)
+            fresh = [event for event, new in zip(events_of, claimed, strict=True) if new]
+            mine = await tx.execute_each(
+                "confirm_account_lane", [{**e, "stripe_account": stripe_account} for e in fresh]
+            )
+            others = [e for e, confirmed in zip(fresh, mine, strict=True) if not confirmed]
+            await tx.execute_each(
+                "forget_event", [{"job": job, "event_id": e["event_id"]} for e in others]
+            )
             await tx.execute(
                 "save_reconciled",
                 job=job,
@@ -440,7 +441,14 @@ class SqlStore:
                 events=events,
                 at=time.time(),
             )
-        return found
+        found = collections.Counter(
+            {
+                Confirmation.REPLAYED: len(listed) - len(fresh),
+                Confirmation.CONFIRMED: len(fresh) - len(others),
+                Confirmation.UNKNOWN: len(others),
+            }
+        )
+        return +found  # without the kinds that did not occur
 
     # -- verifying by reading accounts back -----------------------------------------------------
 
@@ -495,20 +503,20 @@ class SqlStore:
     ) -> int:
         """Record what Stripe reported for accounts read back in pass `pass_id`, in one write,
         only while `owner` holds the job's lease; how many were recorded."""
-        written = 0
+        rows = [
+            {
+                "job": job,
+                "owner": owner,
+                "pass_id": pass_id,
+                "stripe_account": lane,
+                "account_id": account_id,
+                "status": status,
+                "at": at,
+            }
+            for lane, account_id, status, at in read
+        ]
         async with self._dialect.transaction() as tx:
-            for lane, account_id, status, at in read:
-                written += await tx.execute(
-                    "record_verified",
-                    job=job,
-                    owner=owner,
-                    pass_id=pass_id,
-                    stripe_account=lane,
-                    account_id=account_id,
-                    status=status,
-                    at=at,
-                )
-        return written
+            return sum(await tx.execute_each("record_verified", rows))
 
     @_guarded
     async def verify_counts(self, job: str) -> VerifyCounts:

@@ -37,6 +37,10 @@ class Connection(Protocol):
         """Run a query; its rows."""
         ...
 
+    async def execute_each(self, name: str, params: Sequence[dict[str, Any]]) -> list[int]:
+        """Run a statement once per parameter set, in order; the rows each changed."""
+        ...
+
     async def script(self, sql: str) -> None:
         """Run several statements without parameters (the schema, a migration)."""
         ...

@@ -350,6 +350,9 @@ class _Statements:
         sql, names = _numbered(name)
         return [tuple(row) for row in await self._conn.fetch(sql, *(params[n] for n in names))]
 
+    async def execute_each(self, name: str, params: Sequence[dict[str, Any]]) -> list[int]:
+        return [await self.execute(name, **one) for one in params]
+
     async def script(self, sql: str) -> None:
         if sql:
             await self._conn.execute(sql)

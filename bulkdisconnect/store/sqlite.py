@@ -378,6 +378,14 @@ class _Statements:
         rows: list[Row] = await self._run(lambda db: db.execute(sql, params).fetchall())
         return rows
 
+    async def execute_each(self, name: str, params: Sequence[dict[str, Any]]) -> list[int]:
+        # One trip to the worker thread for them all (a trip costs more than a statement).
+        sql = QUERIES[name]
+        counts: list[int] = await self._run(
+            lambda db: [db.execute(sql, one).rowcount for one in params]
+        )
+        return counts
+
     async def script(self, sql: str) -> None:
         # executescript would COMMIT the transaction first: run the statements one by one.
         statements = [s for s in sql.split(";") if s.strip()]
