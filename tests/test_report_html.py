@@ -190,7 +190,7 @@ def test_the_first_thousand_problems_are_listed_and_the_rest_counted(
     path = ws.write("ids.txt", [f"bad-{n:04d}" for n in range(1005)] + ["fca_good1"])
     assert ws.run("run", "--input", str(path), "--job", "many", *FAST).exit_code == 1
     text = html_report(ws, "many")
-    assert len(re.findall(r'<td class="id">bad-\d{4}</td>', text)) == 1000
+    assert len(re.findall(r'<td class="id account">bad-\d{4}</td>', text)) == 1000
     assert "bad-0999" in text
     assert "bad-1000" not in text
     assert "The first 1,000 of 1,005, in input order; the other 5 are in the full report" in text

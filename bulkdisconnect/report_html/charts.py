@@ -18,6 +18,7 @@ from bulkdisconnect.store import LaneCounts
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
     from matplotlib.figure import Figure
 
     from bulkdisconnect.report_html.facts import Timeline
@@ -56,6 +57,7 @@ def activity(timeline: Timeline) -> str:
     ax.stairs(timeline.disconnected, edges, fill=True, color=COLOURS["disconnected"], alpha=0.85)
     ax.set_ylabel(f"disconnected per {duration(timeline.width)}", color=COLOURS["disconnected"])
     ax.set_ylim(bottom=0)
+    _thousands(ax.yaxis)
     if not timeline.sampled:
         ax.spines[["right"]].set_visible(False)
     else:
@@ -64,6 +66,7 @@ def activity(timeline: Timeline) -> str:
         right.stairs(timeline.rate_limited, edges, color=RATE_LIMITED, linewidth=1.6)
         right.set_ylabel(f"429 answers per {duration(timeline.width)}", color=RATE_LIMITED)
         right.set_ylim(bottom=0, top=max(1.0, max(timeline.rate_limited) * 1.15))
+        _thousands(right.yaxis)
     _time_axis(ax)
     return _svg(fig, "activity")
 
@@ -98,6 +101,7 @@ def lanes(found: list[LaneCounts]) -> str:
     for label in ax.get_yticklabels():
         label.set_parse_math(False)
     ax.set_xlabel("accounts")
+    _thousands(ax.xaxis)
     ax.spines[["right"]].set_visible(False)
     _legend_above(ax, columns=5)
     return _svg(fig, "lanes")
@@ -112,6 +116,12 @@ def _figure(*, height: float) -> tuple[Figure, Axes]:
     ax.grid(axis="y", color="#e2e8f0", linewidth=0.6)
     ax.set_axisbelow(True)
     return fig, ax
+
+
+def _thousands(axis: Axis) -> None:
+    from matplotlib.ticker import StrMethodFormatter
+
+    axis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
 
 
 def _legend_above(ax: Axes, *, columns: int) -> None:
@@ -150,7 +160,7 @@ def _svg(fig: Figure, name: str) -> str:
 
 def _lane_name(stripe_account: str) -> str:
     if not stripe_account:
-        return "(own account)"
+        return "(own)"
     return stripe_account if is_valid_stripe_account(stripe_account) else "(not an acct_ ID)"
 
 

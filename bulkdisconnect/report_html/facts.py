@@ -45,10 +45,6 @@ Sample = tuple[str, float, int, int, int, float]
 class AuditStore(Protocol):
     """What the HTML report reads from the store."""
 
-    async def counts(self, job: str) -> dict[str | None, int]:
-        """Accounts per outcome (None: still to call)."""
-        ...
-
     async def lane_counts(self, job: str) -> list[LaneCounts]:
         """Accounts per connected account and outcome, most still to call first."""
         ...
@@ -149,12 +145,17 @@ class Audit:
 async def gather(store: AuditStore, job: str, *, location: str) -> Audit:
     """Read what the page shows of `job`."""
     runs, run_total = await store.runs(job, limit=RUN_ROWS)
+    lanes = await store.lane_counts(job)
+    counts: dict[str | None, int] = {}
+    for lane in lanes:  # the job's counts, without reading its accounts once more
+        for outcome, n in lane.counts.items():
+            counts[outcome] = counts.get(outcome, 0) + n
     return Audit(
         job=job,
         store=location,
         generated_at=time.time(),
-        counts=await store.counts(job),
-        lanes=await store.lane_counts(job),
+        counts=counts,
+        lanes=lanes,
         confirmed=await store.confirmed_count(job),
         unknown_events=await store.unknown_events(job),
         verified=await store.verify_counts(job),

@@ -12,6 +12,7 @@ import html
 import re
 import shlex
 import time
+from importlib import resources
 
 from bulkdisconnect.errors import ExitCode
 from bulkdisconnect.model import Outcome
@@ -33,35 +34,6 @@ OUTCOME_MEANINGS = {
 }
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
-STYLE = """
-:root { color-scheme: light; --ink: #1a202c; --muted: #4a5568; --rule: #e2e8f0; }
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
-       color: var(--ink); margin: 0 auto; padding: 24px 32px 48px; max-width: 1100px; }
-h1 { font-size: 26px; margin: 0 0 4px; } h1 code { font-size: inherit; }
-h2 { font-size: 19px; margin: 32px 0 8px; }
-.meta { color: var(--muted); margin: 0 0 16px; }
-.verdict { padding: 12px 16px; border-radius: 6px; border-left: 6px solid; font-size: 16px; }
-.verdict.ok { background: #f0fff4; border-color: #2f855a; }
-.verdict.warn { background: #fffaf0; border-color: #dd6b20; }
-.verdict.bad { background: #fff5f5; border-color: #c53030; }
-table { border-collapse: collapse; margin: 4px 0 8px; font-size: 14px; }
-th, td { text-align: left; padding: 4px 10px 4px 0; border-bottom: 1px solid var(--rule);
-         vertical-align: top; unicode-bidi: isolate; }
-th { font-weight: 600; color: var(--muted); }
-td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; padding-left: 12px; }
-tr.total td { font-weight: 600; border-top: 2px solid var(--ink); }
-.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px;
-          margin-right: 6px; }
-code, .id { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 13px; }
-.id { overflow-wrap: anywhere; } td code { white-space: nowrap; }
-table.rows { width: 100%; } table.rows td.msg { max-width: 360px; }
-figure { margin: 8px 0 16px; } figure svg { max-width: 100%; height: auto; }
-figcaption, .note { color: var(--muted); font-size: 13px; }
-pre { white-space: pre-wrap; font-size: 12px; margin: 4px 0; }
-pre.command { background: #f7fafc; border: 1px solid var(--rule); padding: 8px 12px; }
-@media print { body { padding: 0; } tr, figure { break-inside: avoid; } }
-"""
-
 
 def render(audit: Audit, *, version: str, charts_on: bool = True) -> str:
     """The whole page."""
@@ -71,7 +43,7 @@ def render(audit: Audit, *, version: str, charts_on: bool = True) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>Purge report: {_text(audit.job)}</title>",
-        f"<style>{STYLE}</style></head><body>",
+        f"<style>\n{_style()}</style></head><body>",
         f'<h1>Purge report: job <code id="job">{_text(audit.job)}</code></h1>',
         (
             f'<p class="meta">Generated {_when(audit.generated_at)} by bulkdisconnect '
@@ -364,7 +336,7 @@ def _problem_row(row: ReportRow) -> str:
         message = message[:MESSAGE_CHARS] + "…"
     at = _when(row.updated_at) if row.updated_at is not None else ""
     return (
-        f'<tr><td class="id">{_text(row.account_id)}</td>'
+        f'<tr><td class="id account">{_text(row.account_id)}</td>'
         f'<td class="id">{_text(row.stripe_account)}</td><td>{_text(row.outcome)}</td>'
         f'<td class="n">{_n(row.attempts)}</td><td class="n">{_text(row.http_status)}</td>'
         f"<td><code>{_text(row.error_code)}</code></td>"
@@ -392,6 +364,10 @@ def _full_report(audit: Audit) -> list[str]:
             "no Stripe event confirmed; <code>--format jsonl</code> for JSON lines.</p></section>"
         ),
     ]
+
+
+def _style() -> str:
+    return resources.files(__package__).joinpath("page.css").read_text(encoding="utf-8")
 
 
 def _text(value: object) -> str:
