@@ -323,8 +323,9 @@ def test_samples_are_spread_over_the_buckets_they_span() -> None:
 
 
 def test_bucket_widths_are_round_and_about_a_hundred_and_twenty_across() -> None:
-    """A bucket is a round duration, about 1/120 of the job's span, at least a second."""
-    assert facts.bucket_width(10) == 1
+    """A bucket is a round duration, about 1/120 of the job's span, at least the sampling
+    interval."""
+    assert facts.bucket_width(10) == 5
     assert facts.bucket_width(3600) == 30
     assert facts.bucket_width(14 * 3600) == 600
     assert facts.bucket_width(400 * 86400) == 7 * 86400

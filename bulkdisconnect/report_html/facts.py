@@ -31,9 +31,10 @@ RUN_ROWS = 500
 PROBLEM_CODES = 50
 # About this many bars across a chart, whatever the job's length.
 BUCKETS = 120
-# Bucket widths a reader takes in at a glance, in seconds.
+# Bucket widths a reader takes in at a glance, in seconds: none finer than the runs' samples
+# (sampler.SAMPLE_EVERY) or than what batched writes of outcomes can tell apart.
 NICE_WIDTHS = (
-    1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800,
+    5, 10, 15, 30, 60, 120, 300, 600, 900, 1800,
     3600, 7200, 10800, 21600, 43200, 86400, 2 * 86400, 7 * 86400, 14 * 86400, 28 * 86400,
 )  # fmt: skip
 
