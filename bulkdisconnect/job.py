@@ -306,6 +306,8 @@ async def _plan_unless_stopped(run: _Run, *, commit: bool) -> PlanCounts | None:
     if counts is None:
         return None
     if commit:
+        if run.metrics is not None:
+            run.metrics.planned(invalid=counts.new_invalid, settled=counts.new_settled)
         await run.book.remember()
         run.hooks.out.write(format_plan(config.job, counts, dry_run=False))
         _warn_if_empty(run, counts)

@@ -171,6 +171,12 @@ class RunMetrics(_Published):
         """Count one account's final outcome."""
         self._outcomes[outcome].inc()
 
+    def planned(self, *, invalid: int, settled: int) -> None:
+        """Count the outcomes planning recorded without a call (invalid values, accounts a
+        Stripe list showed already disconnected): an alert on invalid input must fire."""
+        self._outcomes[Outcome.INVALID_ID].inc(invalid)
+        self._outcomes[Outcome.DISCONNECTED].inc(settled)
+
     def request(self, seconds: float, *, status: int) -> None:
         """Count one HTTP attempt and its latency; a 429 also counts as rate limited."""
         self._requests.inc()

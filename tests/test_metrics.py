@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bulkdisconnect.metrics import MetricsSettings, RunMetrics
 from bulkdisconnect.model import Outcome
+from bulkdisconnect.sandbox import SandboxThread
+from tests.support import FAST, Workspace
 
 JOB = "purge"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -292,3 +294,17 @@ def test_unparseable_gateway_url_logs_a_warning_and_does_not_raise() -> None:
     [entry] = logs
     assert entry["event"] == "bulkdisconnect.metrics.push_failed"
     assert "hunter2" not in repr(entry)
+
+
+def test_outcomes_decided_while_planning_are_counted(ws: Workspace, sandbox: SandboxThread) -> None:
+    """Invalid values recorded while planning count in accounts_total (an alert on invalid
+    input fires); a rerun of the same input counts them no more: they were decided before."""
+    ws.write(f"{JOB}.txt", [*ws.ids(5), "not-an-id", "fca_bad!", "acct_x"])
+    for run, invalid in ((1, 3), (2, 0)):
+        metrics = ("--metrics-file", f"m{run}.prom")
+        result = ws.run("run", "--input", f"{JOB}.txt", *metrics, *FAST)
+        assert result.exit_code == 1, result.stderr
+        samples = parse((ws.root / f"m{run}.prom").read_text())
+        accounts = "bulkdisconnect_accounts_total"
+        assert value(samples, accounts, outcome="invalid_id") == invalid
+        assert value(samples, accounts, outcome="disconnected") == (5 if run == 1 else 0)

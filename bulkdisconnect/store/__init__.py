@@ -13,7 +13,7 @@ report.py); this module holds the values they exchange.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -32,6 +32,10 @@ class PlanCounts:
     duplicates: int  # values seen earlier in the same input
     already_done: int  # unique valid values the job already holds a final outcome for
     to_call: int  # accounts of the job still to be called after planning
+    # Outcomes the merge records without a call: invalid values new to the job, and accounts
+    # a Stripe list showed already disconnected that were not final yet.
+    new_invalid: int = field(default=0, compare=False)
+    new_settled: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

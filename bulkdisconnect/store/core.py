@@ -735,7 +735,7 @@ class StagedInput:
             await self._staging.seal()
             self._sealed = True
         retry = int(self._retry_failed)
-        ((unique, invalid, done, new, unseen, settled),) = await self._staging.fetch(
+        ((unique, invalid, done, new, unseen, settled, *decided),) = await self._staging.fetch(
             "count_staged", job=self._job, retry_failed=retry
         )
         ((pending,),) = await self._staging.fetch(
@@ -749,6 +749,8 @@ class StagedInput:
             duplicates=self._read - int(unique),
             already_done=int(done),
             to_call=int(pending) + int(new),
+            new_invalid=int(decided[0]),
+            new_settled=int(decided[1]),
         )
 
     async def commit(self) -> None:

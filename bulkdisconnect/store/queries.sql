@@ -184,8 +184,9 @@ UPDATE locks SET planned = TRUE WHERE job = :job AND owner = :owner;
 
 -- name: count_staged
 -- What merging the staged input would find: unique, invalid, already done, new to call,
--- unseen by the job, settled by the source. Changes nothing. (valid: 1 yes; 0 a bad account
--- ID; -1 a bad connected account.)
+-- unseen by the job, settled by the source; and what the merge decides without a call: new
+-- invalid values, settled accounts not yet final. Changes nothing. (valid: 1 yes; 0 a bad
+-- account ID; -1 a bad connected account.)
 SELECT COUNT(*),
     COALESCE(SUM(CASE WHEN s.valid <> 1 THEN 1 ELSE 0 END), 0),
     COALESCE(SUM(CASE WHEN s.valid = 1 AND a.outcome IS NOT NULL
@@ -193,7 +194,12 @@ SELECT COUNT(*),
     COALESCE(SUM(CASE WHEN s.valid = 1 AND s.settled IS NULL AND a.account_id IS NULL
                       THEN 1 ELSE 0 END), 0),
     COALESCE(SUM(CASE WHEN a.account_id IS NULL THEN 1 ELSE 0 END), 0),
-    COALESCE(SUM(CASE WHEN s.settled IS NOT NULL THEN 1 ELSE 0 END), 0)
+    COALESCE(SUM(CASE WHEN s.settled IS NOT NULL THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN s.valid <> 1 AND a.account_id IS NULL THEN 1 ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN s.valid = 1 AND s.settled IS NOT NULL
+                      AND (a.account_id IS NULL OR a.outcome IS NULL
+                           OR (:retry_failed = 1 AND a.outcome = 'failed'))
+                      THEN 1 ELSE 0 END), 0)
 FROM staged s LEFT JOIN accounts a
     ON a.job = :job AND a.stripe_account = s.stripe_account AND a.account_id = s.account_id;
 
