@@ -16,7 +16,6 @@ it first. A Stripe account whose disconnected accounts are all confirmed is not 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, TextIO
@@ -123,7 +122,6 @@ class Reconciler:
     meters: Meters
     full: bool = False  # read every event since the job's first attempt, whatever was read
     lag: int = EVENT_LAG
-    clock: Callable[[], float] = time.time
     tally: Tally = field(default_factory=Tally)
 
     async def reconcile(self) -> Tally:
@@ -241,7 +239,7 @@ class Reconciler:
         answer, decision, attempts, _ = attempted
         if decision.action is Action.FINAL and answer.status == 200:
             return page
-        if decision.action is Action.RETRY:  # the attempts are spent
+        if decision.action is Action.RETRY or answer.status >= 500:  # the attempts are spent
             raise RunRefusedError(
                 f"listing the events of {_named(lane)} failed {attempts} times (last: "
                 f"{describe(answer)}); rerun later: it goes on where it stopped"

@@ -439,3 +439,23 @@ def test_reconcile_reads_the_runs_job_file_and_both_commands_explain_themselves(
         assert shown.exit_code == 0
         assert "Examples:" in shown.stdout
         assert "Exit codes:" in shown.stdout
+
+
+def test_a_connected_account_that_revoked_the_platform_is_named_and_the_others_confirmed(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """A connected account answering 403 account_invalid is named and ends in exit 1; the other
+    Stripe accounts' events are read and confirmed."""
+    rows = [("acct_1Kept", f"fca_kept{n}") for n in range(4)]
+    rows += [("acct_1Gone", f"fca_gone{n}") for n in range(4)]
+    ws.write("purge.csv", ["stripe_account,account_id", *(f"{a},{i}" for a, i in rows)])
+    result = ws.run("run", "--job", JOB, "--input", "purge.csv", "--rate", "1000", *FAST)
+    assert result.exit_code == 0, result.stderr
+    sandbox.sandbox.configure(revoked_accounts=frozenset({"acct_1Gone"}))
+    reconciled = ws.run("reconcile", "--job", JOB, *FASTER)
+    assert reconciled.exit_code == 1, reconciled.stderr
+    assert "stopped for acct_1Gone: listing its events: HTTP 403 account_invalid" in (
+        reconciled.stdout
+    )
+    confirmed = {r["account_id"] for r in report(ws) if r["confirmed_at"]}
+    assert confirmed == {i for a, i in rows if a == "acct_1Kept"}

@@ -175,3 +175,29 @@ def test_verify_exports_its_own_metrics(ws: Workspace, sandbox: SandboxThread) -
     assert samples["bulkdisconnect_verify_requests_total"] == 50
     assert samples["bulkdisconnect_verify_last_exit_code"] == 1
     assert "bulkdisconnect_verify_last_success_timestamp_seconds" not in samples
+
+
+def test_accounts_that_cannot_be_read_leave_the_pass_open_for_a_rerun(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """A connected account that revoked the platform is named, its accounts are not recorded,
+    and the pass stays open (exit 1); once it is readable the rerun reads only those."""
+    rows = [("acct_1Kept", f"fca_kept{n}") for n in range(5)]
+    rows += [("acct_1Gone", f"fca_gone{n}") for n in range(5)]
+    ws.write("purge.csv", ["stripe_account,account_id", *(f"{a},{i}" for a, i in rows)])
+    result = ws.run("run", "--job", JOB, "--input", "purge.csv", "--rate", "1000", *FAST)
+    assert result.exit_code == 0, result.stderr
+    sandbox.sandbox.configure(revoked_accounts=frozenset({"acct_1Gone"}))
+    first = ws.run("verify", "--job", JOB, "--all", *FASTER)
+    assert first.exit_code == 1, first.stderr
+    assert "stopped for acct_1Gone: reading its accounts: HTTP 403 account_invalid" in first.stdout
+    assert "not ended: a rerun goes on with it" in first.stdout
+    verified = {a for a, r in report(ws).items() if r["verified_status"] == "disconnected"}
+    assert verified == {i for a, i in rows if a == "acct_1Kept"}
+    sandbox.sandbox.configure(revoked_accounts=frozenset())
+    second = ws.run("verify", "--job", JOB, "--all", *FASTER)
+    assert second.exit_code == 0, second.stderr
+    assert "resumed; ended): read back 5 now" in second.stdout
+    assert {a for a, r in report(ws).items() if r["verified_status"] == "disconnected"} == {
+        i for _, i in rows
+    }
