@@ -1,6 +1,8 @@
 """The result store: one durable outcome per (job, account), the job's lease, and its runs.
 
     core.py       SqlStore: the semantics, once, over a dialect
+    evidence.py   its proof of purge: confirmations, reconcile's progress, verify, samples
+    guarded.py    store calls that ride out a database failing in passing
     queries.sql   every statement both stores run, by name
     sqlite.py     SQLite (a path, `state/<job>.sqlite` by default): one process a job
     postgres.py   PostgreSQL (`postgresql://...`): shared by `run --join` workers
