@@ -109,7 +109,7 @@ class Timeline:
     rate_limited: list[float]  # 429 answers received in it (from the runs' samples)
     request_rate: list[float]  # requests per second, averaged over the bucket
     target_rate: list[float]  # the pacers' target, summed over runs, averaged likewise
-    sampled: bool  # whether any run recorded samples (runs before version 0.2 did not)
+    sampled: bool  # whether any run recorded samples (runs before the sampler did not)
 
 
 @dataclass(frozen=True, slots=True)
