@@ -84,8 +84,9 @@ class SqlStore(Evidence):
         `read_only`, its layout only checked to be one this version reads."""
         store = cls(dialect)
         try:
-            with store._failing("opening"):
-                await (store._check_readable() if read_only else store._migrate())
+            # Rides out a database failing in passing, as every call does: both only read, or
+            # migrate in one transaction.
+            await store._retried("opening", store._check_readable if read_only else store._migrate)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await dialect.aclose()
