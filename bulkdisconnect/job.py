@@ -23,7 +23,7 @@ import structlog
 
 from bulkdisconnect.breaker import BreakerSettings, FailureBreaker
 from bulkdisconnect.client import ClientSettings, StripeClient, make_session
-from bulkdisconnect.config import RunConfig
+from bulkdisconnect.config import RunConfig, SqlQuery
 from bulkdisconnect.errors import (
     BreakerTrippedError,
     BulkDisconnectError,
@@ -55,6 +55,7 @@ log = structlog.get_logger("bulkdisconnect")
 # Workers sharing a job end together better with smaller pages in hand.
 JOIN_PAGE_SIZE = 100
 JOIN_PAGE_SECONDS = 2.0
+SOURCE_QUERY_CHARS = 500  # of a SQL source's query, kept with the job for its audit page
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,7 +193,7 @@ async def _locked(run: _Run) -> ExitCode:
     )
     exit_code, message = ExitCode.INTERRUPTED, "interrupted"
     try:
-        await store.start_run(config.job, run_id)
+        await store.start_run(config.job, run_id, source=_described(config, run.source))
         lease = Lease(
             store=store,
             job=config.job,
@@ -458,6 +459,14 @@ def _exit_code(
         return ExitCode.INTERRUPTED
     bad = sum(n for outcome, n in counts.items() if outcome not in GOOD_OUTCOMES)
     return ExitCode.SOME_FAILED if bad or refused else ExitCode.OK
+
+
+def _described(config: RunConfig, source: Source) -> str:
+    """The run's source for the record (the audit page): where, and for a query, which."""
+    if isinstance(config.source, SqlQuery):
+        query = " ".join(config.source.query.split())
+        return f"{source.description}: {query[:SOURCE_QUERY_CHARS]}"
+    return source.description
 
 
 def _ours(group: BaseExceptionGroup[BaseException]) -> BulkDisconnectError | None:

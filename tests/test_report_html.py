@@ -6,6 +6,7 @@ the figures it shows are read from the rendered page and compared with `status`.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import sys
@@ -179,6 +180,28 @@ def test_stored_values_are_escaped_and_the_page_is_self_contained(
     assert "default-src 'none'" in text  # the Content-Security-Policy
     references = re.findall(r'(?:href|src)="([^"]*)"', text)
     assert all(ref.startswith("#") for ref in references), references
+
+
+def test_the_page_says_what_the_accounts_were_read_from(
+    ws: Workspace, sandbox: SandboxThread
+) -> None:
+    """The job's source: a query with its database (a password masked), kept by the run;
+    `forget` removes it with the job."""
+    del sandbox
+    db = ws.root / "crm.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE closed (account TEXT)")
+        conn.execute("INSERT INTO closed VALUES ('fca_q1')")
+        conn.commit()
+    query = "SELECT account AS account_id\n  FROM closed"
+    run = ws.run("run", "--db", f"sqlite:///{db}", "--query", query, "--job", "q", *FAST)
+    assert run.exit_code == 0, run.stderr
+    text = html_report(ws, "q")
+    shown = f"sqlite:///{db}: SELECT account AS account_id FROM closed"  # noqa: S608 - text
+    assert f'<code id="source">{shown}</code>' in text
+    assert ws.run("forget", "--job", "q", "--yes").exit_code == 0
+    with contextlib.closing(sqlite3.connect(ws.state("q"))) as conn:
+        assert conn.execute("SELECT key FROM meta WHERE key LIKE 'source:%'").fetchall() == []
 
 
 def test_the_first_thousand_problems_are_listed_and_the_rest_counted(

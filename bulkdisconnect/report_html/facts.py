@@ -46,6 +46,10 @@ Sample = tuple[str, float, int, int, int, float]
 class AuditStore(Protocol):
     """What the HTML report reads from the store."""
 
+    async def job_source(self, job: str) -> str | None:
+        """What the job's last run read its accounts from."""
+        ...
+
     async def lane_counts(self, job: str) -> list[LaneCounts]:
         """Accounts per connected account and outcome, most still to call first."""
         ...
@@ -118,6 +122,7 @@ class Audit:
 
     job: str
     store: str  # where the store is, a URL's password masked
+    source: str | None  # what the job's last run read its accounts from
     generated_at: float
     counts: dict[str | None, int]
     lanes: list[LaneCounts]
@@ -154,6 +159,7 @@ async def gather(store: AuditStore, job: str, *, location: str) -> Audit:
     return Audit(
         job=job,
         store=location,
+        source=await store.job_source(job),
         generated_at=time.time(),
         counts=counts,
         lanes=lanes,

@@ -49,6 +49,12 @@ def render(audit: Audit, *, version: str, charts_on: bool = True) -> str:
             f'<p class="meta">Generated {_when(audit.generated_at)} by bulkdisconnect '
             f"{_text(version)} from the store <code>{_text(audit.store)}</code>.</p>"
         ),
+        (
+            f'<p class="meta">Accounts read from <code id="source">{_text(audit.source)}</code>'
+            " (the job's last run).</p>"
+            if audit.source
+            else ""
+        ),
         _verdict(audit),
         *_totals(audit),
         *_proof(audit),

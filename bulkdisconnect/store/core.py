@@ -61,6 +61,7 @@ FORGOTTEN_TABLES = (
     "reconciled",
     "verify_passes",
     "samples",
+    "source",
 )
 SETTLED_MESSAGE = "already disconnected when listed: recorded without a call"
 INVALID_MESSAGE = "not a Financial Connections account ID (fca_ followed by letters and digits)"
@@ -368,9 +369,18 @@ class SqlStore(Evidence):
     # -- runs ---------------------------------------------------------------------------------
 
     @guarded
-    async def start_run(self, job: str, run_id: str) -> None:
-        """Record that a run of the job started."""
-        await self._read.execute("start_run", job=job, run_id=run_id, now=time.time())
+    async def start_run(self, job: str, run_id: str, *, source: str = "") -> None:
+        """Record that a run of the job started, and what it reads (`source`, if given)."""
+        async with self._dialect.transaction() as tx:
+            await tx.execute("start_run", job=job, run_id=run_id, now=time.time())
+            if source:
+                await tx.execute("remember_source", job=job, source=source)
+
+    @guarded
+    async def job_source(self, job: str) -> str | None:
+        """What the job's last run read its accounts from, if a run said."""
+        rows = await self._read.fetch("job_source", job=job)
+        return str(rows[0][0]) if rows else None
 
     @guarded
     async def finish_run(self, run_id: str, exit_code: int, summary: str) -> None:

@@ -381,6 +381,17 @@ WHERE r.started_at = (SELECT max(started_at) FROM runs WHERE job = r.job)
   AND r.finished_at IS NOT NULL AND r.finished_at < :before AND r.exit_code IN (0, 1)
 ORDER BY r.job;
 
+-- name: remember_source
+-- What the job's last run read its accounts from (a description, passwords masked).
+INSERT INTO meta (key, value) VALUES ('source:' || :job, :source)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
+-- name: job_source
+SELECT value FROM meta WHERE key = 'source:' || :job;
+
+-- name: forget_source
+DELETE FROM meta WHERE key = 'source:' || :job;
+
 -- name: start_run
 -- A run of the job started.
 INSERT INTO runs (run_id, job, started_at) VALUES (:run_id, :job, :now)
