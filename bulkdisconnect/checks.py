@@ -22,7 +22,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from bulkdisconnect.client import Answer, ClientSettings, StripeClient, make_session
+from bulkdisconnect.client import Answer, StripeClient, open_client
 from bulkdisconnect.config import CheckConfig
 from bulkdisconnect.errors import BulkDisconnectError, StoreError, UsageError
 from bulkdisconnect.lease import Lease
@@ -117,21 +117,10 @@ async def published(check: Check, exit_code: int) -> None:
         await anyio.to_thread.run_sync(metrics.publish)
 
 
-@asynccontextmanager
-async def _client(config: CheckConfig) -> AsyncIterator[StripeClient]:
-    settings = ClientSettings(
-        api_base=config.api_base,
-        api_key=config.api_key.reveal(),
-        stripe_account=config.stripe_account,
-        stripe_version=config.stripe_version,
-        connect_timeout=config.connect_timeout,
-        total_timeout=config.timeout,
-        pool_size=config.concurrency or MAX_CONCURRENCY,
-        proxy=config.proxy,
-        ca_bundle=config.ca_bundle,
+def _client(config: CheckConfig) -> contextlib.AbstractAsyncContextManager[StripeClient]:
+    return open_client(
+        config, api_key=config.api_key.reveal(), pool_size=config.concurrency or MAX_CONCURRENCY
     )
-    async with make_session(settings) as session:
-        yield StripeClient(session, settings)
 
 
 @asynccontextmanager

@@ -58,6 +58,30 @@ def _setting(flag: str, kind: type[float] | type[int], text: str) -> Callable[[A
     return click.option(flag, type=kind, help=f"{text} [{value:g}].")
 
 
+# How to reach Stripe, and how fast and patiently: a run's and reconcile's and verify's.
+_STRIPE_OPTIONS = [
+    click.option("--api-base", metavar="URL", help="[env STRIPE_API_BASE, else api.stripe.com]"),
+    click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
+    click.option(
+        "--stripe-account",
+        metavar="ID",
+        help="Stripe-Account of the job's rows that name none (Connect).",
+    ),
+    click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
+    click.option(
+        "--proxy", metavar="URL", help="Egress proxy [env HTTPS_PROXY/HTTP_PROXY, NO_PROXY]."
+    ),
+    click.option(
+        "--ca-bundle", metavar="PATH", help="PEM file of CAs to trust [system, SSL_CERT_FILE]."
+    ),
+    _setting("--rate", float, "Max requests per second, per Stripe account"),
+    click.option("--total-rate", type=float, help="Max requests per second across all of them."),
+    _setting("--max-attempts", int, "Attempts per request, first included"),
+    _setting("--timeout", float, "Total seconds per request"),
+    _setting("--connect-timeout", float, "Seconds to connect"),
+    _setting("--retry-delay", float, "First backoff delay in seconds"),
+    _setting("--retry-max-delay", float, "Longest backoff delay in seconds"),
+]
 # Options a plan needs (the source, the job, and what listing customers through the API
 # takes); the same names as the job file's keys.
 _PLAN_OPTIONS = [
@@ -98,25 +122,7 @@ _PLAN_OPTIONS = [
     click.option(
         "--retry-failed", is_flag=True, default=None, help="Call the failed accounts again."
     ),
-    click.option("--api-base", metavar="URL", help="[env STRIPE_API_BASE, else api.stripe.com]"),
-    click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
-    click.option(
-        "--stripe-account", metavar="ID", help="Stripe-Account of rows naming none (Connect)."
-    ),
-    click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
-    click.option(
-        "--proxy", metavar="URL", help="Egress proxy [env HTTPS_PROXY/HTTP_PROXY, NO_PROXY]."
-    ),
-    click.option(
-        "--ca-bundle", metavar="PATH", help="PEM file of CAs to trust [system, SSL_CERT_FILE]."
-    ),
-    _setting("--rate", float, "Max requests per second, per Stripe account"),
-    click.option("--total-rate", type=float, help="Max requests per second across all of them."),
-    _setting("--max-attempts", int, "Attempts per request, first included"),
-    _setting("--timeout", float, "Total seconds per request"),
-    _setting("--connect-timeout", float, "Seconds to connect"),
-    _setting("--retry-delay", float, "First backoff delay in seconds"),
-    _setting("--retry-max-delay", float, "Longest backoff delay in seconds"),
+    *_STRIPE_OPTIONS,
     click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto"),
 ]
 # Options that only a run that disconnects uses.
@@ -417,25 +423,7 @@ _CHECK_OPTIONS = [
     click.option(
         "--state", metavar="PATH|URL", help="SQLite file or postgresql://… [state/<job>.sqlite]."
     ),
-    click.option("--api-base", metavar="URL", help="[env STRIPE_API_BASE, else api.stripe.com]"),
-    click.option("--api-key-file", metavar="PATH", help="Read the key here [env STRIPE_API_KEY]."),
-    click.option(
-        "--stripe-account", metavar="ID", help="The run's --stripe-account (the job's own rows)."
-    ),
-    click.option("--stripe-version", metavar="VERSION", help="Override the pinned Stripe-Version."),
-    click.option(
-        "--proxy", metavar="URL", help="Egress proxy [env HTTPS_PROXY/HTTP_PROXY, NO_PROXY]."
-    ),
-    click.option(
-        "--ca-bundle", metavar="PATH", help="PEM file of CAs to trust [system, SSL_CERT_FILE]."
-    ),
-    _setting("--rate", float, "Max requests per second, per Stripe account"),
-    click.option("--total-rate", type=float, help="Max requests per second across all of them."),
-    _setting("--max-attempts", int, "Attempts per request, first included"),
-    _setting("--timeout", float, "Total seconds per request"),
-    _setting("--connect-timeout", float, "Seconds to connect"),
-    _setting("--retry-delay", float, "First backoff delay in seconds"),
-    _setting("--retry-max-delay", float, "Longest backoff delay in seconds"),
+    *_STRIPE_OPTIONS,
     _setting("--lock-stale-after", float, "Seconds without heartbeat: stale"),
     click.option(
         "--metrics-file",

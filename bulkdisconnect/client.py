@@ -5,8 +5,10 @@ from __future__ import annotations
 import ssl
 import urllib.parse
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import aiohttp
 import msgspec
@@ -383,6 +385,43 @@ def _event_page(body: bytes) -> tuple[list[ListedEvent], bool] | None:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+class Reach(Protocol):
+    """How a command reaches Stripe: the settings a run and `reconcile`/`verify` share."""
+
+    @property
+    def api_base(self) -> str: ...
+    @property
+    def stripe_account(self) -> str | None: ...
+    @property
+    def stripe_version(self) -> str | None: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def proxy(self) -> str | None: ...
+    @property
+    def ca_bundle(self) -> str | None: ...
+
+
+@asynccontextmanager
+async def open_client(reach: Reach, *, api_key: str, pool_size: int) -> AsyncIterator[StripeClient]:
+    """A client over one HTTP session (its pool `pool_size` connections) for a command."""
+    settings = ClientSettings(
+        api_base=reach.api_base,
+        api_key=api_key,
+        stripe_account=reach.stripe_account,
+        stripe_version=reach.stripe_version,
+        connect_timeout=reach.connect_timeout,
+        total_timeout=reach.timeout,
+        pool_size=pool_size,
+        proxy=reach.proxy,
+        ca_bundle=reach.ca_bundle,
+    )
+    async with make_session(settings) as session:
+        yield StripeClient(session, settings)
 
 
 def make_session(settings: ClientSettings) -> aiohttp.ClientSession:

@@ -22,7 +22,7 @@ import anyio
 import structlog
 
 from bulkdisconnect.breaker import BreakerSettings, FailureBreaker
-from bulkdisconnect.client import ClientSettings, StripeClient, make_session
+from bulkdisconnect.client import StripeClient, open_client
 from bulkdisconnect.config import RunConfig, SqlQuery
 from bulkdisconnect.errors import (
     BreakerTrippedError,
@@ -154,19 +154,9 @@ async def _client(config: RunConfig) -> AsyncIterator[StripeClient | None]:
     if config.api_key is None:
         yield None
         return
-    settings = ClientSettings(
-        api_base=config.api_base,
-        api_key=config.api_key.reveal(),
-        stripe_account=config.stripe_account,
-        stripe_version=config.stripe_version,
-        connect_timeout=config.connect_timeout,
-        total_timeout=config.timeout,
-        pool_size=config.concurrency or MAX_CONCURRENCY,
-        proxy=config.proxy,
-        ca_bundle=config.ca_bundle,
-    )
-    async with make_session(settings) as session:
-        yield StripeClient(session, settings)
+    pool_size = config.concurrency or MAX_CONCURRENCY
+    async with open_client(config, api_key=config.api_key.reveal(), pool_size=pool_size) as client:
+        yield client
 
 
 async def _dry_run(run: _Run) -> ExitCode:
