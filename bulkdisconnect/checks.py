@@ -26,10 +26,10 @@ from bulkdisconnect.client import Answer, StripeClient, open_client
 from bulkdisconnect.config import CheckConfig
 from bulkdisconnect.errors import BulkDisconnectError, StoreError, UsageError
 from bulkdisconnect.lease import Lease
-from bulkdisconnect.limiter import MAX_CONCURRENCY, Meters, RateLimiter
+from bulkdisconnect.limiter import MAX_CONCURRENCY, Meters
 from bulkdisconnect.metrics import CheckMetrics, check_metrics
 from bulkdisconnect.model import RunStats
-from bulkdisconnect.retry import Retrier, RetryPolicy
+from bulkdisconnect.retry import Retrier, metered
 from bulkdisconnect.stopping import Stop, StoppedError, on_signals
 from bulkdisconnect.store import open_store, shown_location
 from bulkdisconnect.store.core import SqlStore
@@ -69,20 +69,7 @@ async def checking(config: CheckConfig, command: str) -> AsyncIterator[Check]:
 async def _checking(config: CheckConfig, command: str) -> AsyncIterator[Check]:
     stats = RunStats()
     async with on_signals() as stop:
-        total = None if config.total_rate is None else RateLimiter(config.total_rate)
-        meters = Meters(
-            RateLimiter(config.rate),
-            concurrency=config.concurrency,
-            stats=stats,
-            stop=stop,
-            total=total,
-        )
-        policy = RetryPolicy(
-            max_attempts=config.max_attempts,
-            initial_delay=config.retry_delay,
-            max_delay=config.retry_max_delay,
-        )
-        retrier = Retrier(policy=policy, meter=meters, stop=stop, stats=stats)
+        meters, retrier = metered(config, stats=stats, stop=stop)
         metrics = check_metrics(
             config.job, command, file=config.metrics_file, pushgateway=config.pushgateway
         )

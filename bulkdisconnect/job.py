@@ -32,7 +32,7 @@ from bulkdisconnect.errors import (
     UsageError,
 )
 from bulkdisconnect.lease import Lease
-from bulkdisconnect.limiter import MAX_CONCURRENCY, Meters, RateLimiter
+from bulkdisconnect.limiter import MAX_CONCURRENCY, Meters
 from bulkdisconnect.logs import redact_text
 from bulkdisconnect.metrics import RunMetrics, run_metrics
 from bulkdisconnect.model import GOOD_OUTCOMES, RunStats
@@ -41,7 +41,7 @@ from bulkdisconnect.pool import Pool, PoolSettings
 from bulkdisconnect.progress import show_progress
 from bulkdisconnect.reconcile import after_run
 from bulkdisconnect.report import format_plan, format_summary
-from bulkdisconnect.retry import Retrier, RetryPolicy
+from bulkdisconnect.retry import Retrier, metered
 from bulkdisconnect.sampler import keep_sampling
 from bulkdisconnect.sources import Source, open_run_source
 from bulkdisconnect.sources.customers import CustomerBook
@@ -115,22 +115,7 @@ async def _opened(config: RunConfig, hooks: RunHooks, stop: Stop) -> AsyncIterat
     its input or configuration leaves no store behind, and a dry run creates none."""
     stats = RunStats()
     metrics = run_metrics(config.job, file=config.metrics_file, pushgateway=config.pushgateway)
-    limiter = RateLimiter(config.rate)  # the run's own account's: list calls share it
-    total = None if config.total_rate is None else RateLimiter(config.total_rate)
-    meters = Meters(
-        limiter,
-        concurrency=config.concurrency,
-        stats=stats,
-        stop=stop,
-        metrics=metrics,
-        total=total,
-    )
-    policy = RetryPolicy(
-        max_attempts=config.max_attempts,
-        initial_delay=config.retry_delay,
-        max_delay=config.retry_max_delay,
-    )
-    retrier = Retrier(policy=policy, meter=meters, stop=stop, stats=stats, metrics=metrics)
+    meters, retrier = metered(config, stats=stats, stop=stop, metrics=metrics)
     book = CustomerBook(config.job)
     async with _client(config) as client:
         source = open_run_source(

@@ -21,7 +21,7 @@ import structlog
 
 from bulkdisconnect.client import Answer
 from bulkdisconnect.errors import AuthenticationError, RunRefusedError, WrongModeError
-from bulkdisconnect.limiter import Ticket
+from bulkdisconnect.limiter import Meters, RateLimiter, Ticket
 from bulkdisconnect.metrics import RunMetrics
 from bulkdisconnect.model import Outcome, RunStats
 from bulkdisconnect.stopping import Stop
@@ -245,3 +245,42 @@ class Retrier:
         with self.stop.cancels():
             await anyio.sleep(delay)
         return not self.stop.requested.is_set()
+
+
+class Pace(Protocol):
+    """How fast and how patiently a command calls Stripe (a run's, reconcile's, verify's)."""
+
+    @property
+    def rate(self) -> float: ...
+    @property
+    def total_rate(self) -> float | None: ...
+    @property
+    def concurrency(self) -> int | None: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def retry_delay(self) -> float: ...
+    @property
+    def retry_max_delay(self) -> float: ...
+
+
+def metered(
+    pace: Pace, *, stats: RunStats, stop: Stop, metrics: RunMetrics | None = None
+) -> tuple[Meters, Retrier]:
+    """A command's meters (each Stripe account's budget at `rate`, the total cap) and the
+    retry loop through them, which list calls, reads and disconnects share."""
+    total = None if pace.total_rate is None else RateLimiter(pace.total_rate)
+    meters = Meters(
+        RateLimiter(pace.rate),
+        concurrency=pace.concurrency,
+        stats=stats,
+        stop=stop,
+        metrics=metrics,
+        total=total,
+    )
+    policy = RetryPolicy(
+        max_attempts=pace.max_attempts,
+        initial_delay=pace.retry_delay,
+        max_delay=pace.retry_max_delay,
+    )
+    return meters, Retrier(policy=policy, meter=meters, stop=stop, stats=stats, metrics=metrics)
