@@ -172,18 +172,8 @@ class StripeClient:
         params["limit"] = str(limit)
         if starting_after is not None:
             params["starting_after"] = starting_after
-        headers = self._get_headers
-        if stripe_account:
-            if not is_valid_stripe_account(stripe_account):
-                raise ValueError(f"refusing to send an invalid Stripe-Account {stripe_account!r}")
-            headers = {**headers, "Stripe-Account": stripe_account}
         url = self._base / "v1/financial_connections/accounts"
-        try:
-            async with self._session.get(url, headers=headers, params=params) as response:
-                body = await response.read()
-                answer = _answer(response.status, response.headers, body)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return ListAnswer(_failed_exchange(exc))
+        answer, body = await self._get(url, stripe_account, params)
         if answer.status != 200 or answer.transport_error is not None:
             return ListAnswer(answer)
         payload = _list_payload(body)
@@ -211,15 +201,7 @@ class StripeClient:
         params = {"type": kind, "created[gte]": str(created_gte), "limit": str(limit)}
         if starting_after is not None:
             params["starting_after"] = starting_after
-        url = self._base / "v1/events"
-        try:
-            async with self._session.get(
-                url, headers=self._headers_for(stripe_account), params=params
-            ) as response:
-                body = await response.read()
-                answer = _answer(response.status, response.headers, body)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return EventPage(_failed_exchange(exc))
+        answer, body = await self._get(self._base / "v1/events", stripe_account, params)
         if answer.status != 200 or answer.transport_error is not None:
             return EventPage(answer)
         page = _event_page(body)
@@ -238,14 +220,22 @@ class StripeClient:
         url = self._base.with_path(
             f"{self._base.path}v1/financial_connections/accounts/{account_id}", encoded=True
         )
+        answer, _ = await self._get(url, stripe_account)
+        return answer
+
+    async def _get(
+        self, url: URL, stripe_account: str, params: dict[str, str] | None = None
+    ) -> tuple[Answer, bytes]:
+        """One GET on behalf of `stripe_account` ('': the settings' own): its answer and body
+        (empty when the exchange failed); never raises for I/O."""
         try:
             async with self._session.get(
-                url, headers=self._headers_for(stripe_account)
+                url, headers=self._headers_for(stripe_account), params=params
             ) as response:
                 body = await response.read()
-                return _answer(response.status, response.headers, body)
+                return _answer(response.status, response.headers, body), body
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return _failed_exchange(exc)
+            return _failed_exchange(exc), b""
 
     def _headers_for(self, stripe_account: str) -> dict[str, str]:
         """A GET's headers, on behalf of `stripe_account` if given (else the settings')."""
